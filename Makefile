@@ -1,0 +1,44 @@
+# Every target creates .venv and installs the project when missing, so a fresh clone
+# needs nothing else than `make demo` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+UI_PORT ?= 3000
+
+.PHONY: demo test test-fast ui bench lint clean-data
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+## Run the whole asset graph on the built-in demo catalog (offline, CPU, a few minutes).
+demo: $(STAMP)
+	$(BIN)/python -m pipelines.demo
+
+## The full test suite (what CI runs).
+test: $(STAMP)
+	$(BIN)/pytest
+
+## Fast tests only (skips the end-to-end and other slow tests).
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow"
+
+## The Dagster UI on http://127.0.0.1:$(UI_PORT)
+ui: $(STAMP)
+	$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT)
+
+## Speed benchmarks (ratios against reference runs in the same script).
+bench: $(STAMP)
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## Delete pipeline outputs and Dagster run history (keeps dagster_home/dagster.yaml).
+clean-data:
+	rm -rf data
+	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name .gitkeep -exec rm -rf {} +

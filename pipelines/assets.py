@@ -1,0 +1,380 @@
+"""The six pipeline assets. Each one wires a Dagster Config to one library call.
+
+Big artefacts (shards, checkpoints, grids) are written by the library under the storage
+root and announced here with metadata; nothing is pickled through an IO manager, so the
+assets declare their lineage with ``deps`` and read their upstream from the storage layout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import dagster as dg
+
+from carmodels import dedup, evaluate, scrape, shards, train
+from pipelines.metadata import counts_table, frame_preview, image_preview
+from pipelines.resources import PipelineSettings, StorageResource
+
+#: Seconds between progress lines in the run log.
+PROGRESS_LOG_INTERVAL_S = 5.0
+#: Asset group shown in the UI.
+GROUP = "carmodels"
+
+
+def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
+    """An ``on_progress(done, total)`` callback that logs the rate every few seconds."""
+    started = time.monotonic()
+    last_logged = [started]
+
+    def on_progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last_logged[0] < PROGRESS_LOG_INTERVAL_S and done < total:
+            return
+        last_logged[0] = now
+        rate = done / max(now - started, 1e-9)
+        context.log.info(f"{what}: {done}/{total} ({rate:.1f}/s)")
+
+    return on_progress
+
+
+def _require(path: Path, upstream: str, what: str) -> None:
+    """Fail with a message that names the upstream asset to materialise."""
+    if not path.exists():
+        raise dg.Failure(
+            description=(
+                f"{what} not found at {path}: the upstream asset `{upstream}` has not been "
+                f"materialised with this storage root. Materialise it first, e.g. "
+                f"`dagster asset materialize --select '*{upstream}'`, or materialise this "
+                f"asset together with its upstream (`--select '*<this asset>'`)."
+            ),
+            allow_retries=False,
+        )
+
+
+# --------------------------------------------------------------------------- listing_manifest
+
+
+class ListingManifestConfig(dg.Config):
+    """Where listings come from. With neither set, the `demo` profile crawls the demo catalog."""
+
+    manifest_path: str | None = None
+    start_urls: list[str] = []
+    max_pages: int = scrape.CrawlConfig.max_pages
+    url_column: str | None = None
+    row_filter: str | None = None
+    allow_private_networks: bool = False
+
+
+@dg.asset(group_name=GROUP, code_version="1", kinds={"python", "parquet"})
+def listing_manifest(
+    context: dg.AssetExecutionContext,
+    config: ListingManifestConfig,
+    storage: StorageResource,
+    settings: PipelineSettings,
+) -> dg.MaterializeResult:
+    """A table of listings, one row per distinct image URL, with the listing's metadata."""
+    layout = storage.layout
+    started = time.monotonic()
+    if config.manifest_path:
+        frame = scrape.read_manifest(
+            config.manifest_path, url_column=config.url_column, row_filter=config.row_filter
+        )
+        source = config.manifest_path
+    elif config.start_urls:
+        frame = scrape.crawl_listings(
+            config.start_urls,
+            scrape.CrawlConfig(
+                max_pages=config.max_pages,
+                allow_private_networks=config.allow_private_networks,
+            ),
+        )
+        source = ", ".join(config.start_urls)
+    elif settings.is_demo:
+        with settings.serving_demo_catalog() as base_url:
+            source = f"{base_url}/listings?page=1 (built-in demo catalog)"
+            frame = scrape.crawl_listings(
+                [f"{base_url}/listings?page=1"],
+                scrape.CrawlConfig(max_pages=config.max_pages, allow_private_networks=True),
+            )
+    else:
+        raise dg.Failure(
+            description=(
+                "listing_manifest has no source: set `manifest_path` (CSV, Parquet or JSONL) or "
+                "`start_urls` (listing pages) in its config, or use the `demo` profile."
+            ),
+            allow_retries=False,
+        )
+    path = scrape.write_manifest(frame, layout.manifest_path)
+    summary = scrape.manifest_summary(frame)
+    return dg.MaterializeResult(
+        metadata={
+            "source": source,
+            "rows": summary["rows"],
+            "distinct_urls": summary["distinct_urls"],
+            "hosts": dg.MetadataValue.json(summary["hosts"]),
+            "elapsed_s": round(time.monotonic() - started, 2),
+            "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
+            "dagster/uri": str(path.resolve()),
+            "dagster/row_count": summary["rows"],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- raw_images
+
+
+class RawImagesConfig(dg.Config):
+    concurrency: int = scrape.ScrapeConfig.concurrency
+    per_host: int = scrape.ScrapeConfig.per_host
+    timeout_s: float = scrape.ScrapeConfig.timeout_s
+    retries: int = scrape.ScrapeConfig.retries
+    retry_failed: bool = False
+    allow_private_networks: bool = False
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    deps=[listing_manifest],
+    kinds={"python", "parquet"},
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10),
+)
+def raw_images(
+    context: dg.AssetExecutionContext,
+    config: RawImagesConfig,
+    storage: StorageResource,
+    settings: PipelineSettings,
+) -> dg.MaterializeResult:
+    """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome."""
+    layout = storage.layout
+    _require(layout.manifest_path, "listing_manifest", "The listing manifest")
+    manifest = scrape.read_manifest(layout.manifest_path)
+    scrape_config = scrape.ScrapeConfig(
+        concurrency=config.concurrency,
+        per_host=config.per_host,
+        timeout_s=config.timeout_s,
+        retries=config.retries,
+        retry_failed=config.retry_failed,
+        allow_private_networks=config.allow_private_networks or settings.is_demo,
+    )
+    on_progress = _progress_logger(context, "downloaded")
+    if settings.is_demo and not config.allow_private_networks:
+        with settings.serving_demo_catalog():
+            result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
+    else:
+        result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
+    ok = result.outcome_counts.get("ok", 0)
+    return dg.MaterializeResult(
+        metadata={
+            "urls": result.n_urls,
+            "fetched": result.n_fetched,
+            "skipped_existing": result.n_skipped_existing,
+            "ok": ok,
+            "failed": result.n_fetched - ok,
+            "outcomes": counts_table(result.outcome_counts, key="outcome"),
+            "failures": frame_preview(result.failures),
+            "images_per_s": round(result.images_per_s, 1),
+            "elapsed_s": round(result.elapsed_s, 2),
+            "dagster/uri": str(layout.raw_dir.resolve()),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- unique_images
+
+
+class UniqueImagesConfig(dg.Config):
+    hash_method: str = dedup.DedupConfig.hash_method
+    threshold: int = dedup.DedupConfig.threshold
+    flip_aware: bool = dedup.DedupConfig.flip_aware
+
+
+@dg.asset(group_name=GROUP, code_version="1", deps=[raw_images], kinds={"python", "parquet"})
+def unique_images(
+    context: dg.AssetExecutionContext, config: UniqueImagesConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
+    layout = storage.layout
+    _require(layout.raw_dir, "raw_images", "Raw image shards")
+    result = dedup.deduplicate(
+        layout.raw_dir,
+        layout.unique_dir,
+        dedup.DedupConfig(
+            hash_method=config.hash_method, threshold=config.threshold, flip_aware=config.flip_aware
+        ),
+        on_progress=_progress_logger(context, "hashed"),
+    )
+    metadata: dict[str, object] = {
+        "input_images": result.n_input,
+        "kept": result.n_kept,
+        "exact_duplicates": result.n_exact_duplicates,
+        "near_duplicates": result.n_near_duplicates,
+        "clusters": result.n_clusters,
+        "cluster_sizes": counts_table(
+            {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
+        ),
+        "elapsed_s": round(result.elapsed_s, 2),
+        "dagster/uri": str(result.unique_path.resolve()),
+        "dagster/row_count": result.n_kept,
+    }
+    if result.contact_sheet_path is not None and Path(result.contact_sheet_path).exists():
+        metadata["preview"] = image_preview(result.contact_sheet_path)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+# --------------------------------------------------------------------------- car_shards
+
+
+class CarShardsConfig(dg.Config):
+    framing: str = shards.ImagingConfig.framing
+    face: str = shards.ImagingConfig.face
+    drop_front_rear: bool = shards.ImagingConfig.drop_front_rear
+    min_side: int = shards.ImagingConfig.min_side
+    val_fraction: float = shards.ShardConfig.val_fraction
+
+
+@dg.asset(group_name=GROUP, code_version="1", deps=[unique_images], kinds={"python", "parquet"})
+def car_shards(
+    context: dg.AssetExecutionContext, config: CarShardsConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
+    layout = storage.layout
+    _require(layout.unique_dir, "unique_images", "The de-duplicated image index")
+    result = shards.build_shards(
+        layout.unique_dir,
+        layout.raw_dir,
+        layout.shards_dir,
+        shards.ShardConfig(
+            imaging=shards.ImagingConfig(
+                framing=config.framing,
+                face=config.face,
+                drop_front_rear=config.drop_front_rear,
+                min_side=config.min_side,
+            ),
+            val_fraction=config.val_fraction,
+        ),
+        on_progress=_progress_logger(context, "normalised"),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "input_images": result.n_input,
+            "written": result.n_written,
+            "train": result.n_train,
+            "val": result.n_val,
+            "rejects": counts_table(result.rejects_by_reason),
+            "facing": counts_table(result.facing_counts, key="facing"),
+            "elapsed_s": round(result.elapsed_s, 2),
+            "preview": image_preview(result.preview_path),
+            "dagster/uri": str(layout.shards_dir.resolve()),
+            "dagster/row_count": result.n_written,
+        }
+    )
+
+
+# --------------------------------------------------------------------------- train_dcgan
+
+
+class TrainDcganConfig(dg.Config):
+    """Training settings. Left unset, preset and epochs follow the profile (demo: tiny, few)."""
+
+    preset: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr_g: float | None = None
+    lr_d: float | None = None
+    seed: int = train.TrainConfig.seed
+    resume: bool = False
+
+
+#: What the demo profile trains: the same code path as the seed, with fewer channels and epochs.
+DEMO_PRESET = "tiny"
+DEMO_EPOCHS = 8
+DEMO_BATCH_SIZE = 32
+
+
+@dg.asset(
+    group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool="gpu"
+)
+def train_dcgan(
+    context: dg.AssetExecutionContext,
+    config: TrainDcganConfig,
+    storage: StorageResource,
+    settings: PipelineSettings,
+) -> dg.MaterializeResult:
+    """A DCGAN trained on the shards' train split: checkpoints and per-epoch sample grids."""
+    layout = storage.layout
+    _require(layout.shards_dir / "summary.json", "car_shards", "The training shards")
+    demo = settings.is_demo
+    train_config = train.TrainConfig(
+        preset=config.preset or (DEMO_PRESET if demo else train.TrainConfig.preset),
+        epochs=config.epochs or (DEMO_EPOCHS if demo else train.TrainConfig.epochs),
+        batch_size=config.batch_size or (DEMO_BATCH_SIZE if demo else train.TrainConfig.batch_size),
+        lr_g=config.lr_g,
+        lr_d=config.lr_d,
+        seed=config.seed,
+        device=settings.device,
+    )
+    context.log.info(f"training {train_config}")
+    result = train.train(
+        layout.shards_dir,
+        layout.train_dir,
+        train_config,
+        on_progress=_progress_logger(context, "steps"),
+        resume=config.resume,
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "preset": train_config.preset,
+            "epochs": result.epochs_completed,
+            "steps": result.steps,
+            "device": result.device,
+            "images_per_s": round(result.images_per_s, 1),
+            **{f"final_{k}": round(float(v), 4) for k, v in result.final_losses.items()},
+            "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path.resolve())),
+            "preview": image_preview(result.grid_path),
+            "dagster/uri": str(layout.train_dir.resolve()),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- evaluate_dcgan
+
+
+class EvaluateDcganConfig(dg.Config):
+    n_samples: int = evaluate.EvalConfig.n_samples
+    seed: int = evaluate.EvalConfig.seed
+
+
+@dg.asset(group_name=GROUP, code_version="1", deps=[train_dcgan], kinds={"pytorch"}, pool="gpu")
+def evaluate_dcgan(
+    context: dg.AssetExecutionContext, config: EvaluateDcganConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Sample grid, loss curves and metrics of the latest trained generator."""
+    layout = storage.layout
+    checkpoint = train.latest_checkpoint(layout.train_dir)
+    if checkpoint is None:
+        _require(layout.train_dir / "checkpoints" / "latest.pt", "train_dcgan", "A checkpoint")
+    result = evaluate.evaluate(
+        checkpoint,
+        layout.shards_dir,
+        layout.eval_dir,
+        evaluate.EvalConfig(n_samples=config.n_samples, seed=config.seed),
+    )
+    numeric = {
+        k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)
+    }
+    return dg.MaterializeResult(
+        metadata={
+            **numeric,
+            "metrics": dg.MetadataValue.json(result.metrics),
+            "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
+            "preview": image_preview(result.samples_path),
+            "losses": image_preview(result.loss_plot_path),
+            "dagster/uri": str(layout.eval_dir.resolve()),
+        }
+    )
+
+
+ALL_ASSETS = [listing_manifest, raw_images, unique_images, car_shards, train_dcgan, evaluate_dcgan]

@@ -1,0 +1,86 @@
+"""Settings shared by several assets, held as Dagster resources."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import dagster as dg
+
+from carmodels.layout import DataLayout, default_data_root
+
+#: Environment variable choosing the pipeline profile (see `PipelineSettings.profile`).
+PROFILE_ENV = "CARMODELS_PROFILE"
+#: Fixed port of the in-process demo catalog, so that image URLs stay valid across steps.
+DEMO_PORT_ENV = "CARMODELS_DEMO_PORT"
+DEFAULT_DEMO_PORT = 8765
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root folder under which every stage writes its outputs (see `carmodels.layout`)."""
+
+    root: str = str(default_data_root())
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout.at(self.root)
+
+
+class PipelineSettings(dg.ConfigurableResource):
+    """What the graph runs on and how hard it trains.
+
+    ``demo`` (the default) crawls the built-in demo catalog, served in-process on
+    127.0.0.1, and trains the small ``tiny`` preset for a few epochs so that the whole graph
+    runs on a laptop CPU in minutes. ``full`` expects a real source (a manifest file or
+    listing pages in `listing_manifest`'s config) and trains the seed's model.
+    """
+
+    profile: Literal["demo", "full"] = "demo"
+    device: str = "auto"
+    demo_port: int = DEFAULT_DEMO_PORT
+    demo_seed: int = 0
+    demo_listings: int = 300
+
+    @property
+    def is_demo(self) -> bool:
+        return self.profile == "demo"
+
+    @contextmanager
+    def serving_demo_catalog(self) -> Iterator[str]:
+        """Serve the demo catalog on its fixed port for the duration of a step.
+
+        Each step runs in its own process, so the steps that touch the network (crawling and
+        downloading) each start the server; the catalog is deterministic, so both see the
+        same site. If something already serves that port (for example a `carmodels
+        demo-server` the user started), it is used as it is.
+        """
+        from carmodels.demo import DemoServer
+
+        base_url = f"http://127.0.0.1:{self.demo_port}"
+        if _serving(base_url):
+            yield base_url
+            return
+        with DemoServer(
+            seed=self.demo_seed, n_listings=self.demo_listings, port=self.demo_port
+        ) as server:
+            yield server.base_url
+
+
+def _serving(base_url: str) -> bool:
+    """Whether an HTTP server already answers at ``base_url``."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/robots.txt", timeout=1):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def default_settings() -> PipelineSettings:
+    return PipelineSettings(
+        profile=os.environ.get(PROFILE_ENV, "demo"),  # type: ignore[arg-type]
+        demo_port=int(os.environ.get(DEMO_PORT_ENV, DEFAULT_DEMO_PORT)),
+    )
