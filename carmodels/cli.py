@@ -35,6 +35,11 @@ def _progress_bar(desc: str, unit: str) -> Iterator[Callable[[int, int], None]]:
         bar.close()
 
 
+def _given(**kwargs: object) -> dict[str, object]:
+    """The options the user set: unset ones (None) fall back to the library's defaults."""
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
 def _print_counts(title: str, counts: dict[str, int]) -> None:
     print(f"{title}:")
     for key, value in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -56,22 +61,26 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
     else:
         manifest = scrape.crawl_listings(
             args.start_url,
-            scrape.CrawlConfig(
-                max_pages=args.max_pages, allow_private_networks=args.allow_private_networks
-            ),
+            allow_private_networks=args.allow_private_networks,
+            **_given(max_pages=args.max_pages),
         )
     summary = scrape.manifest_summary(manifest)
     if args.dry_run:
-        print(f"{summary['distinct_urls']} distinct valid image URLs in {summary['rows']} rows")
-        for host, count in list(summary["hosts"].items())[:10]:
-            print(f"  {host:<40} {count}")
+        rows_read = summary.get("rows_read", summary["rows"])
+        print(f"{summary['distinct_urls']} distinct valid image URLs in {rows_read} rows")
+        for key in ("filtered_out", "invalid_urls", "duplicate_urls"):
+            if key in summary:
+                print(f"  dropped {key.replace('_', ' ')}: {summary[key]}")
+        print(f"  hosts: {summary['hosts']}")
+        for host, count in summary["top_hosts"].items():
+            print(f"    {host:<40} {count}")
         return 0
     out = Path(args.out) if args.out else layout.raw_dir
     scrape.write_manifest(manifest, layout.manifest_path)
     config = scrape.ScrapeConfig(
-        concurrency=args.concurrency,
         allow_private_networks=args.allow_private_networks,
         retry_failed=args.retry_failed,
+        **_given(concurrency=args.concurrency),
     )
     with _progress_bar("download", "img") as on_progress:
         result = scrape.download_images(manifest, out, config, on_progress=on_progress)
@@ -89,7 +98,7 @@ def cmd_dedup(args: argparse.Namespace, layout: DataLayout) -> int:
     raw = Path(args.raw) if args.raw else layout.raw_dir
     out = Path(args.out) if args.out else layout.unique_dir
     config = dedup.DedupConfig(
-        hash_method=args.hash, threshold=args.threshold, flip_aware=not args.no_flip
+        flip_aware=not args.no_flip, **_given(hash_method=args.hash, threshold=args.threshold)
     )
     with _progress_bar("hash", "img") as on_progress:
         result = dedup.deduplicate(raw, out, config, on_progress=on_progress)
@@ -111,9 +120,10 @@ def cmd_shard(args: argparse.Namespace, layout: DataLayout) -> int:
     out = Path(args.out) if args.out else layout.shards_dir
     config = shards.ShardConfig(
         imaging=shards.ImagingConfig(
-            framing=args.framing, face=args.face, drop_front_rear=args.drop_front_rear
+            drop_front_rear=args.drop_front_rear,
+            **_given(framing=args.framing, face=args.face, min_side=args.min_side),
         ),
-        val_fraction=args.val_fraction,
+        **_given(val_fraction=args.val_fraction),
     )
     with _progress_bar("normalise", "img") as on_progress:
         result = shards.build_shards(unique, raw, out, config, on_progress=on_progress)
@@ -216,8 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="raw shards folder (default: DATA/raw)")
     p.add_argument("--url-column", help="manifest column holding image URLs")
     p.add_argument("--filter", help="pandas query to keep rows, e.g. \"`image-type` != 'sample'\"")
-    p.add_argument("--max-pages", type=int, default=50, help="listing pages to follow")
-    p.add_argument("--concurrency", type=int, default=64, help="simultaneous downloads")
+    p.add_argument("--max-pages", type=int, help="listing pages to follow (default 50)")
+    p.add_argument("--concurrency", type=int, help="simultaneous downloads (default 64)")
     p.add_argument("--retry-failed", action="store_true", help="refetch transient failures")
     p.add_argument(
         "--allow-private-networks",
@@ -230,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dedup", help="remove exact and near-duplicate images")
     p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
     p.add_argument("--out", help="output folder (default: DATA/unique)")
-    p.add_argument("--hash", default="phash", choices=["phash", "dhash", "whash", "colorhash"])
-    p.add_argument("--threshold", type=int, default=None, help="max Hamming distance")
+    p.add_argument(
+        "--hash", choices=["phash", "dhash", "whash", "colorhash"], help="default: phash"
+    )
+    p.add_argument("--threshold", type=int, help="max Hamming distance (default 6)")
     p.add_argument("--no-flip", action="store_true", help="do not treat mirrored copies as dupes")
     p.set_defaults(func=cmd_dedup)
 
@@ -239,10 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unique", help="dedup output folder (default: DATA/unique)")
     p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
     p.add_argument("--out", help="shards folder (default: DATA/shards)")
-    p.add_argument("--framing", default="letterbox", choices=["letterbox", "crop"])
-    p.add_argument("--face", default="left", choices=["left", "right", "none"])
+    p.add_argument("--framing", choices=["letterbox", "crop"], help="default: letterbox")
+    p.add_argument(
+        "--face", choices=["left", "right", "none"], help="direction cars face (default left)"
+    )
+    p.add_argument("--min-side", type=int, help="reject photos smaller than this (default 64)")
     p.add_argument("--drop-front-rear", action="store_true", help="keep side views only")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, help="validation share (default 0.1)")
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("train", help="train the DCGAN on the shards")

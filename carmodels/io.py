@@ -17,7 +17,10 @@ def _tmp_path(path: Path) -> Path:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` then rename ``tmp`` onto ``path`` (same folder, so the rename is atomic)."""
+    """Call ``write(tmp)``, then rename ``tmp`` onto ``path``.
+
+    The temporary file sits in the same folder, so the rename is atomic.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)

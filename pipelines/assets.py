@@ -61,7 +61,7 @@ class ListingManifestConfig(dg.Config):
 
     manifest_path: str | None = None
     start_urls: list[str] = []
-    max_pages: int = scrape.CrawlConfig.max_pages
+    max_pages: int = scrape.DEFAULT_MAX_PAGES
     url_column: str | None = None
     row_filter: str | None = None
     allow_private_networks: bool = False
@@ -85,10 +85,8 @@ def listing_manifest(
     elif config.start_urls:
         frame = scrape.crawl_listings(
             config.start_urls,
-            scrape.CrawlConfig(
-                max_pages=config.max_pages,
-                allow_private_networks=config.allow_private_networks,
-            ),
+            max_pages=config.max_pages,
+            allow_private_networks=config.allow_private_networks,
         )
         source = ", ".join(config.start_urls)
     elif settings.is_demo:
@@ -96,7 +94,8 @@ def listing_manifest(
             source = f"{base_url}/listings?page=1 (built-in demo catalog)"
             frame = scrape.crawl_listings(
                 [f"{base_url}/listings?page=1"],
-                scrape.CrawlConfig(max_pages=config.max_pages, allow_private_networks=True),
+                max_pages=config.max_pages,
+                allow_private_networks=True,
             )
     else:
         raise dg.Failure(
@@ -113,7 +112,8 @@ def listing_manifest(
             "source": source,
             "rows": summary["rows"],
             "distinct_urls": summary["distinct_urls"],
-            "hosts": dg.MetadataValue.json(summary["hosts"]),
+            "hosts": summary["hosts"],
+            "top_hosts": dg.MetadataValue.json(summary["top_hosts"]),
             "elapsed_s": round(time.monotonic() - started, 2),
             "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
             "dagster/uri": str(path.resolve()),
@@ -127,9 +127,9 @@ def listing_manifest(
 
 class RawImagesConfig(dg.Config):
     concurrency: int = scrape.ScrapeConfig.concurrency
-    per_host: int = scrape.ScrapeConfig.per_host
-    timeout_s: float = scrape.ScrapeConfig.timeout_s
-    retries: int = scrape.ScrapeConfig.retries
+    per_host_limit: int = scrape.ScrapeConfig.per_host_limit
+    total_timeout_s: float = scrape.ScrapeConfig.total_timeout_s
+    max_retries: int = scrape.ScrapeConfig.max_retries
     retry_failed: bool = False
     allow_private_networks: bool = False
 
@@ -153,9 +153,9 @@ def raw_images(
     manifest = scrape.read_manifest(layout.manifest_path)
     scrape_config = scrape.ScrapeConfig(
         concurrency=config.concurrency,
-        per_host=config.per_host,
-        timeout_s=config.timeout_s,
-        retries=config.retries,
+        per_host_limit=config.per_host_limit,
+        total_timeout_s=config.total_timeout_s,
+        max_retries=config.max_retries,
         retry_failed=config.retry_failed,
         allow_private_networks=config.allow_private_networks or settings.is_demo,
     )
@@ -294,9 +294,7 @@ DEMO_EPOCHS = 8
 DEMO_BATCH_SIZE = 32
 
 
-@dg.asset(
-    group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool="gpu"
-)
+@dg.asset(group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool="gpu")
 def train_dcgan(
     context: dg.AssetExecutionContext,
     config: TrainDcganConfig,

@@ -23,7 +23,15 @@ def main() -> int:
         print("DAGSTER_HOME is not set; run this through `make demo`.", file=sys.stderr)
         return 2
     dagster = shutil.which("dagster") or str(Path(sys.executable).with_name("dagster"))
-    command = [dagster, "asset", "materialize", "-m", "pipelines.definitions", "--select", SELECTION]
+    command = [
+        dagster,
+        "asset",
+        "materialize",
+        "-m",
+        "pipelines.definitions",
+        "--select",
+        SELECTION,
+    ]
     print("$ " + " ".join(command), flush=True)
     started = time.monotonic()
     status = subprocess.call(command)

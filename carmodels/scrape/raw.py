@@ -1,0 +1,226 @@
+"""Raw shards: the downloader's output, one row per fetched URL with its bytes and outcome.
+
+Shards are ``raw-NNNNN.parquet`` (zstd), each written atomically and never modified
+afterwards, so a crash loses at most the rows not yet written and never damages a shard.
+A re-fetch of a URL (``retry_failed``) appends a newer row instead of rewriting the old
+shard; readers take the latest row per URL by ``fetched_at``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from carmodels.io import atomic_write_parquet
+
+RAW_SHARD_GLOB = "raw-*.parquet"
+_RAW_SHARD_NAME = re.compile(r"^raw-(\d+)\.parquet$")
+RAW_SHARD_COMPRESSION = "zstd"
+
+#: The fixed leading columns of every raw shard; manifest metadata columns follow as strings.
+RAW_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("url", pa.string(), nullable=False),
+    pa.field("status", pa.int32()),
+    pa.field("outcome", pa.string(), nullable=False),
+    pa.field("content_type", pa.string()),
+    pa.field("image_bytes", pa.binary()),
+    pa.field("sha256", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("fetched_at", pa.timestamp("us", tz="UTC"), nullable=False),
+)
+RAW_COLUMNS: tuple[str, ...] = tuple(f.name for f in RAW_FIELDS)
+#: Prefix given to a manifest column whose name clashes with a raw column (e.g. ``width``).
+CLASHING_METADATA_PREFIX = "manifest_"
+
+#: Outcomes worth another try later: the server or network may be fine next time.
+TRANSIENT_OUTCOMES = frozenset({"timeout", "connection_error", "http_408", "http_429"})
+
+
+def is_transient(outcome: str) -> bool:
+    """True for outcomes that ``retry_failed`` fetches again (network trouble, 5xx, 408, 429)."""
+    return outcome in TRANSIENT_OUTCOMES or bool(re.fullmatch(r"http_5\d\d", outcome))
+
+
+def metadata_column_names(manifest_columns: Iterable[str]) -> dict[str, str]:
+    """Map manifest column → raw shard column for every metadata column (all but ``url``)."""
+    names: dict[str, str] = {}
+    for column in manifest_columns:
+        if column == "url":
+            continue
+        names[column] = f"{CLASHING_METADATA_PREFIX}{column}" if column in RAW_COLUMNS else column
+    return names
+
+
+def raw_schema(metadata_columns: Sequence[str]) -> pa.Schema:
+    """The schema of a shard holding ``metadata_columns`` (already renamed) after the raw ones."""
+    return pa.schema([*RAW_FIELDS, *(pa.field(name, pa.string()) for name in metadata_columns)])
+
+
+def shard_index(path: Path) -> int | None:
+    match = _RAW_SHARD_NAME.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def raw_shard_paths(raw_dir: str | os.PathLike[str]) -> list[Path]:
+    """The finished shards of ``raw_dir`` in shard-number order (temp files are ignored)."""
+    paths = [p for p in Path(raw_dir).glob(RAW_SHARD_GLOB) if shard_index(p) is not None]
+    return sorted(paths, key=lambda p: shard_index(p) or 0)
+
+
+def shard_path(raw_dir: Path, index: int) -> Path:
+    return raw_dir / f"raw-{index:05d}.parquet"
+
+
+@dataclass
+class ExistingRaw:
+    """What earlier runs left in a raw folder: latest outcome per URL, next shard number."""
+
+    latest_outcome: dict[str, str] = field(default_factory=dict)
+    next_shard_index: int = 0
+
+
+def scan_existing(raw_dir: str | os.PathLike[str]) -> ExistingRaw:
+    """Read only the ``url, outcome, fetched_at`` columns of existing shards (no bytes)."""
+    paths = raw_shard_paths(raw_dir)
+    if not paths:
+        return ExistingRaw()
+    table = _read_tables(paths, ["url", "outcome", "fetched_at"])
+    frame = _latest_per_url(table).to_pandas()
+    latest = dict(zip(frame["url"], frame["outcome"], strict=True))
+    return ExistingRaw(latest, max(shard_index(p) or 0 for p in paths) + 1)
+
+
+class RawShardWriter:
+    """Buffers result rows and writes a shard whenever ``max_rows`` or ``max_bytes`` is reached.
+
+    The byte bound keeps memory (and the 2 GiB offset limit of a ``binary`` column) in check
+    when images are large; the row bound keeps shards a convenient size for the next stage.
+    """
+
+    def __init__(
+        self,
+        raw_dir: Path,
+        schema: pa.Schema,
+        first_index: int,
+        max_rows: int,
+        max_bytes: int,
+        compression: str = RAW_SHARD_COMPRESSION,
+    ) -> None:
+        self.raw_dir = raw_dir
+        self.schema = schema
+        self.next_index = first_index
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.compression = compression
+        self.written: list[Path] = []
+        self._rows: list[dict[str, Any]] = []
+        self._buffered_bytes = 0
+
+    def add(self, row: dict[str, Any]) -> bool:
+        """Buffer ``row``; True when the buffer is full and :meth:`flush` should be called."""
+        self._rows.append(row)
+        self._buffered_bytes += len(row.get("image_bytes") or b"")
+        return len(self._rows) >= self.max_rows or self._buffered_bytes >= self.max_bytes
+
+    def take_batch(self) -> tuple[Path, pa.Table] | None:
+        """Detach the buffered rows as a table and reserve its shard path (None when empty).
+
+        Split from writing so the caller can write in a worker thread while new rows arrive.
+        """
+        if not self._rows:
+            return None
+        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        path = shard_path(self.raw_dir, self.next_index)
+        self.next_index += 1
+        self._rows = []
+        self._buffered_bytes = 0
+        return path, table
+
+    def write_batch(self, path: Path, table: pa.Table) -> Path:
+        atomic_write_parquet(path, table, compression=self.compression)
+        self.written.append(path)
+        return path
+
+    def flush(self) -> Path | None:
+        batch = self.take_batch()
+        return self.write_batch(*batch) if batch else None
+
+
+def _read_tables(paths: Sequence[Path], columns: Sequence[str] | None) -> pa.Table:
+    tables = []
+    for path in paths:
+        try:
+            # A shard from a run with another manifest may lack some metadata columns.
+            present = None if columns is None else [c for c in columns if c in _names(path)]
+            tables.append(pq.read_table(path, columns=present))
+        except (pa.ArrowInvalid, OSError) as error:
+            raise ValueError(
+                f"cannot read raw shard {path}: {error}. Delete it and run the scrape again "
+                "to fetch its URLs anew."
+            ) from error
+    # Runs with different manifests may carry different metadata columns: union them.
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _names(path: Path) -> list[str]:
+    return pq.read_schema(path).names
+
+
+def _latest_per_url(table: pa.Table) -> pa.Table:
+    """Keep the row with the newest ``fetched_at`` for each URL, oldest first.
+
+    Ties (same microsecond) go to the row read last, i.e. the one from the newer shard.
+    """
+    if table.num_rows == 0:
+        return table
+    position = pa.array(range(table.num_rows), pa.int64())
+    order = pc.sort_indices(
+        table.append_column("__position", position),
+        sort_keys=[("fetched_at", "descending"), ("__position", "descending")],
+    )
+    seen: set[str] = set()
+    keep = []
+    urls_newest_first = table.column("url").take(order).to_pylist()
+    for index, url in zip(order.to_pylist(), urls_newest_first, strict=True):
+        if url not in seen:
+            seen.add(url)
+            keep.append(index)
+    keep.reverse()  # oldest first, like the shards themselves
+    return table.take(pa.array(keep, pa.int64()))
+
+
+def read_raw(raw_dir: str | os.PathLike[str], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """All raw shards of ``raw_dir`` as one DataFrame, the latest row per URL.
+
+    ``columns`` limits what is read (pass it without ``image_bytes`` to keep memory small);
+    ``url`` and ``fetched_at`` are always read to pick the latest row, and dropped again when
+    not asked for. ``status``, ``width`` and ``height`` come back as nullable ``Int32``.
+    """
+    raw_dir = Path(raw_dir)
+    paths = raw_shard_paths(raw_dir)
+    if not paths:
+        raise FileNotFoundError(
+            f"no raw shards ({RAW_SHARD_GLOB}) in {raw_dir}: materialise `raw_images` or run "
+            "`carmodels scrape` first"
+        )
+    wanted = list(dict.fromkeys(columns)) if columns is not None else None
+    to_read = None if wanted is None else list(dict.fromkeys(["url", "fetched_at", *wanted]))
+    if to_read is not None:
+        available = set(RAW_COLUMNS).union(*(_names(p) for p in paths))
+        unknown = [c for c in to_read if c not in available]
+        if unknown:
+            raise KeyError(f"raw shards in {raw_dir} have no column(s) {unknown}")
+    table = _latest_per_url(_read_tables(paths, to_read))
+    # Nullable integers: a missing status or size stays missing instead of turning into NaN.
+    frame = table.to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get)
+    return frame[wanted] if wanted is not None else frame

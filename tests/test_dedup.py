@@ -1,0 +1,259 @@
+"""Tests for carmodels.dedup: hash search, clustering, outputs and incremental runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from carmodels.dedup import (
+    DedupConfig,
+    deduplicate,
+    find_near_duplicates,
+    hash_to_hex,
+    phash_distance,
+)
+
+T0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def photo(seed: int, size: tuple[int, int] = (240, 160)) -> Image.Image:
+    """A smooth random picture: distinct seeds give unrelated perceptual hashes."""
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)
+    return Image.fromarray(low).resize(size, Image.Resampling.BICUBIC)
+
+
+def jpeg(img: Image.Image, quality: int = 92) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def write_raw_shard(path: Path, rows: list[dict]) -> Path:
+    """A raw shard as the scraper writes it (only the columns dedup reads matter)."""
+    columns: dict[str, list] = {
+        name: []
+        for name in (
+            "url",
+            "status",
+            "outcome",
+            "content_type",
+            "image_bytes",
+            "sha256",
+            "width",
+            "height",
+            "fetched_at",
+            "make",
+        )
+    }
+    for k, row in enumerate(rows):
+        data = row.get("data")
+        ok = data is not None
+        columns["url"].append(row["url"])
+        columns["status"].append(200 if ok else 404)
+        columns["outcome"].append("ok" if ok else "http_404")
+        columns["content_type"].append("image/jpeg" if ok else None)
+        columns["image_bytes"].append(data)
+        columns["sha256"].append(hashlib.sha256(data).hexdigest() if ok else None)
+        columns["width"].append(None)
+        columns["height"].append(None)
+        columns["fetched_at"].append(row.get("fetched_at", T0 + timedelta(seconds=k)))
+        columns["make"].append(row.get("make", "Audi"))
+    schema = pa.schema(
+        [
+            ("url", pa.string()),
+            ("status", pa.int32()),
+            ("outcome", pa.string()),
+            ("content_type", pa.string()),
+            ("image_bytes", pa.binary()),
+            ("sha256", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("fetched_at", pa.timestamp("us", tz="UTC")),
+            ("make", pa.string()),
+        ]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), path)
+    return path
+
+
+def brute_force_pairs(hashes: np.ndarray, threshold: int, flipped: np.ndarray | None):
+    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :]).astype(int)
+    if flipped is not None:
+        cross = np.bitwise_count(hashes[:, None] ^ flipped[None, :]).astype(int)
+        distance = np.minimum(distance, np.minimum(cross, cross.T))
+    i, j = np.triu_indices(len(hashes), 1)
+    close = distance[i, j] <= threshold
+    return {
+        (int(a), int(b), int(d))
+        for a, b, d in zip(i[close], j[close], distance[i, j][close], strict=True)
+    }
+
+
+def test_phash_distance():
+    assert phash_distance(0, 0) == 0
+    assert phash_distance(0b1011, 0b0001) == 2
+    assert phash_distance(0, 2**64 - 1) == 64
+    assert hash_to_hex(255) == "00000000000000ff"
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 6, 10])
+@pytest.mark.parametrize("flip", [False, True])
+def test_multi_index_search_equals_brute_force(threshold: int, flip: bool):
+    rng = np.random.default_rng(threshold)
+    n = 400
+    hashes = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    # Plant neighbours at every distance up to threshold + 2 (some inside, some just outside).
+    for k in range(60):
+        source = hashes[rng.integers(n)]
+        bits = rng.choice(64, size=k % (threshold + 3), replace=False)
+        hashes[rng.integers(n)] = source ^ np.uint64(sum(1 << int(b) for b in bits))
+    flipped = rng.integers(0, 2**64, size=n, dtype=np.uint64) if flip else None
+    if flip:  # plant mirror-image neighbours too
+        for k in range(30):
+            flipped[k] = hashes[n - 1 - k] ^ np.uint64(1 << k)
+    found = find_near_duplicates(hashes, threshold, flipped)
+    got = set(map(tuple, found[["i", "j", "distance"]].to_numpy().tolist()))
+    expected = brute_force_pairs(hashes, threshold, flipped)
+    assert got == expected
+    assert len(expected) > 0
+
+
+def test_config_rejects_hash_too_wide():
+    with pytest.raises(ValueError, match="64"):
+        DedupConfig(hash_method="colorhash", hash_size=8)
+    with pytest.raises(ValueError, match="hash_method"):
+        DedupConfig(hash_method="md5")
+
+
+def _config(**overrides) -> DedupConfig:
+    return DedupConfig(workers=1, **overrides)
+
+
+@pytest.fixture()
+def raw_dir(tmp_path: Path) -> Path:
+    big = photo(1, (360, 240))
+    rows = [
+        {"url": "https://a.example/big.jpg", "data": jpeg(big)},
+        # Same photo, smaller and re-encoded: a near duplicate that must lose to the big one.
+        {"url": "https://b.example/small.jpg", "data": jpeg(big.resize((240, 160)), 60)},
+        # Byte-identical repost: an exact duplicate.
+        {"url": "https://c.example/copy.jpg", "data": jpeg(big)},
+        # Mirrored repost: a duplicate only when flip-aware.
+        {"url": "https://d.example/mirror.jpg", "data": jpeg(big.transpose(0))},
+        {"url": "https://e.example/other.jpg", "data": jpeg(photo(2))},
+        {"url": "https://e.example/third.jpg", "data": jpeg(photo(3))},
+        {"url": "https://e.example/dead.jpg", "data": None},
+        {"url": "https://e.example/broken.jpg", "data": b"\xff\xd8 not really a jpeg"},
+    ]
+    write_raw_shard(tmp_path / "raw" / "raw-00000.parquet", rows)
+    return tmp_path / "raw"
+
+
+def test_deduplicate_clusters_and_keeps_biggest(raw_dir: Path, tmp_path: Path):
+    result = deduplicate(raw_dir, tmp_path / "unique", _config())
+    assert result.n_input == 7  # ok rows, the broken one included
+    assert result.n_undecodable == 1
+    assert result.n_kept == 3
+    assert result.n_exact_duplicates == 1
+    assert result.n_near_duplicates == 2
+    assert result.n_clusters == 1
+    assert result.cluster_size_histogram == {1: 2, 4: 1}
+
+    unique = pd.read_parquet(result.unique_path)
+    assert sorted(unique["url"]) == [
+        "https://a.example/big.jpg",
+        "https://e.example/other.jpg",
+        "https://e.example/third.jpg",
+    ]
+    big = unique.set_index("url").loc["https://a.example/big.jpg"]
+    assert (big["width"], big["height"], big["cluster_size"]) == (360, 240, 4)
+    assert len(big["phash"]) == 16 and big["make"] == "Audi"
+    assert "image_bytes" not in unique.columns
+
+    clusters = pd.read_parquet(result.clusters_path).set_index("url")
+    assert clusters.loc["https://a.example/big.jpg", "kept"]
+    assert clusters.loc["https://c.example/copy.jpg", "kind"] == "exact"
+    assert clusters.loc["https://b.example/small.jpg", "kind"] == "near"
+    assert clusters.loc["https://d.example/mirror.jpg", "kind"] == "near"
+    assert clusters["distance"].max() <= DedupConfig.threshold
+
+    sheet = Image.open(result.contact_sheet_path)
+    assert sheet.width >= 4 * 96 and sheet.height >= 96
+
+
+def test_mirrored_copy_needs_flip_aware(raw_dir: Path, tmp_path: Path):
+    result = deduplicate(raw_dir, tmp_path / "unique", _config(flip_aware=False))
+    unique = pd.read_parquet(result.unique_path)
+    assert "https://d.example/mirror.jpg" in set(unique["url"])
+    assert result.n_kept == 4
+
+
+def test_latest_fetch_of_a_url_wins(tmp_path: Path):
+    raw = tmp_path / "raw"
+    url = "https://a.example/x.jpg"
+    write_raw_shard(raw / "raw-00000.parquet", [{"url": url, "data": jpeg(photo(5))}])
+    # A later fetch of the same URL failed: the URL is no longer an image.
+    later = T0 + timedelta(days=1)
+    write_raw_shard(
+        raw / "raw-00001.parquet",
+        [
+            {"url": url, "data": None, "fetched_at": later},
+            {"url": "https://a.example/y.jpg", "data": jpeg(photo(6))},
+        ],
+    )
+    result = deduplicate(raw, tmp_path / "unique", _config())
+    assert list(pd.read_parquet(result.unique_path)["url"]) == ["https://a.example/y.jpg"]
+
+
+def test_incremental_run_hashes_only_new_images(raw_dir: Path, tmp_path: Path):
+    out = tmp_path / "unique"
+    first = deduplicate(raw_dir, out, _config())
+    assert first.n_hashed == 6  # distinct sha256 values
+
+    old_big = photo(1, (360, 240))
+    write_raw_shard(
+        raw_dir / "raw-00001.parquet",
+        [
+            {"url": "https://f.example/new.jpg", "data": jpeg(photo(9))},
+            {"url": "https://f.example/repost.jpg", "data": jpeg(old_big.resize((300, 200)), 70)},
+        ],
+    )
+    calls: list[tuple[int, int]] = []
+    second = deduplicate(raw_dir, out, _config(), on_progress=lambda d, t: calls.append((d, t)))
+    assert second.n_hashed == 2
+    assert calls[-1] == (2, 2)
+    unique = pd.read_parquet(second.unique_path).set_index("url")
+    assert "https://f.example/new.jpg" in unique.index
+    assert "https://f.example/repost.jpg" not in unique.index
+    assert unique.loc["https://a.example/big.jpg", "cluster_size"] == 5
+    assert second.n_kept == first.n_kept + 1
+
+    # A different hash function cannot reuse the cache.
+    third = deduplicate(raw_dir, out, _config(hash_method="dhash"))
+    assert third.n_hashed == 8
+
+
+def test_parallel_hashing_matches_serial(raw_dir: Path, tmp_path: Path):
+    serial = deduplicate(raw_dir, tmp_path / "serial", _config())
+    parallel = deduplicate(raw_dir, tmp_path / "parallel", DedupConfig(workers=2, chunk_size=2))
+    columns = ["url", "phash", "cluster_id", "cluster_size"]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(serial.unique_path)[columns],
+        pd.read_parquet(parallel.unique_path)[columns],
+    )
+
+
+def test_missing_raw_dir_names_the_fix(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="raw_images"):
+        deduplicate(tmp_path / "nowhere", tmp_path / "unique", _config())

@@ -1,0 +1,182 @@
+"""Tests for carmodels.imaging: decoding, squaring, facing and the reject gates."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from carmodels.imaging import (
+    ImageDecodeError,
+    ImagingConfig,
+    NormalisedImage,
+    Rejection,
+    decode_image,
+    estimate_facing,
+    normalise,
+    to_square,
+)
+
+SAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "cars-sample" / "images"
+OPPOSITE = {"left": "right", "right": "left", "front_or_rear": "front_or_rear"}
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **params) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def side_view_car(width: int = 240, height: int = 140) -> Image.Image:
+    """A car silhouette facing left: long low hood at the left, cabin toward the right."""
+    img = Image.new("RGB", (width, height), (235, 235, 235))
+    draw = ImageDraw.Draw(img)
+    body_top, body_bottom = int(height * 0.55), int(height * 0.8)
+    draw.rectangle(
+        [int(width * 0.08), body_top, int(width * 0.92), body_bottom], fill=(180, 20, 20)
+    )
+    cabin = [
+        (int(width * 0.45), body_top),
+        (int(width * 0.58), int(height * 0.25)),
+        (int(width * 0.82), int(height * 0.25)),
+        (int(width * 0.9), body_top),
+    ]
+    draw.polygon(cabin, fill=(150, 15, 15))
+    for x in (0.22, 0.75):
+        cx, cy, r = int(width * x), body_bottom, int(height * 0.1)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(20, 20, 20))
+    return img
+
+
+def front_view_car(size: int = 160) -> Image.Image:
+    """A left-right symmetric car seen from the front."""
+    img = Image.new("RGB", (size, size), (235, 235, 235))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle(
+        [int(size * 0.2), int(size * 0.5), int(size * 0.8), int(size * 0.8)], fill=(20, 60, 160)
+    )
+    draw.polygon(
+        [
+            (int(size * 0.28), int(size * 0.5)),
+            (int(size * 0.35), int(size * 0.28)),
+            (int(size * 0.65), int(size * 0.28)),
+            (int(size * 0.72), int(size * 0.5)),
+        ],
+        fill=(15, 45, 120),
+    )
+    return img
+
+
+def test_decode_applies_exif_rotation():
+    # Landscape pixels tagged "rotate 90 clockwise to display" (orientation 6) show as portrait.
+    img = Image.new("RGB", (200, 100), "white")
+    ImageDraw.Draw(img).rectangle([0, 0, 49, 99], fill="red")  # red on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(encode(img, exif=exif.tobytes()))
+    assert decoded.size == (100, 200)
+    top_middle = np.asarray(decoded)[10, 50]
+    assert top_middle[0] > 200 and top_middle[1] < 80  # the red edge is now at the top
+
+
+def test_decode_rejects_garbage_and_converts_to_rgb():
+    with pytest.raises(ImageDecodeError):
+        decode_image(b"definitely not an image")
+    truncated = encode(side_view_car())[:400]
+    with pytest.raises(ImageDecodeError):
+        decode_image(truncated)
+    rgba = Image.new("RGBA", (50, 40), (0, 0, 0, 0))
+    decoded = decode_image(encode(rgba, "PNG"))
+    assert decoded.mode == "RGB"
+    assert tuple(np.asarray(decoded)[0, 0]) == (255, 255, 255)  # transparency becomes white
+
+
+def test_draft_decoding_shrinks_big_jpegs():
+    big = side_view_car(1600, 1200)
+    decoded = decode_image(encode(big), draft_size=(256, 256))
+    assert 256 <= min(decoded.size) < 1200
+
+
+@pytest.mark.parametrize("framing", ["letterbox", "crop"])
+@pytest.mark.parametrize("size", [(300, 150), (120, 260), (64, 64)])
+def test_to_square_shapes(framing: str, size: tuple[int, int]):
+    arr = to_square(Image.new("RGB", size, (10, 200, 30)), 128, framing)
+    assert arr.shape == (128, 128, 3) and arr.dtype == np.uint8
+
+
+def test_letterbox_pads_with_edge_colour_and_keeps_whole_photo():
+    img = Image.new("RGB", (256, 128), (0, 0, 255))
+    ImageDraw.Draw(img).rectangle([0, 0, 255, 3], fill=(255, 0, 0))  # red top edge
+    arr = to_square(img, 128, "letterbox")
+    # Bars continue their edge (up to LANCZOS ringing at the 2px red line).
+    np.testing.assert_allclose(arr[0, 64], (255, 0, 0), atol=12)  # top bar
+    np.testing.assert_allclose(arr[-1, 64], (0, 0, 255), atol=12)  # bottom bar
+    cropped = to_square(img, 128, "crop")
+    np.testing.assert_allclose(cropped[-1, 64], (0, 0, 255), atol=12)
+    assert not np.array_equal(arr, cropped)
+
+
+def test_facing_of_synthetic_side_and_front_views():
+    side = np.asarray(side_view_car())
+    facing, confidence = estimate_facing(side)
+    assert facing == "left" and confidence > 0.3
+    assert estimate_facing(side[:, ::-1]) == ("right", confidence)
+    assert estimate_facing(np.asarray(front_view_car()))[0] == "front_or_rear"
+
+
+def _antisymmetry_inputs() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8) for _ in range(5)]
+    arrays += [np.asarray(side_view_car(w, h)) for w, h in ((240, 140), (180, 90), (128, 128))]
+    arrays.append(np.asarray(front_view_car()))
+    if SAMPLE_IMAGES.is_dir():
+        for path in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:40]:
+            arrays.append(to_square(decode_image(path.read_bytes()), 128, "crop"))
+    return arrays
+
+
+def test_facing_is_exactly_antisymmetric():
+    facings = set()
+    for arr in _antisymmetry_inputs():
+        facing, confidence = estimate_facing(arr)
+        assert 0.0 <= confidence <= 1.0
+        assert estimate_facing(np.ascontiguousarray(arr[:, ::-1])) == (OPPOSITE[facing], confidence)
+        facings.add(facing)
+    assert {"left", "right", "front_or_rear"} <= facings
+
+
+def test_normalise_reject_reasons():
+    config = ImagingConfig()
+    assert normalise(b"\x00garbage", config).reason == "corrupt"
+    assert normalise(encode(side_view_car(60, 40)), config).reason == "too_small"
+    assert normalise(encode(side_view_car(800, 100)), config).reason == "bad_aspect"
+    front = normalise(encode(front_view_car()), ImagingConfig(drop_front_rear=True))
+    assert isinstance(front, Rejection) and front.reason == "front_or_rear"
+    assert isinstance(normalise(encode(front_view_car()), config), NormalisedImage)
+
+
+def test_normalise_turns_cars_to_the_configured_side():
+    facing_right = encode(side_view_car().transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    result = normalise(facing_right, ImagingConfig(face="left"))
+    assert isinstance(result, NormalisedImage)
+    assert (result.facing, result.mirrored) == ("left", True)
+    assert result.pixels.shape == (128, 128, 3)
+    assert (result.source_width, result.source_height) == (240, 140)
+
+    kept = normalise(facing_right, ImagingConfig(face="none"))
+    assert (kept.facing, kept.mirrored) == ("right", False)
+    np.testing.assert_array_equal(kept.pixels[:, ::-1], result.pixels)
+
+    # A site mirrored as a whole: the photo is flipped first, then already faces left.
+    mirrored_site = normalise(facing_right, ImagingConfig(face="left"), mirror_source=True)
+    assert (mirrored_site.facing, mirrored_site.mirrored) == ("left", True)
+
+
+def test_config_validation_names_the_setting():
+    with pytest.raises(ValueError, match="framing"):
+        ImagingConfig(framing="stretch")
+    with pytest.raises(ValueError, match="face"):
+        ImagingConfig(face="up")
