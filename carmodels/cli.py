@@ -142,11 +142,15 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.train_dir
     config = train.TrainConfig(
-        preset=args.preset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        device=args.device,
-        seed=args.seed,
+        **_given(
+            preset=args.preset,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr_g=args.lr_g,
+            lr_d=args.lr_d,
+            device=args.device,
+            seed=args.seed,
+        )
     )
     with _progress_bar("train", "step") as on_progress:
         result = train.train(shards_dir, out, config, on_progress=on_progress, resume=args.resume)
@@ -170,9 +174,8 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
         )
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.eval_dir
-    result = evaluate.evaluate(
-        checkpoint, shards_dir, out, evaluate.EvalConfig(n_samples=args.n_samples, seed=args.seed)
-    )
+    config = evaluate.EvalConfig(**_given(n_samples=args.n_samples, seed=args.seed))
+    result = evaluate.evaluate(checkpoint, shards_dir, out, config)
     for key, value in result.metrics.items():
         print(f"  {key:<28} {value}")
     print(f"samples: {result.samples_path}")
@@ -206,6 +209,8 @@ def cmd_demo_server(args: argparse.Namespace, layout: DataLayout) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from carmodels import __version__
+    from carmodels.demo.catalog import DEFAULT_N_LISTINGS
+    from carmodels.models import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="carmodels",
@@ -243,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hash", choices=["phash", "dhash", "whash", "colorhash"], help="default: phash"
     )
-    p.add_argument("--threshold", type=int, help="max Hamming distance (default 6)")
+    p.add_argument("--threshold", type=int, help="max Hamming distance of the hashes (default 10)")
     p.add_argument("--no-flip", action="store_true", help="do not treat mirrored copies as dupes")
     p.set_defaults(func=cmd_dedup)
 
@@ -263,11 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the DCGAN on the shards")
     p.add_argument("--shards", help="shards folder (default: DATA/shards)")
     p.add_argument("--out", help="run folder (default: DATA/train)")
-    p.add_argument("--preset", default="seed", help="model preset: seed, dcgan, tiny")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: seed)")
+    p.add_argument("--epochs", type=int, help="epochs to train (default: 170)")
+    p.add_argument("--batch-size", type=int, help="images per step (default: 128)")
+    p.add_argument("--lr-g", type=float, help="generator learning rate (default: the preset's)")
+    p.add_argument("--lr-d", type=float, help="discriminator learning rate (default: preset's)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.set_defaults(func=cmd_train)
 
@@ -275,23 +282,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
     p.add_argument("--shards", help="shards folder (default: DATA/shards)")
     p.add_argument("--out", help="output folder (default: DATA/eval)")
-    p.add_argument("--n-samples", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-samples", type=int, help="generated images to score (default: 256)")
+    p.add_argument("--seed", type=int, help="random seed of the samples (default: 0)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="generate new car designs from a checkpoint")
     p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
-    p.add_argument("--n", type=int, default=64, help="number of designs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=64, help="number of designs (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same designs (default: 0)")
     p.add_argument("--truncation", type=float, default=None, help="latent truncation, e.g. 0.7")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo-server", help="serve the built-in demo car catalog over HTTP")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--listings", type=int, default=300)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    p.add_argument("--seed", type=int, default=0, help="catalog seed (default: 0)")
+    p.add_argument(
+        "--listings", type=int, default=DEFAULT_N_LISTINGS, help="listings (default: 300)"
+    )
     p.set_defaults(func=cmd_demo_server)
     return parser
 

@@ -2,15 +2,18 @@
 
 Listing sites repost the same photo under many URLs, re-encoded, resized, slightly cropped or
 mirrored. Exact copies share a sha256; the others are found with a 64-bit perceptual hash
-(``imagehash``) and a Hamming-distance threshold:
+(``imagehash``) and a Hamming-distance threshold, then confirmed by a colour thumbnail:
 
 1. Index the raw shards (no bytes): per URL the latest fetch wins; ``outcome == "ok"`` rows are
    the images.
-2. Hash each distinct sha256 once, in a process pool, reading image bytes batch by batch.
-   Hashes are cached in ``hashes.parquet`` keyed by sha256, so a later run over grown raw
-   shards hashes only the new photos.
-3. Near-duplicate pairs by multi-index hashing (``find_near_duplicates``), optionally also
-   between a photo and the mirror image of another.
+2. Hash each distinct sha256 once, in a process pool, reading image bytes batch by batch, and
+   keep a tiny RGB thumbnail of it (``colour_thumbnails``). Hashes and thumbnails are cached
+   in ``hashes.parquet`` keyed by sha256, so a later run over grown raw shards hashes only
+   the new photos.
+3. Candidate pairs by multi-index hashing (``find_near_duplicates``), optionally also between
+   a photo and the mirror image of another. A phash sees only the grey-level layout, so two
+   different cars shot in the same plain studio booth hash alike; each candidate is kept only
+   when the thumbnails agree too (``colour_distances``, vectorised over all candidates).
 4. Connected components of exact + near pairs are the clusters; each keeps its best member
    (most pixels, then the largest file, then the smallest URL so that ties are deterministic).
 """
@@ -23,8 +26,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import imagehash
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -36,6 +39,9 @@ from scipy.sparse.csgraph import connected_components
 
 from carmodels.imaging import ImageDecodeError, decode_image, decode_with_size, map_in_processes
 from carmodels.io import atomic_save_image, atomic_write_parquet
+
+if TYPE_CHECKING:
+    import imagehash
 
 #: Raw shard file pattern written by the scraper.
 RAW_GLOB = "raw-*.parquet"
@@ -72,6 +78,9 @@ HASHES_FILE = "hashes.parquet"
 CONTACT_SHEET_FILE = "clusters.png"
 #: Parquet key-value metadata saying which hash function filled ``hashes.parquet``.
 _HASH_SPEC_KEY = b"carmodels.hash_spec"
+#: Layout version of ``hashes.parquet``; part of the spec, so a cache written by an older
+#: version (v1 had no thumbnails) is hashed again rather than misread.
+HASH_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -83,20 +92,47 @@ class DedupConfig:
     hash_method: str = "phash"
     #: imagehash ``hash_size`` (``binbits`` for colorhash); the hash must fit in 64 bits.
     hash_size: int = 8
-    #: Largest Hamming distance between two 64-bit phashes that still counts as the same photo.
-    #: Measured on 1,000 Stanford Cars photos (decoded with a 256px draft, as here):
-    #: - q60 re-encode resized to 80%: median 0, max 4 -> all match at 6;
-    #: - 1.5% cropped from every side (3% of each dimension): 90% <= 6, 97% <= 8, max 10;
-    #:   3% from every side: median 8, so heavier crops are mostly missed by a 64-bit phash;
-    #: - mirror image vs the flipped hash: max 2 (plain hash: median 32, hence flip_aware);
-    #: - 499,500 distinct pairs (flip-aware): none <= 7, 5 at 8 (similar cars on white).
-    #: phash distances are even (half the bits are set), so 6 is the largest threshold with
-    #: no false pair in the sample; 8 would catch 97% of the crops but false pairs grow with
-    #: the square of the collection size and chain clusters together.
-    threshold: int = 6
+    #: Largest Hamming distance between two 64-bit hashes that makes a candidate pair (the
+    #: colour check below then confirms or rejects it). Measured with phash on the 1,500
+    #: photos of cars-sample plus planted copies of 150 of them (256px draft decode, as here),
+    #: share of copies within 6 / 8 / 10 / 12 bits of their original:
+    #: - q60 re-encode, resized to 80% and back, mirrored (flip-aware): 100% at 6 (max 2);
+    #: - cropped by 3% of each dimension (1.5% a side): 83% / 98% / 99.3% / 100%;
+    #: - cropped by 3% a side: 28% / 49% / 75% / 93%.
+    #: Without verification 6 was the limit (cars-sample: 1 false pair at 6, 18 at 8, 269 at 10;
+    #: demo catalog, 300 listings: 58 false candidates at 6, all studio shots). With it, 10
+    #: keeps every planted pair and no false one (see ``max_colour_distance``); 12 gains only
+    #: the heavy crops and costs ~2x the search time (candidates grow fast past 10).
+    threshold: int = 10
     #: Also compare each photo with the mirror image of the others, so a mirrored repost
     #: counts as a duplicate.
     flip_aware: bool = True
+    #: Confirm every hash candidate with the colour thumbnails (False: the hash alone decides,
+    #: and ``threshold`` should then be 6, see above).
+    verify_colour: bool = True
+    #: Side of the colour thumbnail, in cells (each cell is the mean RGB of its area). 8x8 was
+    #: as discriminating as 16x16 and more tolerant of crops (cells move less).
+    colour_grid: int = 8
+    #: Crops (fraction cut from every side) at which thumbnails are stored. Two photos are
+    #: compared at every pairing of one photo's crop with the other's full frame, so a copy
+    #: cropped by up to the largest crop (and in between) lines up with its original.
+    colour_crops: tuple[float, ...] = (0.0, 0.015, 0.03)
+    #: Largest mean per-cell RGB distance (Euclidean, 0-255 scale, best crop pairing, mirror
+    #: tried when flip_aware) between the thumbnails of a near-duplicate pair. Measured:
+    #: - cars-sample planted copies (q60, 80% resize and back, 1.5%-a-side crop, mirror, and
+    #:   all four combined): max 5.3, p99.5 4.9; 3%-a-side crops: max 9.1 (p99 of all 4.4);
+    #: - false candidates at threshold 10: demo catalog (studio shots, e.g. a white sedan vs a
+    #:   yellow coupe) min 11.6; cars-sample min 29.6; the hardest case, the same drawn car in
+    #:   the same pose and booth painted grey vs blue: 7.0 to 9.5 (white vs yellow: >= 13).
+    #: 6.5 sits between the benchmark copies and that grey/blue case. Cluster-pair precision /
+    #: recall with threshold 10: demo catalog, 120 and 300 listings: 1.0 / 1.0 (6 and 15
+    #: planted pairs; 34 and 390 hash candidates rejected); cars-sample + 900 planted copies
+    #: of 150 photos (the kinds above, 1.5% and 3% a side crops): 1.0 / 1.0 (the 3%-a-side
+    #: crops beyond 6.5 still join their cluster through the other copies). Hash alone at 10:
+    #: precision 0.85; at 6: recall 0.979 (1.5%-a-side crops 0.96).
+    max_colour_distance: float = 6.5
+    #: Candidate pairs verified per numpy batch (bounds memory: a few KB per pair).
+    verify_batch_pairs: int = 65536
     #: Processes hashing images.
     workers: int = 2
     #: Images per task sent to a worker (large enough to amortise pickling overhead).
@@ -129,6 +165,18 @@ class DedupConfig:
             )
         if self.workers < 1 or self.chunk_size < 1 or self.read_batch_rows < 1:
             raise ValueError("DedupConfig.workers, chunk_size and read_batch_rows must be >= 1")
+        if self.colour_grid < 1 or self.verify_batch_pairs < 1:
+            raise ValueError("DedupConfig.colour_grid and verify_batch_pairs must be >= 1")
+        crops = self.colour_crops
+        if not crops or crops[0] != 0.0 or not all(0.0 <= c < 0.25 for c in crops):
+            raise ValueError(
+                "DedupConfig.colour_crops must start with 0.0 (the full frame) and hold "
+                f"fractions in [0, 0.25), got {crops!r}"
+            )
+        if self.max_colour_distance < 0:
+            raise ValueError(
+                f"DedupConfig.max_colour_distance must be >= 0, got {self.max_colour_distance}"
+            )
 
     @property
     def hash_bits(self) -> int:
@@ -138,8 +186,17 @@ class DedupConfig:
 
     @property
     def hash_spec(self) -> str:
-        """Identifies the hash function; cached hashes are reused only under the same spec."""
-        return f"{self.hash_method}:{self.hash_size}:draft{self.decode_draft_px}"
+        """Identifies hash function and thumbnails; the cache is reused only under the same spec."""
+        crops = ",".join(f"{c:g}" for c in self.colour_crops)
+        return (
+            f"v{HASH_CACHE_VERSION}:{self.hash_method}:{self.hash_size}:"
+            f"draft{self.decode_draft_px}:colour{self.colour_grid}@{crops}"
+        )
+
+    @property
+    def thumbnail_shape(self) -> tuple[int, int, int, int]:
+        """(crops, rows, columns, RGB) of one image's stored thumbnails."""
+        return (len(self.colour_crops), self.colour_grid, self.colour_grid, 3)
 
 
 @dataclass(frozen=True)
@@ -191,12 +248,38 @@ def _imagehash_to_int(h: imagehash.ImageHash) -> int:
 
 def image_hashes(img: Image.Image, method: str, hash_size: int) -> tuple[int, int]:
     """(hash, hash of the mirror image) of a decoded image."""
+    # Imported here so that modules which only read dedup's outputs (shards, the trainer on a
+    # GPU machine) do not need imagehash installed.
+    import imagehash
+
     function = getattr(imagehash, method)
     mirror = ImageOps.mirror(img)
     return (
         _imagehash_to_int(function(img, hash_size)),
         _imagehash_to_int(function(mirror, hash_size)),
     )
+
+
+def colour_thumbnails(img: Image.Image, grid: int, crops: Iterable[float]) -> np.ndarray:
+    """Mean-RGB thumbnails (``grid`` x ``grid`` cells) of ``img`` cut by each of ``crops``.
+
+    Shape (len(crops), grid, grid, 3), uint8. The crop is the fraction removed from every side;
+    the BOX filter averages exactly the pixels under each cell. The mirror image's thumbnail is
+    this one flipped left to right (the crops are symmetric), so it is not stored.
+    """
+    width, height = img.size
+    thumbs = [
+        np.asarray(
+            img.resize(
+                (grid, grid),
+                Image.Resampling.BOX,
+                box=(width * crop, height * crop, width * (1 - crop), height * (1 - crop)),
+            ),
+            dtype=np.uint8,
+        )
+        for crop in crops
+    ]
+    return np.stack(thumbs)
 
 
 @dataclass(frozen=True)
@@ -216,11 +299,17 @@ def _hash_chunk(tasks: list[_HashTask], config: DedupConfig) -> list[dict[str, o
             # the originals, not the drafts JPEG decoding shrank by powers of two.
             img, width, height = decode_with_size(task.data, draft_size=draft)
             hash_value, flipped = image_hashes(img, config.hash_method, config.hash_size)
+            thumbnails = colour_thumbnails(img, config.colour_grid, config.colour_crops)
             row.update(
-                hash=hash_value, hash_flipped=flipped, width=width, height=height, decodable=True
+                hash=hash_value,
+                hash_flipped=flipped,
+                thumbnails=thumbnails.tobytes(),
+                width=width,
+                height=height,
+                decodable=True,
             )
         except ImageDecodeError:
-            row.update(hash=0, hash_flipped=0, width=0, height=0, decodable=False)
+            row.update(hash=0, hash_flipped=0, thumbnails=b"", width=0, height=0, decodable=False)
         rows.append(row)
     return rows
 
@@ -336,6 +425,72 @@ def find_near_duplicates(
     return frame.astype({"distance": np.int64})
 
 
+# --------------------------------------------------------------------------- colour verification
+
+
+def colour_distances(
+    thumbnails: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    flip_aware: bool,
+    batch_pairs: int = 65536,
+) -> np.ndarray:
+    """Colour distance of each pair ``(i[k], j[k])`` of images, from their stored thumbnails.
+
+    ``thumbnails`` has shape (images, crops, grid, grid, 3) with crop 0 the full frame. The
+    distance is the mean over cells of the Euclidean RGB difference, minimised over pairings of
+    one photo's crop with the other's full frame (a cropped copy lines up with its original at
+    the matching crop) and, with ``flip_aware``, over mirroring one of them. A mean over cells
+    is what separates the two failure modes measured: a cropped copy is a little off in many
+    cells, a different car in the same studio is far off in the cells the car covers.
+    """
+    i = np.asarray(i, dtype=np.int64)
+    j = np.asarray(j, dtype=np.int64)
+    n_crops = thumbnails.shape[1]
+    # (crop of i, crop of j): each photo's crops against the other's full frame.
+    pairings = [(0, 0)] + [(c, 0) for c in range(1, n_crops)] + [(0, c) for c in range(1, n_crops)]
+    distances = np.empty(len(i), dtype=np.float32)
+    for start in range(0, len(i), batch_pairs):
+        a = thumbnails[i[start : start + batch_pairs]].astype(np.float32)
+        b = thumbnails[j[start : start + batch_pairs]].astype(np.float32)
+        candidates = [b, b[:, :, :, ::-1]] if flip_aware else [b]  # axis 3: columns
+        best = np.full(len(a), np.inf, dtype=np.float32)
+        for crop_a, crop_b in pairings:
+            for other in candidates:
+                cell = np.sqrt(((a[:, crop_a] - other[:, crop_b]) ** 2).sum(axis=-1))
+                best = np.minimum(best, cell.mean(axis=(1, 2)))
+        distances[start : start + batch_pairs] = best
+    return distances
+
+
+def verify_pairs(pairs: pd.DataFrame, thumbnails: np.ndarray, config: DedupConfig) -> pd.DataFrame:
+    """Those candidate ``pairs`` (``i, j, distance``) whose thumbnails agree, with their
+    ``colour_distance``."""
+    colour = colour_distances(
+        thumbnails,
+        pairs["i"].to_numpy(),
+        pairs["j"].to_numpy(),
+        config.flip_aware,
+        config.verify_batch_pairs,
+    )
+    verified = pairs.assign(colour_distance=colour)
+    return verified[verified["colour_distance"] <= config.max_colour_distance].reset_index(
+        drop=True
+    )
+
+
+def stack_thumbnails(blobs: Iterable[bytes], config: DedupConfig) -> np.ndarray:
+    """Thumbnail bytes of ``hashes.parquet`` rows as one (images, *thumbnail_shape) array."""
+    blobs = list(blobs)
+    shape = config.thumbnail_shape
+    if any(len(blob) != np.prod(shape) for blob in blobs):
+        raise ValueError(
+            f"{HASHES_FILE} holds thumbnails of another shape than {shape}; delete it so that "
+            "the images are hashed again."
+        )
+    return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), *shape)
+
+
 # --------------------------------------------------------------------------- raw shards
 
 
@@ -443,6 +598,8 @@ _HASH_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("hash", pa.uint64()),
         ("hash_flipped", pa.uint64()),
+        # ``colour_thumbnails`` as raw uint8 bytes, shape ``DedupConfig.thumbnail_shape``.
+        ("thumbnails", pa.binary()),
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("n_bytes", pa.int64()),
@@ -593,6 +750,8 @@ def deduplicate(
         distinct["hash_flipped"].to_numpy(np.uint64) if config.flip_aware else None,
         bits=config.hash_bits,
     )
+    if config.verify_colour:
+        pairs = verify_pairs(pairs, stack_thumbnails(distinct["thumbnails"], config), config)
     labels, kept = _cluster(images, pairs)
     kept_row_of_label = pd.Series(np.flatnonzero(kept), index=labels[kept])
     kept_row = kept_row_of_label.loc[labels].to_numpy()

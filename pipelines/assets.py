@@ -5,8 +5,6 @@ root and announced here with metadata; nothing is pickled through an IO manager,
 assets declare their lineage with ``deps`` and read their upstream from the storage layout.
 """
 
-from __future__ import annotations
-
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -290,8 +288,10 @@ class TrainDcganConfig(dg.Config):
 
 #: What the demo profile trains: the same code path as the seed, with fewer channels and epochs.
 DEMO_PRESET = "tiny"
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 30
 DEMO_BATCH_SIZE = 32
+#: Small runs log more often, so that the loss curves show a shape.
+DEMO_LOG_EVERY_STEPS = 4
 
 
 @dg.asset(group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool="gpu")
@@ -313,6 +313,7 @@ def train_dcgan(
         lr_d=config.lr_d,
         seed=config.seed,
         device=settings.device,
+        log_every_steps=DEMO_LOG_EVERY_STEPS if demo else train.TrainConfig.log_every_steps,
     )
     context.log.info(f"training {train_config}")
     result = train.train(
@@ -353,7 +354,11 @@ def evaluate_dcgan(
     layout = storage.layout
     checkpoint = train.latest_checkpoint(layout.train_dir)
     if checkpoint is None:
-        _require(layout.train_dir / "checkpoints" / "latest.pt", "train_dcgan", "A checkpoint")
+        _require(layout.train_dir / train.CHECKPOINT_DIR, "train_dcgan", "A trained checkpoint")
+        raise dg.Failure(
+            description=f"No checkpoint in {layout.train_dir}: materialise `train_dcgan` first.",
+            allow_retries=False,
+        )
     result = evaluate.evaluate(
         checkpoint,
         layout.shards_dir,

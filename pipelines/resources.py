@@ -11,6 +11,7 @@ from typing import Literal
 
 import dagster as dg
 
+from carmodels.demo.catalog import DEFAULT_N_LISTINGS
 from carmodels.layout import DataLayout, default_data_root
 
 #: Environment variable choosing the pipeline profile (see `PipelineSettings.profile`).
@@ -43,7 +44,7 @@ class PipelineSettings(dg.ConfigurableResource):
     device: str = "auto"
     demo_port: int = DEFAULT_DEMO_PORT
     demo_seed: int = 0
-    demo_listings: int = 300
+    demo_listings: int = DEFAULT_N_LISTINGS
 
     @property
     def is_demo(self) -> bool:

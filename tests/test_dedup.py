@@ -12,15 +12,21 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from carmodels.dedup import (
+    HASHES_FILE,
     DedupConfig,
+    colour_distances,
+    colour_thumbnails,
     deduplicate,
     find_near_duplicates,
     hash_to_hex,
+    image_hashes,
     phash_distance,
 )
+from carmodels.demo import build_catalog
+from carmodels.demo.drawing import draw_car
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -257,3 +263,103 @@ def test_parallel_hashing_matches_serial(raw_dir: Path, tmp_path: Path):
 def test_missing_raw_dir_names_the_fix(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="raw_images"):
         deduplicate(tmp_path / "nowhere", tmp_path / "unique", _config())
+
+
+# --------------------------------------------------------------------------- colour verification
+
+
+def studio_car(colour: str, body_type: str = "sedan", seed: int = 1) -> Image.Image:
+    """A smallish car on a plain studio backdrop: the same seed gives the same shot and pose."""
+    return draw_car(
+        np.random.default_rng(seed),
+        body_type=body_type,
+        colour=colour,
+        facing="left",
+        view="side",
+        size=(320, 240),
+        background="studio",
+    )
+
+
+def _distance(a: Image.Image, b: Image.Image, config: DedupConfig) -> float:
+    thumbs = np.stack(
+        [colour_thumbnails(img, config.colour_grid, config.colour_crops) for img in (a, b)]
+    )
+    return float(colour_distances(thumbs, np.array([0]), np.array([1]), config.flip_aware)[0])
+
+
+def test_colour_distance_tolerates_copies_and_separates_paint():
+    config = DedupConfig()
+    original = photo(11, (400, 300))
+    w, h = original.size
+    cropped = original.crop((round(w * 0.015), round(h * 0.015), w - round(w * 0.015), h - 5))
+    reencoded = Image.open(io.BytesIO(jpeg(original.resize((320, 240)), 60)))
+    for copy in (cropped, reencoded, ImageOps.mirror(original)):
+        assert _distance(original, copy, config) <= config.max_colour_distance
+    assert _distance(original, photo(12, (400, 300)), config) > 4 * config.max_colour_distance
+    # Mirroring only matches when flip-aware.
+    no_flip = DedupConfig(flip_aware=False)
+    assert _distance(original, ImageOps.mirror(original), no_flip) > no_flip.max_colour_distance
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(("grey", "sedan"), ("blue", "sedan")), (("white", "sedan"), ("yellow", "coupe"))],
+)
+def test_studio_shots_of_different_cars_are_not_duplicates(
+    tmp_path: Path, first: tuple[str, str], second: tuple[str, str]
+):
+    a, b = studio_car(*first), studio_car(*second)
+    # The premise: the perceptual hash alone cannot tell these photos apart.
+    hash_a, hash_b = image_hashes(a, "phash", 8)[0], image_hashes(b, "phash", 8)[0]
+    assert phash_distance(hash_a, hash_b) <= DedupConfig.threshold
+    rows = [
+        {"url": "https://a.example/first.jpg", "data": jpeg(a)},
+        {"url": "https://b.example/second.jpg", "data": jpeg(b)},
+        # A genuine repost of the first shot must still be caught.
+        {"url": "https://c.example/repost.jpg", "data": jpeg(a.resize((256, 192)), 60)},
+    ]
+    raw = write_raw_shard(tmp_path / "raw" / "raw-00000.parquet", rows).parent
+    result = deduplicate(raw, tmp_path / "unique", _config())
+    clusters = pd.read_parquet(result.clusters_path)
+    assert set(clusters["url"]) == {"https://a.example/first.jpg", "https://c.example/repost.jpg"}
+    # Without the colour check the two cars are merged.
+    hash_only = deduplicate(raw, tmp_path / "hash-only", _config(verify_colour=False))
+    assert hash_only.n_kept == 1
+
+
+def _demo_raw_dir(tmp_path: Path, n_listings: int) -> tuple[Path, dict[str, str]]:
+    """Raw shards of every served demo photo, keyed by URL path; and copy -> original."""
+    catalog = build_catalog(seed=0, n_listings=n_listings)
+    rows = [
+        {"url": path, "data": catalog.image_bytes(path)}
+        for path in catalog.image_paths
+        if catalog.serves(path)
+    ]
+    write_raw_shard(tmp_path / "raw" / "raw-00000.parquet", rows)
+    return tmp_path / "raw", catalog.defects.duplicate_of
+
+
+def test_demo_catalog_clusters_exactly_the_planted_duplicates(tmp_path: Path):
+    raw, duplicate_of = _demo_raw_dir(tmp_path, n_listings=120)
+    assert duplicate_of  # the catalog plants some
+    result = deduplicate(raw, tmp_path / "unique", _config())
+    clusters = pd.read_parquet(result.clusters_path)
+    found = {frozenset(group) for _, group in clusters.groupby("cluster_id")["url"]}
+    planted = {frozenset(pair) for pair in duplicate_of.items()}
+    assert found == planted
+    unique = set(pd.read_parquet(result.unique_path)["url"])
+    assert not unique & set(duplicate_of)  # copies are smaller: the originals are kept
+
+
+def test_cache_without_thumbnails_is_rehashed(raw_dir: Path, tmp_path: Path):
+    out = tmp_path / "unique"
+    first = deduplicate(raw_dir, out, _config())
+    # Rewrite the cache as the previous version did: no thumbnails, an older spec.
+    old = pq.read_table(out / HASHES_FILE).drop(["thumbnails"])
+    old = old.replace_schema_metadata({b"carmodels.hash_spec": b"phash:8:draft256"})
+    pq.write_table(old, out / HASHES_FILE)
+    second = deduplicate(raw_dir, out, _config())
+    assert second.n_hashed == first.n_hashed == 6
+    assert second.n_kept == first.n_kept
+    assert deduplicate(raw_dir, out, _config()).n_hashed == 0
