@@ -144,6 +144,7 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     config = train.TrainConfig(
         **_given(
             preset=args.preset,
+            image_size=args.image_size,
             epochs=args.epochs,
             batch_size=args.batch_size,
             lr_g=args.lr_g,
@@ -268,7 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the DCGAN on the shards")
     p.add_argument("--shards", help="shards folder (default: DATA/shards)")
     p.add_argument("--out", help="run folder (default: DATA/train)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model preset (default: seed)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="model preset (default: seed; small and tiny for CPUs)",
+    )
+    p.add_argument("--image-size", type=int, help="train at this size: 64 or 128 (default)")
     p.add_argument("--epochs", type=int, help="epochs to train (default: 170)")
     p.add_argument("--batch-size", type=int, help="images per step (default: 128)")
     p.add_argument("--lr-g", type=float, help="generator learning rate (default: the preset's)")

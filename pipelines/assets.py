@@ -7,6 +7,7 @@ assets declare their lineage with ``deps`` and read their upstream from the stor
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -278,6 +279,7 @@ class TrainDcganConfig(dg.Config):
     """Training settings. Left unset, preset and epochs follow the profile (demo: tiny, few)."""
 
     preset: str | None = None
+    image_size: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
     lr_g: float | None = None
@@ -286,12 +288,16 @@ class TrainDcganConfig(dg.Config):
     resume: bool = False
 
 
-#: What the demo profile trains: the same code path as the seed, with fewer channels and epochs.
-DEMO_PRESET = "tiny"
-DEMO_EPOCHS = 30
+#: What the demo profile trains: the trainer's full code path with a model small enough to
+#: learn recognisable scenes on a laptop CPU in a few minutes (see `carmodels.models.PRESETS`).
+DEMO_PRESET = "small"
+DEMO_IMAGE_SIZE = 64
+DEMO_EPOCHS = 120
 DEMO_BATCH_SIZE = 32
-#: Small runs log more often, so that the loss curves show a shape.
-DEMO_LOG_EVERY_STEPS = 4
+#: A short run logs, samples and checkpoints less often per epoch than a long one needs to.
+DEMO_LOG_EVERY_STEPS = 20
+DEMO_CHECKPOINT_EVERY = 10
+DEMO_SAMPLE_EVERY = 4
 
 
 @dg.asset(group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool="gpu")
@@ -305,15 +311,29 @@ def train_dcgan(
     layout = storage.layout
     _require(layout.shards_dir / "summary.json", "car_shards", "The training shards")
     demo = settings.is_demo
-    train_config = train.TrainConfig(
-        preset=config.preset or (DEMO_PRESET if demo else train.TrainConfig.preset),
-        epochs=config.epochs or (DEMO_EPOCHS if demo else train.TrainConfig.epochs),
-        batch_size=config.batch_size or (DEMO_BATCH_SIZE if demo else train.TrainConfig.batch_size),
+    defaults = (
+        train.TrainConfig(
+            preset=DEMO_PRESET,
+            image_size=DEMO_IMAGE_SIZE,
+            epochs=DEMO_EPOCHS,
+            batch_size=DEMO_BATCH_SIZE,
+            log_every_steps=DEMO_LOG_EVERY_STEPS,
+            checkpoint_every=DEMO_CHECKPOINT_EVERY,
+            sample_every=DEMO_SAMPLE_EVERY,
+        )
+        if demo
+        else train.TrainConfig()
+    )
+    train_config = replace(
+        defaults,
+        preset=config.preset or defaults.preset,
+        image_size=config.image_size or defaults.image_size,
+        epochs=config.epochs or defaults.epochs,
+        batch_size=config.batch_size or defaults.batch_size,
         lr_g=config.lr_g,
         lr_d=config.lr_d,
         seed=config.seed,
         device=settings.device,
-        log_every_steps=DEMO_LOG_EVERY_STEPS if demo else train.TrainConfig.log_every_steps,
     )
     context.log.info(f"training {train_config}")
     result = train.train(
