@@ -5,37 +5,24 @@ root and announced here with metadata; nothing is pickled through an IO manager,
 assets declare their lineage with ``deps`` and read their upstream from the storage layout.
 """
 
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import dagster as dg
 
 from carmodels import dedup, evaluate, scrape, shards, train
-from pipelines.metadata import counts_table, frame_preview, image_preview
+from pipelines.metadata import counts_table, frame_preview, image_preview, rate_logger
 from pipelines.resources import PipelineSettings, StorageResource
 
-#: Seconds between progress lines in the run log.
-PROGRESS_LOG_INTERVAL_S = 5.0
 #: Asset group shown in the UI.
 GROUP = "carmodels"
 
 
 def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
-    """An ``on_progress(done, total)`` callback that logs the rate every few seconds."""
-    started = time.monotonic()
-    last_logged = [started]
-
-    def on_progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - last_logged[0] < PROGRESS_LOG_INTERVAL_S and done < total:
-            return
-        last_logged[0] = now
-        rate = done / max(now - started, 1e-9)
-        context.log.info(f"{what}: {done}/{total} ({rate:.1f}/s)")
-
-    return on_progress
+    return rate_logger(context.log.info, what)
 
 
 def _require(path: Path, upstream: str, what: str) -> None:
@@ -306,6 +293,7 @@ def train_dcgan(
     config: TrainDcganConfig,
     storage: StorageResource,
     settings: PipelineSettings,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """A DCGAN trained on the shards' train split: checkpoints and per-epoch sample grids."""
     layout = storage.layout
@@ -336,26 +324,19 @@ def train_dcgan(
         device=settings.device,
     )
     context.log.info(f"training {train_config}")
-    result = train.train(
-        layout.shards_dir,
-        layout.train_dir,
-        train_config,
-        on_progress=_progress_logger(context, "steps"),
-        resume=config.resume,
-    )
-    return dg.MaterializeResult(
-        metadata={
-            "preset": train_config.preset,
-            "epochs": result.epochs_completed,
-            "steps": result.steps,
-            "device": result.device,
-            "images_per_s": round(result.images_per_s, 1),
-            **{f"final_{k}": round(float(v), 4) for k, v in result.final_losses.items()},
-            "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path.resolve())),
-            "preview": image_preview(result.grid_path),
-            "dagster/uri": str(layout.train_dir.resolve()),
-        }
-    )
+    # The trainer runs in its own process through Dagster Pipes: it can use torchrun, its logs
+    # and progress stream into this run, and a crash there fails this step cleanly (so the
+    # step can be retried) instead of taking the run worker down with it.
+    return pipes_subprocess_client.run(
+        command=[sys.executable, "-m", "pipelines.train_process"],
+        context=context,
+        extras={
+            "shards_dir": str(layout.shards_dir),
+            "out_dir": str(layout.train_dir),
+            "config": asdict(train_config),
+            "resume": config.resume,
+        },
+    ).get_materialize_result()
 
 
 # --------------------------------------------------------------------------- evaluate_dcgan

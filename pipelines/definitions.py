@@ -5,12 +5,19 @@ from __future__ import annotations
 import dagster as dg
 
 from pipelines.assets import ALL_ASSETS
+from pipelines.jobs import ingest_job, retrain_job
 from pipelines.resources import StorageResource, default_settings
+from pipelines.schedules import retrain_schedule
+from pipelines.sensors import manifest_sensor
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
+    jobs=[retrain_job, ingest_job],
+    schedules=[retrain_schedule],
+    sensors=[manifest_sensor],
     resources={
         "storage": StorageResource(),
         "settings": default_settings(),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
     },
 )

@@ -34,7 +34,11 @@ def materialised(tmp_path_factory: pytest.TempPathFactory):
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         result = dg.materialize(
             ALL_ASSETS,
-            resources={"storage": storage, "settings": settings},
+            resources={
+                "storage": storage,
+                "settings": settings,
+                "pipes_subprocess_client": dg.PipesSubprocessClient(),
+            },
             instance=instance,
             run_config={"ops": {"train_dcgan": {"config": {"epochs": 2}}}},
         )

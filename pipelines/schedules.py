@@ -1,0 +1,38 @@
+"""Scheduled retraining: weekly by default, off until automation is switched on."""
+
+import os
+
+import dagster as dg
+
+from pipelines.jobs import retrain_job
+
+#: Environment settings (read when the code location loads).
+AUTOMATION_ENV = "CARMODELS_AUTOMATION"
+RETRAIN_CRON_ENV = "CARMODELS_RETRAIN_CRON"
+RETRAIN_TIMEZONE_ENV = "CARMODELS_RETRAIN_TIMEZONE"
+#: Mondays at 03:00.
+DEFAULT_RETRAIN_CRON = "0 3 * * 1"
+DEFAULT_RETRAIN_TIMEZONE = "UTC"
+
+
+def automation_enabled() -> bool:
+    """Schedules and sensors run when ``CARMODELS_AUTOMATION`` is ``on`` (or 1/true/yes)."""
+    return os.environ.get(AUTOMATION_ENV, "off").strip().lower() in {"on", "1", "true", "yes"}
+
+
+def default_status() -> dg.DefaultScheduleStatus:
+    return (
+        dg.DefaultScheduleStatus.RUNNING
+        if automation_enabled()
+        else dg.DefaultScheduleStatus.STOPPED
+    )
+
+
+retrain_schedule = dg.ScheduleDefinition(
+    name="weekly_retrain",
+    job=retrain_job,
+    cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
+    execution_timezone=os.environ.get(RETRAIN_TIMEZONE_ENV, DEFAULT_RETRAIN_TIMEZONE),
+    default_status=default_status(),
+    description="Refresh ingest, retrain and evaluate the DCGAN.",
+)

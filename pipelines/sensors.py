@@ -1,0 +1,50 @@
+"""Start ingest when a manifest file is added to (or changed in) a watched folder."""
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from carmodels.layout import default_data_root
+from carmodels.watch import changed_manifests, scan_manifests
+from pipelines.jobs import ingest_job
+from pipelines.schedules import automation_enabled
+
+#: Folder watched for manifests; default `<data root>/incoming`.
+WATCH_DIR_ENV = "CARMODELS_WATCH_DIR"
+#: Seconds between folder scans.
+SENSOR_INTERVAL_S = 60
+
+
+def watched_folder() -> Path:
+    return Path(os.environ.get(WATCH_DIR_ENV, str(default_data_root() / "incoming")))
+
+
+@dg.sensor(
+    job=ingest_job,
+    minimum_interval_seconds=SENSOR_INTERVAL_S,
+    default_status=(
+        dg.DefaultSensorStatus.RUNNING if automation_enabled() else dg.DefaultSensorStatus.STOPPED
+    ),
+    description="Ingests each manifest (CSV, Parquet, JSONL) added to or changed in the folder "
+    f"${WATCH_DIR_ENV} (default: <data>/incoming).",
+)
+def manifest_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    current = scan_manifests(watched_folder())
+    run_requests = [
+        dg.RunRequest(
+            # One run per version of a file: a rescan never starts the same ingest twice.
+            run_key=f"{path}:{state.token()}",
+            run_config={"ops": {"listing_manifest": {"config": {"manifest_path": path}}}},
+            tags={"carmodels/manifest": path},
+        )
+        for path, state in changed_manifests(current, previous)
+    ]
+    cursor = json.dumps({path: state.token() for path, state in current.items()}, sort_keys=True)
+    if not run_requests:
+        return dg.SensorResult(
+            skip_reason=f"no new or changed manifest in {watched_folder()}", cursor=cursor
+        )
+    return dg.SensorResult(run_requests=run_requests, cursor=cursor)
