@@ -39,14 +39,14 @@ from scipy.sparse.csgraph import connected_components
 
 from carmodels.imaging import ImageDecodeError, decode_image, decode_with_size, map_in_processes
 from carmodels.io import atomic_save_image, atomic_write_parquet
-from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB
+from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, THUMBNAIL_FIELD
 
 if TYPE_CHECKING:
     import imagehash
 
 #: Raw shard file pattern and non-metadata columns: the scraper's, so the two never drift.
 RAW_GLOB = RAW_SHARD_GLOB
-RAW_CORE_COLUMNS = RAW_COLUMNS
+RAW_CORE_COLUMNS = (*RAW_COLUMNS, THUMBNAIL_FIELD.name)
 #: Columns of ``unique.parquet`` written by this module (the rest is listing metadata).
 UNIQUE_CORE_COLUMNS = (
     "sha256",

@@ -117,6 +117,9 @@ class RawImagesConfig(dg.Config):
     total_timeout_s: float = scrape.ScrapeConfig.total_timeout_s
     max_retries: int = scrape.ScrapeConfig.max_retries
     retry_failed: bool = False
+    revalidate: bool = False
+    respect_robots: bool = scrape.ScrapeConfig.respect_robots
+    per_host_rate: float = scrape.ScrapeConfig.per_host_rate
     allow_private_networks: bool = False
 
 
@@ -143,6 +146,9 @@ def raw_images(
         total_timeout_s=config.total_timeout_s,
         max_retries=config.max_retries,
         retry_failed=config.retry_failed,
+        revalidate=config.revalidate,
+        respect_robots=config.respect_robots,
+        per_host_rate=config.per_host_rate,
         allow_private_networks=config.allow_private_networks or settings.is_demo,
     )
     on_progress = _progress_logger(context, "downloaded")
@@ -160,6 +166,7 @@ def raw_images(
             "ok": ok,
             "failed": result.n_fetched - ok,
             "outcomes": counts_table(result.outcome_counts, key="outcome"),
+            "revalidated": counts_table(result.revalidation_counts, key="result"),
             "failures": frame_preview(result.failures),
             "images_per_s": round(result.images_per_s, 1),
             "elapsed_s": round(result.elapsed_s, 2),

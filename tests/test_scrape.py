@@ -64,6 +64,11 @@ class ScrapeTestServer:
         self.down = True  # state of /down/*, flipped by tests
         self.seen_user_agents: set[str] = set()
         self.accept_by_path: dict[str, str] = {}
+        self.request_times: dict[str, list[float]] = {}
+        self.robots_txt: str | None = ROBOTS_TXT  # None: /robots.txt answers 404
+        self.robots_status = 200
+        self.versions: Counter[str] = Counter()  # content version of /versioned/*
+        self.image_delay_s = 0.0  # delay of /img/*
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._release: asyncio.Event | None = None
@@ -104,6 +109,13 @@ class ScrapeTestServer:
         app.router.add_get("/redirect-ipv6", self._redirect("http://[::1]:{port}/img/v6.jpg"))
         app.router.add_get("/hang", self._hang)
         app.router.add_get("/cars/{page}", self._listing_page)
+        app.router.add_get("/robots.txt", self._robots)
+        app.router.add_get("/private/{name}", self._image)
+        app.router.add_get("/noai", self._opted_out("noai"))
+        app.router.add_get("/noimageai-for-us", self._opted_out("carmodels-tests: noimageai"))
+        app.router.add_get("/noai-for-others", self._opted_out("otherbot: noai, noimageai"))
+        app.router.add_get("/redirect-private", self._redirect("/private/via-redirect.jpg"))
+        app.router.add_get("/versioned/{name}", self._versioned)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -118,6 +130,7 @@ class ScrapeTestServer:
     @web.middleware
     async def _count(self, request: web.Request, handler):
         self.hits[request.path] += 1
+        self.request_times.setdefault(request.path, []).append(time.monotonic())
         self.seen_user_agents.add(request.headers.get("User-Agent", ""))
         self.accept_by_path[request.path] = request.headers.get("Accept", "")
         return await handler(request)
@@ -138,7 +151,45 @@ class ScrapeTestServer:
 
         return handler
 
+    async def _robots(self, request: web.Request) -> web.Response:
+        if self.robots_txt is None:
+            return web.Response(status=404)
+        return web.Response(status=self.robots_status, text=self.robots_txt)
+
+    def _opted_out(self, tag: str):
+        """Headers that opt out, then a body that never ends: reading it would time out."""
+
+        async def handler(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(
+                headers={"Content-Type": "image/jpeg", "X-Robots-Tag": tag}
+            )
+            await response.prepare(request)
+            await response.write(GOOD_JPEG[:100])
+            if "carmodels-tests" in tag or tag == "noai":
+                await self._release.wait()
+            else:
+                await response.write(GOOD_JPEG[100:])
+            return response
+
+        return handler
+
+    async def _versioned(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        etag = f'"{name}-v{self.versions[name]}"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(
+            body=make_image(1000 + self.versions[name]),
+            headers={
+                "Content-Type": "image/jpeg",
+                "ETag": etag,
+                "Last-Modified": "Wed, 21 Oct 2015 07:28:00 GMT",
+            },
+        )
+
     async def _image(self, request: web.Request) -> web.Response:
+        if self.image_delay_s:
+            await asyncio.sleep(self.image_delay_s)
         seed = int(hashlib.sha256(request.match_info["name"].encode()).hexdigest()[:6], 16)
         return self._bytes(make_image(seed), "image/jpeg")
 
@@ -181,6 +232,16 @@ class ScrapeTestServer:
         if html is None:
             return web.Response(status=404)
         return web.Response(text=html.replace("{port}", str(self.port)), content_type="text/html")
+
+
+#: Only our agent is kept out of /private/; everyone else may go anywhere.
+ROBOTS_TXT = """\
+User-agent: otherbot
+Disallow: /
+
+User-agent: carmodels-tests
+Disallow: /private/
+"""
 
 
 def _page(next_links: str, *documents: object, extra: str = "") -> str:
@@ -288,6 +349,11 @@ def test_outcomes_of_misbehaving_routes(server, tmp_path):
         "/loop": "too_many_redirects",
         "/redirect-good": "ok",
         "/hang": "timeout",
+        "/private/photo.jpg": "robots_denied",
+        "/redirect-private": "robots_denied",
+        "/noai": "opted_out",
+        "/noimageai-for-us": "opted_out",
+        "/noai-for-others": "ok",
     }
     urls = [server.url(p) for p in paths]
     progress: list[tuple[int, int]] = []
@@ -315,6 +381,9 @@ def test_outcomes_of_misbehaving_routes(server, tmp_path):
     assert server.hits["/ratelimited/outcomes"] == 2
     assert server.hits["/missing"] == 1
     assert server.hits["/hang"] == 2
+    assert server.hits["/robots.txt"] == 1, "robots.txt is fetched once per origin"
+    assert server.hits["/private/photo.jpg"] == server.hits["/private/via-redirect.jpg"] == 0
+    assert server.hits["/noai"] == 1, "an opt-out is final, not retried"
     assert server.seen_user_agents == {"carmodels-tests/1.0"}
     assert all(server.accept_by_path[p].startswith("image/jpeg") for p in ["/good.png", "/hang"])
 
@@ -330,7 +399,7 @@ def test_outcomes_of_misbehaving_routes(server, tmp_path):
     assert failed["image_bytes"].isna().all() and failed["sha256"].isna().all()
 
     # Shards: at most shard_size rows, fixed leading columns, metadata as strings.
-    assert [p.name for p in result.shard_paths] == [f"raw-{i:05d}.parquet" for i in range(4)]
+    assert [p.name for p in result.shard_paths] == [f"raw-{i:05d}.parquet" for i in range(5)]
     for path in result.shard_paths:
         schema = pq.read_schema(path)
         assert schema.names == [*RAW_COLUMNS, "make"]

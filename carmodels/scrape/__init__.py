@@ -14,12 +14,14 @@ from carmodels.scrape.crawl import (
 from carmodels.scrape.download import (
     ScrapeConfig,
     ScrapeResult,
+    ShardWriteTimeout,
     adownload_images,
     download_images,
 )
 from carmodels.scrape.manifest import manifest_summary, read_manifest, write_manifest
 from carmodels.scrape.net import DEFAULT_USER_AGENT, is_public_address
 from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, is_transient, read_raw
+from carmodels.scrape.robots import opts_out_of_ai
 from carmodels.scrape.validate import inspect_image, sniff_image_format
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "RAW_SHARD_GLOB",
     "ScrapeConfig",
     "ScrapeResult",
+    "ShardWriteTimeout",
     "acrawl_listings",
     "adownload_images",
     "crawl_listings",
@@ -37,6 +40,7 @@ __all__ = [
     "is_public_address",
     "is_transient",
     "manifest_summary",
+    "opts_out_of_ai",
     "parse_listing_page",
     "read_manifest",
     "read_raw",

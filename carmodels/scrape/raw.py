@@ -1,15 +1,20 @@
 """Raw shards: the downloader's output, one row per fetched URL with its bytes and outcome.
 
-Shards are ``raw-NNNNN.parquet`` (zstd), each written atomically and never modified
-afterwards, so a crash loses at most the rows not yet written and never damages a shard.
-A re-fetch of a URL (``retry_failed``) appends a newer row instead of rewriting the old
-shard; readers take the latest row per URL by ``fetched_at``.
+Shards are ``raw-NNNNN.parquet`` (zstd), each written atomically (temporary file, fsync,
+rename) and never modified afterwards. They are also the fetch log: every URL's outcome is a
+row, so there is no second file that could disagree with them. A crash, SIGKILL included,
+loses at most the rows buffered since the last shard (a shard is written every
+``shard_size`` rows or ``flush_interval_s`` seconds, whichever comes first) and never damages
+a written one; the next run fetches exactly the URLs without a row.
+A re-fetch of a URL (``retry_failed``, ``revalidate``) appends a newer row instead of
+rewriting the old shard; readers take the latest row per URL by ``fetched_at``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +42,21 @@ RAW_FIELDS: tuple[pa.Field, ...] = (
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("fetched_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    # Validators of an ``ok`` response, for conditional requests when revalidating.
+    pa.field("etag", pa.string()),
+    pa.field("last_modified", pa.string()),
 )
 RAW_COLUMNS: tuple[str, ...] = tuple(f.name for f in RAW_FIELDS)
+#: Written only when the downloader makes thumbnails (``ScrapeConfig.thumbnail_size``):
+#: ``size x size x 3`` uint8 RGB bytes, row-major (the layout of car shards' ``image``).
+THUMBNAIL_FIELD = pa.field("thumbnail", pa.binary())
 #: Prefix given to a manifest column whose name clashes with a raw column (e.g. ``width``).
 CLASHING_METADATA_PREFIX = "manifest_"
 
 #: Outcomes worth another try later: the server or network may be fine next time.
-TRANSIENT_OUTCOMES = frozenset({"timeout", "connection_error", "http_408", "http_429"})
+TRANSIENT_OUTCOMES = frozenset(
+    {"timeout", "connection_error", "http_408", "http_429", "robots_unavailable"}
+)
 
 
 def is_transient(outcome: str) -> bool:
@@ -57,13 +70,16 @@ def metadata_column_names(manifest_columns: Iterable[str]) -> dict[str, str]:
     for column in manifest_columns:
         if column == "url":
             continue
-        names[column] = f"{CLASHING_METADATA_PREFIX}{column}" if column in RAW_COLUMNS else column
+        clashes = column in RAW_COLUMNS or column == THUMBNAIL_FIELD.name
+        names[column] = f"{CLASHING_METADATA_PREFIX}{column}" if clashes else column
     return names
 
 
-def raw_schema(metadata_columns: Sequence[str]) -> pa.Schema:
+def raw_schema(metadata_columns: Sequence[str], thumbnails: bool = False) -> pa.Schema:
     """The schema of a shard holding ``metadata_columns`` (already renamed) after the raw ones."""
-    return pa.schema([*RAW_FIELDS, *(pa.field(name, pa.string()) for name in metadata_columns)])
+    optional = [THUMBNAIL_FIELD] if thumbnails else []
+    metadata = [pa.field(name, pa.string()) for name in metadata_columns]
+    return pa.schema([*RAW_FIELDS, *optional, *metadata])
 
 
 def shard_index(path: Path) -> int | None:
@@ -81,23 +97,44 @@ def shard_path(raw_dir: Path, index: int) -> Path:
     return raw_dir / f"raw-{index:05d}.parquet"
 
 
+@dataclass(frozen=True)
+class Validators:
+    """What a conditional request needs to know about the stored copy of an ``ok`` URL."""
+
+    etag: str | None
+    last_modified: str | None
+    sha256: str | None
+
+
 @dataclass
 class ExistingRaw:
     """What earlier runs left in a raw folder: latest outcome per URL, next shard number."""
 
     latest_outcome: dict[str, str] = field(default_factory=dict)
     next_shard_index: int = 0
+    #: Latest ``ok`` row's validators per URL (filled only when asked for).
+    validators: dict[str, Validators] = field(default_factory=dict)
 
 
-def scan_existing(raw_dir: str | os.PathLike[str]) -> ExistingRaw:
-    """Read only the ``url, outcome, fetched_at`` columns of existing shards (no bytes)."""
+def scan_existing(raw_dir: str | os.PathLike[str], with_validators: bool = False) -> ExistingRaw:
+    """Read only the small columns of existing shards (never the image bytes)."""
     paths = raw_shard_paths(raw_dir)
     if not paths:
         return ExistingRaw()
-    table = _read_tables(paths, ["url", "outcome", "fetched_at"])
-    frame = _latest_per_url(table).to_pandas()
+    columns = ["url", "outcome", "fetched_at"]
+    if with_validators:
+        columns += ["etag", "last_modified", "sha256"]
+    frame = _latest_per_url(_read_tables(paths, columns)).to_pandas()
     latest = dict(zip(frame["url"], frame["outcome"], strict=True))
-    return ExistingRaw(latest, max(shard_index(p) or 0 for p in paths) + 1)
+    validators: dict[str, Validators] = {}
+    if with_validators:
+        ok = frame[frame["outcome"] == "ok"].reindex(columns=columns)  # old shards lack some
+        ok = ok.astype(object).where(ok.notna(), None)
+        for url, etag, last_modified, sha256 in ok[
+            ["url", "etag", "last_modified", "sha256"]
+        ].itertuples(index=False, name=None):
+            validators[url] = Validators(etag, last_modified, sha256)
+    return ExistingRaw(latest, max(shard_index(p) or 0 for p in paths) + 1, validators)
 
 
 class RawShardWriter:
@@ -115,6 +152,7 @@ class RawShardWriter:
         max_rows: int,
         max_bytes: int,
         compression: str = RAW_SHARD_COMPRESSION,
+        max_age_s: float | None = None,
     ) -> None:
         self.raw_dir = raw_dir
         self.schema = schema
@@ -122,15 +160,28 @@ class RawShardWriter:
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.compression = compression
+        self.max_age_s = max_age_s
         self.written: list[Path] = []
         self._rows: list[dict[str, Any]] = []
         self._buffered_bytes = 0
+        self._oldest_row_at = 0.0
 
     def add(self, row: dict[str, Any]) -> bool:
-        """Buffer ``row``; True when the buffer is full and :meth:`flush` should be called."""
+        """Buffer ``row``; True when the buffer should be written out now.
+
+        That is when it holds ``max_rows`` rows or ``max_bytes`` bytes, or when its oldest row
+        waited ``max_age_s`` seconds: a slow run still saves its progress regularly, so a kill
+        costs at most that much refetching.
+        """
+        if not self._rows:
+            self._oldest_row_at = time.monotonic()
         self._rows.append(row)
         self._buffered_bytes += len(row.get("image_bytes") or b"")
-        return len(self._rows) >= self.max_rows or self._buffered_bytes >= self.max_bytes
+        self._buffered_bytes += len(row.get(THUMBNAIL_FIELD.name) or b"")
+        too_old = (
+            self.max_age_s is not None and time.monotonic() - self._oldest_row_at >= self.max_age_s
+        )
+        return len(self._rows) >= self.max_rows or self._buffered_bytes >= self.max_bytes or too_old
 
     def take_batch(self) -> tuple[Path, pa.Table] | None:
         """Detach the buffered rows as a table and reserve its shard path (None when empty).

@@ -1,0 +1,165 @@
+"""Site operators' wishes: robots.txt (RFC 9309) and the ``X-Robots-Tag`` AI opt-out header.
+
+:class:`RobotsCache` fetches each origin's ``/robots.txt`` once per run, through the caller's
+session (so the private-address guard applies), and answers every later question from memory.
+How a fetch ends decides the verdict, as RFC 9309 section 2.3.1 says:
+
+* 2xx: the rules are parsed with :mod:`urllib.robotparser` and applied to our User-Agent.
+* 4xx (404 above all): there are no rules; everything is allowed.
+* 5xx, timeout, connection error: the site is unreachable and nothing may be fetched from it.
+  Such URLs get the outcome ``robots_unavailable``, which is transient, so ``retry_failed``
+  tries them again in a later run (the verdict is cached for this run only).
+* a refused private address: allowed here, because the image request itself is then refused
+  with ``private_address_refused``, the more useful outcome.
+
+:func:`opts_out_of_ai` reads ``X-Robots-Tag: noai`` / ``noimageai`` (the DeviantArt and Cara
+convention) from response headers, before any body is read; the downloader gives such URLs
+the outcome ``opted_out``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum
+from urllib.parse import urlsplit
+from urllib.robotparser import RobotFileParser
+
+import aiohttp
+
+from carmodels.scrape.net import check_destination, is_private_refusal
+from carmodels.scrape.urls import host_of, resolve_url
+
+log = logging.getLogger(__name__)
+
+#: RFC 9309 asks crawlers to parse at least 500 KiB; anything beyond is ignored.
+ROBOTS_MAX_BYTES = 512 * 1024
+#: ``X-Robots-Tag`` directives that opt a resource out of AI training.
+AI_OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai"})
+# Directives that carry a value after a colon, so ``name:`` at the start of a header value is
+# one of these rather than a user-agent prefix (``googlebot: noindex``).
+_DIRECTIVES_WITH_VALUES = frozenset(
+    {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+)
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+class RobotsVerdict(Enum):
+    ALLOWED = "allowed"
+    DENIED = "robots_denied"
+    UNAVAILABLE = "robots_unavailable"
+
+
+def product_token(user_agent: str) -> str:
+    """The name robots.txt groups are matched against: ``carmodels`` of ``carmodels/0.1 (...)``."""
+    return user_agent.split("/", 1)[0].split()[0].strip().lower() if user_agent.strip() else ""
+
+
+def opts_out_of_ai(header_values: Iterable[str], user_agent: str) -> bool:
+    """True when any ``X-Robots-Tag`` value says ``noai`` or ``noimageai`` to us.
+
+    A value may start with a user-agent name (``otherbot: noai``); it then applies to that
+    agent only. Values without one apply to every agent.
+    """
+    agent = product_token(user_agent)
+    for value in header_values:
+        text = value.strip().lower()
+        name, colon, rest = text.partition(":")
+        name = name.strip()
+        if colon and name not in _DIRECTIVES_WITH_VALUES and "," not in name and " " not in name:
+            if name not in (agent, "*"):
+                continue
+            text = rest
+        if any(part.strip() in AI_OPT_OUT_DIRECTIVES for part in text.split(",")):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class RobotsSettings:
+    user_agent: str
+    allow_private_networks: bool
+    #: Deadline for fetching one robots.txt, redirects included.
+    timeout_s: float = 15.0
+    #: Redirect hops followed (RFC 9309 asks for at least five).
+    max_redirects: int = 5
+    #: Origins remembered at once; the oldest are forgotten (and refetched if met again).
+    max_origins: int = 10_000
+
+
+class RobotsCache:
+    """robots.txt verdicts per origin, each origin fetched once however many tasks ask at once."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: RobotsSettings) -> None:
+        self._session = session
+        self._settings = settings
+        self._agent = product_token(settings.user_agent)
+        self._rules: dict[str, asyncio.Task[RobotFileParser | RobotsVerdict]] = {}
+
+    async def verdict(self, url: str) -> RobotsVerdict:
+        parts = urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        task = self._rules.get(origin)
+        if task is None:
+            if len(self._rules) >= self._settings.max_origins:
+                oldest = next(iter(self._rules))
+                if self._rules[oldest].done():
+                    del self._rules[oldest]
+            # A task, not a bare coroutine: concurrent askers share it and one caller being
+            # cancelled does not cancel the fetch for the others.
+            task = asyncio.ensure_future(self._load(origin))
+            self._rules[origin] = task
+        rules = await asyncio.shield(task)
+        if isinstance(rules, RobotsVerdict):
+            return rules
+        allowed = rules.can_fetch(self._agent, url)
+        return RobotsVerdict.ALLOWED if allowed else RobotsVerdict.DENIED
+
+    async def close(self) -> None:
+        for task in self._rules.values():
+            task.cancel()
+        self._rules.clear()
+
+    async def _load(self, origin: str) -> RobotFileParser | RobotsVerdict:
+        try:
+            async with asyncio.timeout(self._settings.timeout_s):
+                status, text = await self._fetch(f"{origin}/robots.txt")
+        except TimeoutError:
+            status, text = None, None
+        except (aiohttp.ClientError, OSError) as error:
+            if is_private_refusal(error):
+                return RobotsVerdict.ALLOWED
+            status, text = None, None
+        if status is not None and 200 <= status < 300 and text is not None:
+            parser = RobotFileParser()
+            parser.parse(text.splitlines())
+            return parser
+        if status is not None and 400 <= status < 500:
+            return RobotsVerdict.ALLOWED
+        log.warning("robots.txt of %s unavailable (status %s): not fetching there", origin, status)
+        return RobotsVerdict.UNAVAILABLE
+
+    async def _fetch(self, url: str) -> tuple[int | None, str | None]:
+        settings = self._settings
+        for _ in range(settings.max_redirects + 1):
+            check_destination(host_of(url), settings.allow_private_networks)
+            async with self._session.get(url, allow_redirects=False) as response:
+                location = response.headers.get("Location")
+                if response.status in _REDIRECT_STATUSES and location:
+                    next_url = resolve_url(url, location)
+                    if next_url is None:
+                        return 404, None  # nowhere usable to go: as good as no robots.txt
+                    url = next_url
+                    continue
+                if response.status != 200:
+                    return response.status, None
+                body = bytearray()
+                # RFC 9309 needs only the first 500 KiB parsed: read that much and stop.
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) >= ROBOTS_MAX_BYTES:
+                        break
+                return 200, bytes(body[:ROBOTS_MAX_BYTES]).decode("utf-8", errors="replace")
+        return 404, None  # a redirect loop: RFC 9309 treats it as "unavailable" (4xx)
