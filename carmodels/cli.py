@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -80,6 +81,7 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
     config = scrape.ScrapeConfig(
         allow_private_networks=args.allow_private_networks,
         retry_failed=args.retry_failed,
+        revalidate=args.revalidate,
         **_given(concurrency=args.concurrency),
     )
     with _progress_bar("download", "img") as on_progress:
@@ -89,6 +91,8 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
         f"{result.n_skipped_existing}, {result.images_per_s:.0f} img/s -> {out}"
     )
     _print_counts("outcomes", result.outcome_counts)
+    if result.revalidation_counts:
+        _print_counts("revalidated", result.revalidation_counts)
     return 0
 
 
@@ -136,9 +140,45 @@ def cmd_shard(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: cmd_train options forwarded to every torchrun rank: (dest, flag).
+_TRAIN_FORWARDED = (
+    ("shards", "--shards"),
+    ("out", "--out"),
+    ("preset", "--preset"),
+    ("image_size", "--image-size"),
+    ("epochs", "--epochs"),
+    ("batch_size", "--batch-size"),
+    ("lr_g", "--lr-g"),
+    ("lr_d", "--lr-d"),
+    ("device", "--device"),
+    ("seed", "--seed"),
+    ("max_steps_per_epoch", "--max-steps-per-epoch"),
+    ("label_smoothing", "--label-smoothing"),
+    ("diffaugment", "--diffaugment"),
+)
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """Re-run this train command on --nproc-per-node local ranks through torchrun."""
+    from carmodels.distributed import launch
+
+    forwarded = ["--data", args.data] if args.data else []
+    forwarded.append("train")
+    for dest, flag in _TRAIN_FORWARDED:
+        value = getattr(args, dest)
+        if value is not None:
+            forwarded += [flag, str(value)]
+    if args.resume:
+        forwarded.append("--resume")
+    return launch(args.nproc_per_node, forwarded)
+
+
 def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import train
+    from carmodels.distributed import launched_by_torchrun
 
+    if args.nproc_per_node is not None and not launched_by_torchrun():
+        return _launch_torchrun(args)
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.train_dir
     config = train.TrainConfig(
@@ -151,10 +191,15 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
             lr_d=args.lr_d,
             device=args.device,
             seed=args.seed,
+            max_steps_per_epoch=args.max_steps_per_epoch,
+            label_smoothing=args.label_smoothing,
+            diffaugment=args.diffaugment,
         )
     )
     with _progress_bar("train", "step") as on_progress:
         result = train.train(shards_dir, out, config, on_progress=on_progress, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun, rank 0 reports
     print(
         f"trained {result.epochs_completed} epochs ({result.steps} steps) on {result.device} "
         f"at {result.images_per_s:.0f} img/s"
@@ -162,6 +207,10 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     print(f"checkpoint: {result.checkpoint_path}")
     print(f"samples:    {result.grid_path}")
     print(f"losses:     {result.loss_plot_path}")
+    if result.best_checkpoint_path:
+        print(f"best:       {result.best_checkpoint_path}")
+    if result.tensorboard_dir:
+        print(f"tensorboard --logdir {result.tensorboard_dir}")
     return 0
 
 
@@ -175,10 +224,24 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
         )
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.eval_dir
-    config = evaluate.EvalConfig(**_given(n_samples=args.n_samples, seed=args.seed))
+    from carmodels.fid import FidConfig
+
+    fid_config = FidConfig(
+        **_given(weights_path=args.inception_weights, n_samples=args.fid_samples),
+        download=not args.offline,
+    )
+    config = evaluate.EvalConfig(
+        **_given(n_samples=args.n_samples, seed=args.seed),
+        fid=not args.no_fid,
+        fid_config=fid_config,
+    )
     result = evaluate.evaluate(checkpoint, shards_dir, out, config)
     for key, value in result.metrics.items():
         print(f"  {key:<28} {value}")
+    if not result.fid_record.get("computed"):
+        print(f"FID not computed: {result.fid_record.get('reason')}")
+        if result.fid_record.get("how_to_supply"):
+            print(f"  {result.fid_record['how_to_supply']}")
     print(f"samples: {result.samples_path}")
     return 0
 
@@ -191,10 +254,86 @@ def cmd_generate(args: argparse.Namespace, layout: DataLayout) -> int:
         raise SystemExit(
             f"generate: no checkpoint under {layout.train_dir}; pass --checkpoint or train first."
         )
+    if args.interpolate:
+        seed_a, seed_b = args.interpolate
+        walk = generate.interpolate(
+            checkpoint,
+            seed_a,
+            seed_b,
+            steps=args.steps,
+            out_dir=Path(args.out),
+            truncation=args.truncation,
+        )
+        for mode, path in walk.strip_paths.items():
+            print(f"{mode:<10} {path}")
+        return 0
     result = generate.generate(
         checkpoint, n=args.n, seed=args.seed, out_dir=Path(args.out), truncation=args.truncation
     )
     print(f"{len(result.image_paths)} designs in {args.out}; grid: {result.grid_path}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, layout: DataLayout) -> int:
+    from carmodels import restore, train
+
+    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
+    if checkpoint is None:
+        raise SystemExit(
+            f"restore: no checkpoint under {layout.train_dir}; pass --checkpoint or train first."
+        )
+    finetune_steps = args.finetune_steps
+    if finetune_steps is None and args.finetune:
+        finetune_steps = restore.DEFAULT_FINETUNE_STEPS
+    config = restore.RestoreConfig(
+        **_given(
+            restarts=args.restarts,
+            steps=args.steps,
+            finetune_steps=finetune_steps,
+            upscale_factor=args.scale,
+            seed=args.seed,
+            device=args.device,
+        )
+    )
+    result = restore.restore_file(
+        checkpoint, args.image, args.task, args.out, mask_path=args.mask, config=config
+    )
+    height, width = result.image.shape[:2]
+    print(
+        f"{args.task}: {width}x{height} -> {args.out} (fit error {result.data_loss:.5f}, "
+        f"best of {len(result.restart_losses)} restarts, {result.elapsed_s:.1f} s)"
+    )
+    return 0
+
+
+def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
+    from carmodels import restoration_eval, restore, train
+
+    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
+    if checkpoint is None:
+        raise SystemExit(
+            f"restore-eval: no checkpoint under {layout.train_dir}; pass --checkpoint or train "
+            "first."
+        )
+    shards_dir = Path(args.shards) if args.shards else layout.shards_dir
+    restore_config = restore.RestoreConfig(
+        finetune_steps=restore.DEFAULT_FINETUNE_STEPS,
+        **_given(
+            restarts=args.restarts,
+            steps=args.steps,
+            finetune_steps=args.finetune_steps,
+            device=args.device,
+        ),
+    )
+    config = restoration_eval.RestorationEvalConfig(
+        restore=restore_config, **_given(n_images=args.n_images, seed=args.seed)
+    )
+    with _progress_bar("restore", "case") as on_progress:
+        result = restoration_eval.evaluate_restoration(
+            checkpoint, shards_dir, Path(args.out), config, on_progress=on_progress
+        )
+    print(restoration_eval.format_table(result.table))
+    print(f"preview: {result.preview_path}")
     return 0
 
 
@@ -235,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pages", type=int, help="listing pages to follow (default 50)")
     p.add_argument("--concurrency", type=int, help="simultaneous downloads (default 64)")
     p.add_argument("--retry-failed", action="store_true", help="refetch transient failures")
+    p.add_argument(
+        "--revalidate", action="store_true", help="re-ask for ok URLs with ETag/Last-Modified"
+    )
     p.add_argument(
         "--allow-private-networks",
         action="store_true",
@@ -282,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap on steps per epoch (smoke runs)")
+    p.add_argument(
+        "--label-smoothing", type=float, help="one-sided: D's real target is 1 - this (0)"
+    )
+    p.add_argument(
+        "--diffaugment", help="DiffAugment policy, e.g. color,translation,cutout ('' = off)"
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="data-parallel processes (one per GPU) through torchrun; default: one process",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="sample grid, loss plot and metrics of a checkpoint")
@@ -290,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: DATA/eval)")
     p.add_argument("--n-samples", type=int, help="generated images to score (default: 256)")
     p.add_argument("--seed", type=int, help="random seed of the samples (default: 0)")
+    p.add_argument("--inception-weights", help="local Inception weights file for FID/KID")
+    p.add_argument(
+        "--fid-samples", type=int, help="images scored for FID/KID (default: 10000 GPU, 500 CPU)"
+    )
+    p.add_argument("--offline", action="store_true", help="never download Inception weights")
+    p.add_argument("--no-fid", action="store_true", help="skip FID/KID")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("generate", help="generate new car designs from a checkpoint")
@@ -298,7 +458,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="same seed, same designs (default: 0)")
     p.add_argument("--truncation", type=float, default=None, help="latent truncation, e.g. 0.7")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--interpolate",
+        nargs=2,
+        type=int,
+        metavar=("SEED_A", "SEED_B"),
+        help="instead of designs, write linear and spherical strips from the design of "
+        "--n 1 --seed SEED_A to that of --n 1 --seed SEED_B",
+    )
+    p.add_argument(
+        "--steps", type=int, default=8, help="images per interpolation strip (default: 8)"
+    )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "restore",
+        help="inpaint, denoise or upscale a photo with the generator as prior",
+        description="Fit the generator to the known pixels of IMAGE by optimising its latent "
+        "vector (several restarts, the best kept), optionally fine-tune the generator on the "
+        "image, and blend the fit with the known pixels. Any image size works: it is "
+        "letterboxed to the model's size and mapped back.",
+    )
+    p.add_argument("image", help="damaged photo (any size; for upscale: the small one)")
+    p.add_argument("--task", required=True, choices=["inpaint", "denoise", "upscale"])
+    p.add_argument("--mask", help="inpaint: image of IMAGE's size, white = damaged, black = keep")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
+    p.add_argument("--scale", type=int, help="upscale: output/input size (default: 2)")
+    p.add_argument("--restarts", type=int, help="latent starting points (default: 8)")
+    p.add_argument("--steps", type=int, help="optimisation steps on z (default: 200)")
+    p.add_argument(
+        "--finetune", action="store_true", help="then fine-tune the generator on the image"
+    )
+    p.add_argument(
+        "--finetune-steps", type=int, help="fine-tune steps (default with --finetune: 100)"
+    )
+    p.add_argument("--seed", type=int, help="seed of the starting points (default: 0)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, ...")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser(
+        "restore-eval",
+        help="PSNR/SSIM of restoration on validation images against classical baselines",
+    )
+    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
+    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, table.md, preview)")
+    p.add_argument("--n-images", type=int, help="validation images (default: 8)")
+    p.add_argument("--seed", type=int, help="seed of the damage (default: 0)")
+    p.add_argument("--restarts", type=int, help="latent starting points (default: 8)")
+    p.add_argument("--steps", type=int, help="optimisation steps on z (default: 200)")
+    p.add_argument("--finetune-steps", type=int, help="fine-tune steps, 0 = none (default: 100)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, ...")
+    p.set_defaults(func=cmd_restore_eval)
 
     p = sub.add_parser("demo-server", help="serve the built-in demo car catalog over HTTP")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")

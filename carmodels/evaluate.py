@@ -1,9 +1,16 @@
-"""Evaluate a trained generator: sample grid, loss curves, memorisation check, cheap metrics.
+"""Evaluate a trained generator: pictures, memorisation check and three families of metrics.
 
-Every metric is computed offline in seconds from pixels, so it runs anywhere the pipeline
-does. They are *not* FID: the Fréchet distance here lives in a fixed pixel feature space
-(``pixel_fd_16``), which tracks colour and layout statistics but not semantics. Learned-feature
-metrics (FID/KID, a car classifier) can be added beside them in :func:`compute_metrics`.
+* Pixel metrics (this module), computed offline in seconds: ``pixel_fd_16`` is a Fréchet
+  distance in a fixed pixel feature space, which tracks colour and layout statistics but not
+  semantics; nearest-neighbour and diversity distances flag copies and collapse.
+* FID/KID (:mod:`carmodels.fid`), the published metric, when the Inception weights are on
+  disk (or can be downloaded); otherwise recorded as not computed, saying how to supply them.
+* Domain metrics (:mod:`carmodels.classifier`), offline: a car-type classifier trained on the
+  shards' ``type`` labels judges the generated cars (``type_fd``, ``type_overlap``).
+
+Every comparison is against the *val* split. Pictures: sample grids of 64 fixed latents from
+the EMA and the raw generator, a latent interpolation strip, a nearest-neighbour grid (each
+generated image beside its closest training images) and the training loss curves.
 
 Feature spaces (images are first quantised to uint8, as they would be saved):
 
@@ -24,7 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +39,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carmodels.generate import sample_images
+from carmodels.classifier import ClassifierConfig, NotEnoughLabels, domain_metrics, train_classifier
+from carmodels.fid import FidConfig, compute_fid_kid
+from carmodels.generate import sample_images, sample_noise
 from carmodels.io import atomic_write_json
+from carmodels.promotion import record_evaluation
 from carmodels.shards import iter_images, load_images
 from carmodels.train import (
     HISTORY_NAME,
+    data_version_of,
     fit_image_size,
     load_generator,
     plot_history,
@@ -58,7 +69,18 @@ METRIC_DEFINITIONS = {
     "diversity_generated": "Mean pairwise RMS pixel distance (32x32) among generated images.",
     "diversity_val": "Same among validation images, for reference.",
     "diversity_ratio": "diversity_generated / diversity_val; well below 1 suggests mode collapse.",
+    "fid": "Frechet Inception Distance, val vs generated (torchmetrics, published Inception "
+    "weights, TF-compatible resize); null when the weights are unavailable, see fid_record.",
+    "kid_mean": "Kernel Inception Distance (mean over subsets), val vs generated.",
+    "kid_std": "Standard deviation of KID over its subsets.",
+    "type_fd": "Frechet distance, val vs generated, in the penultimate features of a car-type "
+    "classifier trained on the shards' train split; lower is closer.",
+    "type_overlap": "Overlap of the classifier's predicted type mix on generated vs val images "
+    "(sum of the smaller shares; 1 = same mix).",
+    "type_classifier_val_accuracy": "Accuracy of that classifier on the labelled val images.",
 }
+#: The sample grids show this many images drawn from fixed latents (``EvalConfig.seed``).
+GRID_IMAGES = 64
 
 
 @dataclass
@@ -76,8 +98,23 @@ class EvalConfig:
     nn_size: int = 32
     #: How many generated/nearest-training pairs ``nearest.png`` shows.
     n_nearest_shown: int = 8
+    #: How many nearest training images sit beside each generated one in ``nearest.png``.
+    n_neighbours: int = 3
     #: Training images are streamed from the shards in chunks of this many.
     chunk_size: int = 4096
+    #: Rows and steps of the latent interpolation strip.
+    interpolation_rows: int = 4
+    interpolation_steps: int = 10
+    #: FID/KID (skipped entirely when False; recorded as not computed without weights).
+    fid: bool = True
+    fid_config: FidConfig = field(default_factory=FidConfig)
+    #: The car-type classifier metrics (skipped when False or when the shards lack labels).
+    type_metrics: bool = True
+    classifier_config: ClassifierConfig = field(default_factory=ClassifierConfig)
+    #: Where trained classifiers are cached (by data version); None = ``<out_dir>/classifier``.
+    classifier_cache_dir: str | None = None
+    #: Append every evaluation to ``history.parquet`` (+ ``history.png``) in ``out_dir``.
+    record_history: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -87,7 +124,10 @@ class EvalConfig:
             "fd_components",
             "nn_size",
             "n_nearest_shown",
+            "n_neighbours",
             "chunk_size",
+            "interpolation_rows",
+            "interpolation_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -97,11 +137,20 @@ class EvalConfig:
 
 @dataclass
 class EvalResult:
+    #: Flat numbers (None where not computed): what dashboards and promotion compare.
     metrics: dict[str, Any]
+    #: The grid of the evaluated weights (EMA when the run kept it and ``ema`` is set).
     samples_path: Path
     loss_plot_path: Path | None
     nearest_path: Path
     metrics_path: Path
+    #: Grid per weights kind: {"ema": ..., "raw": ...} (no "ema" when the run kept none).
+    sample_grids: dict[str, Path] = field(default_factory=dict)
+    interpolation_path: Path | None = None
+    #: FID/KID with library, weights checksum and settings, or why it was not computed.
+    fid_record: dict[str, Any] = field(default_factory=dict)
+    #: Type mixes and classifier facts behind the domain metrics, or why they were skipped.
+    type_record: dict[str, Any] = field(default_factory=dict)
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -146,20 +195,42 @@ class _TrainScan:
     fd_mean: np.ndarray
     fd_components: np.ndarray  # d x k
     nearest_distance: torch.Tensor  # per query, RMS
-    nearest_images: torch.Tensor  # per query, uint8 training image
+    neighbour_distances: torch.Tensor  # n_generated x k, RMS, ascending (inf: too few images)
+    neighbour_images: torch.Tensor  # n_generated x k x 3 x H x W, uint8
+
+
+def _merge_neighbours(
+    top_distances: torch.Tensor,
+    top_images: torch.Tensor,
+    distances: torch.Tensor,
+    chunk: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k closest of (current top k, this chunk) for every generated query."""
+    k = top_distances.shape[1]
+    candidates = torch.cat([top_distances, distances.cpu()], dim=1)
+    new_distances, pick = candidates.topk(k, dim=1, largest=False)
+    rows = torch.arange(len(pick))[:, None].expand_as(pick)
+    kept = top_images[rows, pick.clamp(max=k - 1)]
+    from_chunk = chunk[(pick - k).clamp(min=0)]
+    is_new = (pick >= k)[..., None, None, None]
+    return new_distances, torch.where(is_new, from_chunk, kept)
 
 
 def _scan_training_set(
     shards_dir: str | os.PathLike[str],
     queries: torch.Tensor,
+    n_generated: int,
     image_size: int,
     config: EvalConfig,
     device: torch.device,
 ) -> _TrainScan:
-    """One pass over the train split: PCA statistics and every query's nearest image."""
+    """One pass over the train split: PCA statistics, every query's nearest image, and the
+    ``n_neighbours`` nearest images of each of the first ``n_generated`` (generated) queries."""
     query_features = pixel_features(queries, config.nn_size).to(device)
     best = torch.full((len(queries),), math.inf, device=device)
-    best_images = torch.zeros_like(queries)
+    k = config.n_neighbours
+    top_distances = torch.full((n_generated, k), math.inf)
+    top_images = torch.zeros(n_generated, k, *queries.shape[1:], dtype=torch.uint8)
     dims = 3 * config.fd_size**2
     total, outer, n_train = np.zeros(dims), np.zeros((dims, dims)), 0
     for chunk in iter_images(shards_dir, split="train", batch_size=config.chunk_size):
@@ -169,10 +240,11 @@ def _scan_training_set(
         outer += fd.T @ fd
         n_train += len(chunk)
         distances = torch.cdist(query_features, pixel_features(chunk, config.nn_size).to(device))
-        chunk_best, index = distances.min(dim=1)
-        closer = chunk_best < best
-        best = torch.where(closer, chunk_best, best)
-        best_images[closer.cpu()] = chunk[index[closer].cpu()]
+        chunk_best = distances.min(dim=1).values
+        best = torch.minimum(chunk_best, best)
+        top_distances, top_images = _merge_neighbours(
+            top_distances, top_images, distances[:n_generated], chunk
+        )
     if n_train < 2:
         raise ValueError(f"{shards_dir} has {n_train} training images; evaluation needs >= 2.")
     mean = total / n_train
@@ -185,22 +257,26 @@ def _scan_training_set(
         fd_mean=mean,
         fd_components=components,
         nearest_distance=best.cpu() / math.sqrt(3 * config.nn_size**2),
-        nearest_images=best_images,
+        neighbour_distances=top_distances / math.sqrt(3 * config.nn_size**2),
+        neighbour_images=top_images,
     )
 
 
-def _validation_images(
-    shards_dir: str | os.PathLike[str], image_size: int, config: EvalConfig
-) -> torch.Tensor | None:
-    """Up to n_samples validation images (a seeded subset), or None when there is no val split."""
+def _validation_images(shards_dir: str | os.PathLike[str], image_size: int) -> torch.Tensor | None:
+    """All validation images at the model's size, or None when there is no val split."""
     try:
         images = load_images(shards_dir, split="val")
     except ValueError:
         return None
-    if len(images) > config.n_samples:
-        pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
-        images = images[pick[: config.n_samples].sort().values]
     return fit_image_size(images, image_size, str(shards_dir))
+
+
+def _seeded_subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """At most ``n`` of ``images``, the same ones for the same seed (order kept)."""
+    if len(images) <= n:
+        return images
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[pick[:n].sort().values]
 
 
 def compute_metrics(
@@ -240,6 +316,93 @@ def compute_metrics(
     return metrics
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between latent rows ``a`` and ``b`` at fractions ``t``.
+
+    Gaussian latents live near a sphere; a straight line between two of them passes through
+    low-norm latents the generator rarely saw, so a linear blend looks washed out midway.
+    """
+    a_unit, b_unit = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    omega = torch.acos((a_unit * b_unit).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    t = t[:, None]
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+@torch.no_grad()
+def interpolation_strip(
+    generator: torch.nn.Module, rows: int, steps: int, seed: int, batch_size: int = 64
+) -> torch.Tensor:
+    """``rows`` x ``steps`` images: each row walks from one fixed latent to another."""
+    device = next(generator.parameters()).device
+    ends = sample_noise(2 * rows, generator.spec.nz, seed).view(rows, 2, -1)
+    t = torch.linspace(0, 1, steps)
+    z = torch.cat([slerp(pair[0].expand(steps, -1), pair[1].expand(steps, -1), t) for pair in ends])
+    return torch.cat([generator(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+
+
+def _sample_grids(
+    checkpoint_path: Path, evaluated: str, config: EvalConfig, device: torch.device, out: Path
+) -> dict[str, Path]:
+    """``samples_ema.png`` and ``samples_raw.png``: the same 64 latents through both weights."""
+    side = math.isqrt(GRID_IMAGES)
+    grids: dict[str, Path] = {}
+    for use_ema in (True, False):
+        generator, _, meta = load_generator(checkpoint_path, device=str(device), ema=use_ema)
+        kind = "ema" if meta["weights"] == "ema" else "raw"
+        if kind in grids:  # no EMA weights in this run: the raw grid is already drawn
+            continue
+        images = sample_images(generator, GRID_IMAGES, config.seed, config.batch_size)
+        grids[kind] = save_image_grid(images, out / f"samples_{kind}.png", nrow=side)
+    grids["evaluated"] = grids["ema" if evaluated == "ema" else "raw"]
+    return grids
+
+
+def _nearest_grid(scan: _TrainScan, generated: torch.Tensor, config: EvalConfig, out: Path) -> Path:
+    """One row per generated image (the likeliest copies first), then its nearest training
+    images left to right. Slots with no training image left (tiny sets) stay black."""
+    n_generated = len(scan.neighbour_distances)
+    n_shown = min(config.n_nearest_shown, n_generated)
+    closest = scan.neighbour_distances[:, 0].argsort()[:n_shown]
+    rows = torch.cat([generated[closest, None], scan.neighbour_images[closest]], dim=1)
+    pictures = rows.flatten(0, 1).float().div(127.5).sub(1)
+    return save_image_grid(pictures, out / "nearest.png", nrow=1 + config.n_neighbours)
+
+
+def _type_metrics(
+    shards_dir: Path,
+    val: torch.Tensor | None,
+    generated: torch.Tensor,
+    config: EvalConfig,
+    out: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Domain metrics from the car-type classifier, or a record of why they were skipped."""
+    if not config.type_metrics:
+        return {"computed": False, "reason": "disabled in EvalConfig.type_metrics"}
+    if val is None or len(val) < 2:
+        return {"computed": False, "reason": f"{shards_dir} has fewer than 2 val images"}
+    cache_dir = Path(config.classifier_cache_dir or out / "classifier")
+    try:
+        classifier = train_classifier(
+            shards_dir, cache_dir, data_version_of(shards_dir), config.classifier_config, log
+        )
+    except NotEnoughLabels as error:
+        log(f"Type metrics not computed: {error}")
+        return {"computed": False, "reason": str(error)}
+    return {
+        "computed": True,
+        **domain_metrics(classifier, val, generated, frechet_distance),
+        "types": classifier.types,
+        "classifier_n_train": classifier.n_train,
+        "classifier_n_val": classifier.n_val,
+        "classifier_cache": str(classifier.cache_path),
+        "classifier_from_cache": classifier.from_cache,
+        "classifier_config": asdict(config.classifier_config),
+        "n_real": len(val),
+        "n_generated": len(generated),
+    }
+
+
 def evaluate(
     checkpoint_path: str | os.PathLike[str],
     shards_dir: str | os.PathLike[str],
@@ -247,31 +410,64 @@ def evaluate(
     config: EvalConfig | None = None,
     log: Callable[[str], None] | None = None,
 ) -> EvalResult:
-    """Write samples.png, losses.png, nearest.png and metrics.json for a checkpoint."""
+    """Write the pictures and metrics.json for a checkpoint; see the module docstring."""
     config = config or EvalConfig()
     log = log or logger.info
     out = Path(out_dir)
     checkpoint_path = Path(checkpoint_path)
+    shards_dir = Path(shards_dir)
     device = resolve_device(config.device)
     generator, spec, meta = load_generator(checkpoint_path, device=str(device), ema=config.ema)
 
-    generated_float = sample_images(generator, config.n_samples, config.seed, config.batch_size)
-    generated = to_uint8(generated_float)
-    side = math.isqrt(min(64, config.n_samples))
-    samples_path = save_image_grid(generated_float[: side * side], out / "samples.png", nrow=side)
+    # One pool of generated images: the first n_samples feed the pixel metrics, the first
+    # n_fid the learned-feature metrics.
+    n_fid = config.fid_config.samples_for(device) if config.fid else 0
+    n_pool = max(config.n_samples, n_fid if config.fid or config.type_metrics else 0)
+    pool = to_uint8(sample_images(generator, n_pool, config.seed, config.batch_size))
+    generated = pool[: config.n_samples]
 
-    val = _validation_images(shards_dir, spec.image_size, config)
-    if val is None:
+    grids = _sample_grids(checkpoint_path, meta["weights"], config, device, out)
+    strip = interpolation_strip(
+        generator, config.interpolation_rows, config.interpolation_steps, config.seed + 1
+    )
+    interpolation_path = save_image_grid(
+        strip, out / "interpolation.png", nrow=config.interpolation_steps
+    )
+
+    val_all = _validation_images(shards_dir, spec.image_size)
+    if val_all is None:
         log(f"No validation split in {shards_dir}: val-based metrics are null.")
+    val = None if val_all is None else _seeded_subset(val_all, config.n_samples, config.seed)
     queries = generated if val is None else torch.cat([generated, val])
-    scan = _scan_training_set(shards_dir, queries, spec.image_size, config, device)
+    scan = _scan_training_set(shards_dir, queries, len(generated), spec.image_size, config, device)
     metrics = compute_metrics(generated, val, scan, config)
+    nearest_path = _nearest_grid(scan, generated, config, out)
 
-    # The generated images closest to a training image: the likeliest copies.
-    n_shown = min(config.n_nearest_shown, len(generated))
-    closest = scan.nearest_distance[: len(generated)].argsort()[:n_shown]
-    pairs = torch.cat([generated[closest], scan.nearest_images[closest]]).float().div(127.5).sub(1)
-    nearest_path = save_image_grid(pairs, out / "nearest.png", nrow=n_shown)
+    if not config.fid:
+        fid_record: dict[str, Any] = {"computed": False, "reason": "disabled in EvalConfig.fid"}
+    elif val_all is None or len(val_all) < 2:
+        fid_record = {"computed": False, "reason": f"{shards_dir} has fewer than 2 val images"}
+    else:
+        fid_record = compute_fid_kid(
+            _seeded_subset(val_all, n_fid, config.seed),
+            pool[:n_fid],
+            config.fid_config,
+            device,
+            seed=config.seed,
+            log=log,
+        )
+        fid_record["real_split"] = "val"
+    metrics.update({name: fid_record.get(name) for name in ("fid", "kid_mean", "kid_std")})
+
+    type_record = _type_metrics(
+        shards_dir, val_all, pool[: max(n_fid, config.n_samples)], config, out, log
+    )
+    metrics.update(
+        {
+            name: type_record.get(name)
+            for name in ("type_fd", "type_overlap", "type_classifier_val_accuracy")
+        }
+    )
 
     history_csv = checkpoint_path.parent.parent / HISTORY_NAME
     history = read_history(history_csv) if history_csv.is_file() else meta["history"]
@@ -289,13 +485,18 @@ def evaluate(
         out / "metrics.json",
         {
             **metrics,
+            "fid_record": fid_record,
+            "type_record": type_record,
             "checkpoint": str(checkpoint_path),
             "weights": meta["weights"],
             "data_version": meta["data_version"],
+            "eval_data_version": data_version_of(shards_dir),
             "config": asdict(config),
             "definitions": METRIC_DEFINITIONS,
         },
     )
+    if config.record_history:
+        record_evaluation(metrics_path, out)
     log(
         "Evaluation: "
         + ", ".join(
@@ -306,8 +507,12 @@ def evaluate(
     )
     return EvalResult(
         metrics=metrics,
-        samples_path=samples_path,
+        samples_path=grids.pop("evaluated"),
         loss_plot_path=loss_plot,
         nearest_path=nearest_path,
         metrics_path=metrics_path,
+        sample_grids=grids,
+        interpolation_path=interpolation_path,
+        fid_record=fid_record,
+        type_record=type_record,
     )

@@ -1,7 +1,13 @@
-"""New car designs from a trained generator: a grid plus one PNG per design.
+"""New car designs from a trained generator: a grid plus one PNG per design, and latent walks.
 
 The latent vectors come from a CPU generator seeded with ``seed``, so the same seed gives the
 same designs on any machine (up to floating-point differences between devices).
+
+:func:`interpolate` walks from the single design of one seed (``generate(n=1, seed=a)``) to
+that of another, once along the straight line between the two latent vectors and once along
+the great circle (spherical interpolation). In 100 dimensions N(0, I) samples lie near a
+sphere of radius sqrt(nz); the straight line cuts through its inside, where the midpoints have
+an unusually small norm, which the spherical path avoids.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from carmodels.train import load_generator, resolve_device, save_image_grid, ten
 
 #: Folder (next to the run's checkpoints) used when no out_dir is given.
 DEFAULT_SUBDIR = "generated"
+INTERPOLATION_MODES: tuple[str, ...] = ("linear", "spherical")
 
 
 @dataclass
@@ -97,6 +104,107 @@ def generate(
         image_paths=image_paths,
         n=n,
         seed=seed,
+        truncation=truncation,
+        weights=meta["weights"],
+        epoch=int(meta["epoch"]),
+    )
+
+
+@dataclass
+class InterpolateResult:
+    out_dir: Path
+    #: One strip per mode ("linear", "spherical"), ``steps`` images from seed_a to seed_b.
+    strip_paths: dict[str, Path]
+    seed_a: int
+    seed_b: int
+    steps: int
+    truncation: float | None
+    weights: str
+    epoch: int
+
+
+def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Straight-line interpolation of vectors ``a`` and ``b`` (nz) at fractions ``t`` (T)."""
+    t = t[:, None]
+    return a[None] * (1 - t) + b[None] * t
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of vectors ``a`` and ``b`` (nz) at fractions ``t`` (T).
+
+    Follows the great circle between the directions of ``a`` and ``b`` while the norm changes
+    linearly. Falls back to :func:`lerp` for (nearly) parallel vectors, where the great
+    circle is undefined.
+    """
+    norm_a, norm_b = a.norm(), b.norm()
+    cos_angle = torch.dot(a / norm_a, b / norm_b).clamp(-1.0, 1.0)
+    angle = torch.arccos(cos_angle)
+    if angle.sin().abs() < 1e-6:
+        return lerp(a, b, t)
+    t = t[:, None]
+    direction = (
+        torch.sin((1 - t) * angle) * (a / norm_a)[None] + torch.sin(t * angle) * (b / norm_b)[None]
+    ) / angle.sin()
+    return direction * (norm_a * (1 - t) + norm_b * t)
+
+
+def interpolation_latents(
+    nz: int,
+    seed_a: int,
+    seed_b: int,
+    steps: int,
+    mode: str = "spherical",
+    truncation: float | None = None,
+) -> torch.Tensor:
+    """``steps`` latent vectors (steps x nz) from seed_a's latent to seed_b's.
+
+    Each end is ``sample_noise(1, nz, seed, truncation)``: the design ``generate(n=1, seed)``
+    draws. (Design 0 of a larger batch differs: torch draws batches of normals differently.)
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be >= 2 (both ends are included), got {steps}")
+    if mode not in INTERPOLATION_MODES:
+        raise ValueError(f"mode must be one of {INTERPOLATION_MODES}, got {mode!r}")
+    a = sample_noise(1, nz, seed_a, truncation)[0]
+    b = sample_noise(1, nz, seed_b, truncation)[0]
+    fractions = torch.linspace(0.0, 1.0, steps)
+    return lerp(a, b, fractions) if mode == "linear" else slerp(a, b, fractions)
+
+
+def interpolate(
+    checkpoint_path: str | os.PathLike[str],
+    seed_a: int,
+    seed_b: int,
+    steps: int = 8,
+    out_dir: str | os.PathLike[str] | None = None,
+    truncation: float | None = None,
+    ema: bool = True,
+    device: str = "cpu",
+) -> InterpolateResult:
+    """Write ``interpolation-A-B-linear.png`` and ``...-spherical.png``: one strip each.
+
+    The strips start at the design of ``generate(n=1, seed=seed_a)`` and end at that of
+    ``generate(n=1, seed=seed_b)`` (with the same truncation).
+    """
+    checkpoint_path = Path(checkpoint_path)
+    out = Path(out_dir) if out_dir is not None else checkpoint_path.parent.parent / DEFAULT_SUBDIR
+    generator, spec, meta = load_generator(
+        checkpoint_path, device=str(resolve_device(device)), ema=ema
+    )
+    model_device = next(generator.parameters()).device
+    strip_paths = {}
+    for mode in INTERPOLATION_MODES:
+        z = interpolation_latents(spec.nz, seed_a, seed_b, steps, mode, truncation)
+        with torch.no_grad():
+            images = generator(z.to(model_device)).float().cpu()
+        path = out / f"interpolation-{seed_a}-{seed_b}-{mode}.png"
+        strip_paths[mode] = save_image_grid(images, path, nrow=steps)
+    return InterpolateResult(
+        out_dir=out,
+        strip_paths=strip_paths,
+        seed_a=seed_a,
+        seed_b=seed_b,
+        steps=steps,
         truncation=truncation,
         weights=meta["weights"],
         epoch=int(meta["epoch"]),

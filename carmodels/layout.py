@@ -58,5 +58,10 @@ class DataLayout:
 
     @property
     def eval_dir(self) -> Path:
-        """Evaluation grids, plots and metrics."""
+        """Evaluation grids, plots, metrics and the history of every evaluation."""
         return self.root / "eval"
+
+    @property
+    def champion_dir(self) -> Path:
+        """The generator in use (replaced only when a new one beats it) and its record."""
+        return self.root / "champion"

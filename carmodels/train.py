@@ -40,6 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carmodels.augment import DiffAugment, parse_policy
+from carmodels.distributed import (
+    SINGLE_PROCESS,
+    DistContext,
+    device_for_rank,
+    init_from_env,
+    shutdown,
+)
 from carmodels.io import atomic_write, atomic_write_bytes
 from carmodels.models import (
     Discriminator,
@@ -57,10 +65,24 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 LATEST_NAME = "latest.pt"
+BEST_NAME = "best.pt"
+TENSORBOARD_DIR = "tensorboard"
 HISTORY_NAME = "history.csv"
 LOSS_PLOT_NAME = "losses.png"
 GIF_NAME = "progress.gif"
-HISTORY_COLUMNS = ("epoch", "step", "loss_d", "loss_g", "d_x", "d_g_z", "images_per_s")
+HISTORY_COLUMNS = (
+    "epoch",
+    "step",
+    "loss_d",
+    "loss_g",
+    "d_x",
+    "d_g_z",
+    "images_per_s",
+    # Filled on the last row of each sampled epoch (see SampleMonitor), empty elsewhere.
+    "sample_fd",
+    "sample_diversity",
+    "collapse_warning",
+)
 #: The per-epoch sample grid is GRID_SIDE x GRID_SIDE images from fixed noise.
 GRID_SIDE = 8
 AMP_MODES = ("auto", "bf16", "off")
@@ -121,6 +143,17 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None
     #: Decay of the exponential moving average of G used for samples; None disables it.
     ema_decay: float | None = 0.999
+    #: One-sided label smoothing: the discriminator's target for real images is 1 - this.
+    label_smoothing: float = 0.0
+    #: DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off.
+    diffaugment: str = ""
+    #: Also keep ``best.pt``: the checkpoint with the lowest ``sample_fd`` (see SampleMonitor).
+    keep_best: bool = True
+    #: Warn of mode collapse when the fixed-noise samples' diversity falls below this
+    #: fraction of the highest diversity seen earlier in the run.
+    collapse_fraction: float = 0.5
+    #: Write TensorBoard event files to ``out_dir/tensorboard``.
+    tensorboard: bool = True
     #: Identifies the training data in checkpoints; None = hash of the shard files.
     data_version: str | None = None
     #: The progress GIF keeps at most this many evenly spaced epochs (always the last)...
@@ -149,6 +182,15 @@ class TrainConfig:
             raise ValueError("TrainConfig.max_steps_per_epoch must be >= 1 or None")
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(
+                f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+            )
+        if not 0.0 < self.collapse_fraction < 1.0:
+            raise ValueError(
+                f"TrainConfig.collapse_fraction must be in (0, 1), got {self.collapse_fraction}"
+            )
+        parse_policy(self.diffaugment)  # raises a clear error for unknown policies
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(
                 f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}"
@@ -186,6 +228,11 @@ class TrainResult:
     gif_path: Path | None
     history_path: Path
     device: str
+    #: The checkpoint with the lowest sample_fd, when keep_best and one was measured.
+    best_checkpoint_path: Path | None = None
+    tensorboard_dir: Path | None = None
+    #: Epochs at which the fixed-noise samples' diversity collapsed.
+    collapse_epochs: list[int] = field(default_factory=list)
 
     @property
     def epochs(self) -> int:
@@ -251,6 +298,14 @@ class TrainStep:
 
     Losses and the mean discriminator outputs are accumulated on the device; :meth:`drain`
     reads them (one host sync) and resets the sums.
+
+    Work is saved only where the result is mathematically unchanged:
+
+    * without batch norm, D sees real and fake images as one concatenated batch (one larger
+      convolution per layer instead of two; with batch norm the batch statistics would mix,
+      so BN models keep two calls);
+    * in the G step D's parameters are frozen, so backward computes the gradient that flows
+      into G but not D's weight gradients, which the old loop computed and then discarded.
     """
 
     def __init__(
@@ -266,15 +321,38 @@ class TrainStep:
         compile: bool,
         ema: EmaGenerator | None,
         noise: torch.Generator,
+        seed: int = 0,
+        label_smoothing: float = 0.0,
+        diffaugment: str = "",
+        dist_context: DistContext = SINGLE_PROCESS,
     ) -> None:
         self.generator, self.discriminator = generator, discriminator
         self.opt_g, self.opt_d = opt_g, opt_d
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
         self.ema, self.noise = ema, noise
         self.nz = generator.spec.nz
+        self.seed, self.dist = seed, dist_context
+        self.real_label = 1.0 - label_smoothing
+        self.augment = DiffAugment(diffaugment)
+        self.concat_d_batches = not discriminator.spec.batch_norm
+        g_train: nn.Module = generator
+        d_train: nn.Module = discriminator
+        if dist_context.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            # Buffers (BN running stats) only matter for sampling; broadcasting them before
+            # every forward would add a collective per call.
+            g_train = DistributedDataParallel(generator, device_ids=ids, broadcast_buffers=False)
+            d_train = DistributedDataParallel(
+                discriminator, device_ids=ids, broadcast_buffers=False
+            )
         # Compiled wrappers share parameters with the plain modules, which are what we save.
-        self._g = torch.compile(generator) if compile else generator
-        self._d = torch.compile(discriminator) if compile else discriminator
+        self._g = torch.compile(g_train) if compile else g_train
+        self._d = torch.compile(d_train) if compile else d_train
+        # The G step needs no gradient synchronisation of D (it is frozen), so it calls the
+        # plain (possibly compiled) module, not the DDP wrapper.
+        self._d_frozen = torch.compile(discriminator) if compile else discriminator
         self.step = 0
         self._sums: torch.Tensor | None = None
         self._pending = 0
@@ -294,8 +372,11 @@ class TrainStep:
         compile: bool,
         ema_decay: float | None,
         seed: int,
+        label_smoothing: float = 0.0,
+        diffaugment: str = "",
+        dist_context: DistContext = SINGLE_PROCESS,
     ) -> TrainStep:
-        """Fresh models (initialised on the CPU, so identical on every device) and Adam."""
+        """Fresh models (initialised on the CPU, so identical on every device and rank) and Adam."""
         torch.manual_seed(seed)
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         generator = build_generator(spec).to(device, memory_format=memory_format)
@@ -304,14 +385,12 @@ class TrainStep:
             # (torch 2.11) mispredicts the strides of that layer's weight gradient.
             generator.project.to(memory_format=torch.contiguous_format)
         discriminator = build_discriminator(spec).to(device, memory_format=memory_format)
-        fused = device.type == "cuda"  # one kernel per optimiser step on the GPU
-        opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, betas=(beta1, beta2), fused=fused)
-        opt_d = torch.optim.Adam(
-            discriminator.parameters(), lr=lr_d, betas=(beta1, beta2), fused=fused
-        )
+        # One multi-tensor kernel per optimiser step (CUDA and, since torch 2.4, CPU).
+        adam = {"betas": (beta1, beta2), "fused": True}
+        opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, **adam)
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr_d, **adam)
         ema = EmaGenerator(generator, ema_decay) if ema_decay is not None else None
         noise = torch.Generator(device=device)
-        noise.manual_seed(seed)
         return cls(
             generator,
             discriminator,
@@ -323,6 +402,10 @@ class TrainStep:
             compile=compile,
             ema=ema,
             noise=noise,
+            seed=seed,
+            label_smoothing=label_smoothing,
+            diffaugment=diffaugment,
+            dist_context=dist_context,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -330,30 +413,48 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def _seed_noise(self) -> None:
+        """Noise and augmentation draws are a pure function of (seed, rank, step).
+
+        So a resumed run draws exactly what a straight run draws, on every rank, without
+        saving one generator state per rank; reseeding costs no host sync.
+        """
+        self.noise.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step)
+
     def __call__(self, real_uint8: torch.Tensor) -> None:
         """Train on one batch of N x 3 x S x S uint8 images already on the device."""
         real = real_uint8.float().div_(127.5).sub_(1.0)
         if self.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
-        z = torch.randn(real.shape[0], self.nz, 1, 1, device=self.device, generator=self.noise)
+        n = real.shape[0]
+        self._seed_noise()
+        z = torch.randn(n, self.nz, 1, 1, device=self.device, generator=self.noise)
+        augment, noise = self.augment, self.noise
         with self._autocast():
             fake = self._g(z)
-            logits_real = self._d(real)
-            logits_fake = self._d(fake.detach())
+            seen_real, seen_fake = augment(real, noise), augment(fake.detach(), noise)
+            if self.concat_d_batches:
+                logits_real, logits_fake = self._d(torch.cat([seen_real, seen_fake])).split(n)
+            else:
+                logits_real, logits_fake = self._d(seen_real), self._d(seen_fake)
+            # One-sided label smoothing: real targets 1 - s, fake targets stay 0.
             loss_d = F.binary_cross_entropy_with_logits(
-                logits_real, torch.ones_like(logits_real)
+                logits_real, torch.full_like(logits_real, self.real_label)
             ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
 
-        with self._autocast():
-            logits_gen = self._d(fake)
-            # Non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
-            loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
-        self.opt_g.zero_grad(set_to_none=True)
-        # This also leaves gradients on D; the next D step's zero_grad discards them.
-        loss_g.backward()
+        self.discriminator.requires_grad_(False)
+        try:
+            with self._autocast():
+                logits_gen = self._d_frozen(augment(fake, noise))
+                # Non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
+                loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+        finally:
+            self.discriminator.requires_grad_(True)
         self.opt_g.step()
 
         self.step += 1
@@ -374,7 +475,9 @@ class TrainStep:
         """Mean stats since the last drain (None if no step ran); the only host sync."""
         if self._sums is None:
             return None
-        loss_d, loss_g, d_x, d_g_z = (self._sums / self._pending).tolist()
+        # Averaged over the ranks too, so every rank sees (and stops on) the same numbers.
+        means = self.dist.all_reduce_mean_(self._sums / self._pending)
+        loss_d, loss_g, d_x, d_g_z = means.tolist()
         stats = StepStats(loss_d, loss_g, d_x, d_g_z, self._pending)
         self._sums, self._pending = None, 0
         return stats
@@ -390,7 +493,6 @@ class TrainStep:
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
             "ema_generator": self.ema.module.state_dict() if self.ema is not None else None,
-            "noise_rng": self.noise.get_state(),
             "step": self.step,
         }
 
@@ -402,7 +504,6 @@ class TrainStep:
         if self.ema is not None:
             # A checkpoint trained without EMA starts the average from the current weights.
             self.ema.module.load_state_dict(state["ema_generator"] or state["generator"])
-        self.noise.set_state(state["noise_rng"])
         self.step = int(state["step"])
 
     def set_hyperparameters(self, lr_g: float, lr_d: float, beta1: float, beta2: float) -> None:
@@ -412,9 +513,12 @@ class TrainStep:
                 group["lr"], group["betas"] = lr, (beta1, beta2)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """The order of the training images in an epoch, a pure function of (seed, epoch)."""
-    digest = hashlib.sha256(f"carmodels-epoch:{seed}:{epoch}".encode()).digest()
+def epoch_permutation(
+    n: int, seed: int, epoch: int, device: torch.device, rank: int = 0
+) -> torch.Tensor:
+    """The order of the training images in an epoch, a pure function of (seed, epoch, rank)."""
+    key = f"carmodels-epoch:{seed}:{epoch}" + (f":{rank}" if rank else "")
+    digest = hashlib.sha256(key.encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     return torch.randperm(n, generator=generator).to(device)
 
@@ -553,6 +657,74 @@ def load_generator(
     return generator, spec, meta
 
 
+class SampleMonitor:
+    """Two cheap per-epoch signals from the fixed-noise samples, against the training images.
+
+    * ``sample_fd``: Fréchet distance between the samples and a fixed subset of training
+      images in the evaluate stage's pixel feature space (16x16 pixels projected onto the
+      training images' top principal components): the ``pixel_fd_16`` yardstick, at the
+      sample grid's size. It picks ``best.pt``. It is preferred to the discriminator's
+      D(x) - D(G(z)) gap because that gap is measured by a judge that changes every step
+      (a strong D and a weak G can show the same gap as a weak D and a strong G), whereas
+      the pixel statistics of the data are a fixed reference across epochs.
+    * ``sample_diversity``: mean pairwise RMS distance (32x32) among the samples divided by
+      the same for as many training images: near 1 is as varied as the data, a sharp fall
+      means the generator maps different noise to the same image (mode collapse).
+
+    Both use the same 64 noise vectors every epoch, so their changes come from the model.
+    """
+
+    #: Training images the reference statistics come from.
+    N_REFERENCE = 512
+    FD_SIZE = 16
+    FD_COMPONENTS = 32
+    DIVERSITY_SIZE = 32
+
+    def __init__(self, images_uint8: torch.Tensor, n_samples: int, seed: int) -> None:
+        from carmodels.evaluate import mean_pairwise_rms, pixel_features
+
+        pick = torch.randperm(len(images_uint8), generator=torch.Generator().manual_seed(seed))
+        reference = images_uint8[pick[: self.N_REFERENCE]].cpu()
+        features = pixel_features(reference, self.FD_SIZE).double()
+        self._mean = features.mean(0)
+        centred = features - self._mean
+        k = max(1, min(self.FD_COMPONENTS, len(reference) - 1, n_samples - 1))
+        # Right singular vectors = principal axes of the reference images.
+        self._components = torch.linalg.svd(centred, full_matrices=False).Vh[:k].T
+        self._reference = (centred @ self._components).numpy()
+        diversity_pick = reference[: max(2, n_samples)]
+        self._reference_diversity = mean_pairwise_rms(
+            pixel_features(diversity_pick, self.DIVERSITY_SIZE)
+        )
+
+    def measure(self, samples: torch.Tensor) -> dict[str, float]:
+        """``sample_fd`` and ``sample_diversity`` of images in [-1, 1]."""
+        from carmodels.evaluate import (
+            frechet_distance,
+            mean_pairwise_rms,
+            pixel_features,
+            to_uint8,
+        )
+
+        generated = to_uint8(samples.detach().float().cpu())
+        projected = (pixel_features(generated, self.FD_SIZE).double() - self._mean) @ (
+            self._components
+        )
+        diversity = mean_pairwise_rms(pixel_features(generated, self.DIVERSITY_SIZE))
+        return {
+            "sample_fd": frechet_distance(self._reference, projected.numpy()),
+            "sample_diversity": diversity / self._reference_diversity
+            if self._reference_diversity > 0
+            else 0.0,
+        }
+
+
+def is_collapse(diversity: float, history: list[dict[str, float]], fraction: float) -> bool:
+    """Diversity fell below ``fraction`` of the highest earlier value in the run."""
+    earlier = [row["sample_diversity"] for row in history if "sample_diversity" in row]
+    return bool(earlier) and diversity < fraction * max(earlier)
+
+
 def tensor_to_pil(images: torch.Tensor, nrow: int, padding: int = 2) -> Any:
     """A grid of images in [-1, 1] (N x 3 x H x W) as a PIL image."""
     from PIL import Image  # imported lazily: the GPU benchmark needs neither
@@ -576,8 +748,12 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: in
 
 
 def read_history(path: str | os.PathLike[str]) -> list[dict[str, float]]:
+    """Rows of history.csv as floats; empty cells (epoch-only columns) are left out."""
     with open(path, newline="") as f:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(f)]
+        return [
+            {key: float(value) for key, value in row.items() if value not in ("", None)}
+            for row in csv.DictReader(f)
+        ]
 
 
 def write_history(path: str | os.PathLike[str], history: list[dict[str, float]]) -> Path:
@@ -585,7 +761,7 @@ def write_history(path: str | os.PathLike[str], history: list[dict[str, float]])
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: row[k] for k in HISTORY_COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in HISTORY_COLUMNS})
     return atomic_write_bytes(path, buffer.getvalue().encode())
 
 
@@ -655,20 +831,34 @@ def _epoch_name(epoch: int, suffix: str) -> str:
     return f"epoch-{epoch:04d}{suffix}"
 
 
+def _link_or_copy(source: Path, target: Path) -> Path:
+    """Atomically make ``target`` a hard link to (or, failing that, a copy of) ``source``."""
+
+    def write(tmp: Path) -> None:
+        try:
+            os.link(source, tmp)  # no copy of hundreds of MB when the filesystem allows it
+        except OSError:
+            tmp.write_bytes(source.read_bytes())
+
+    return atomic_write(target, write)
+
+
 def _save_checkpoint(
-    state: dict[str, Any], checkpoint_dir: Path, epoch: int, keep_last: int | None
+    state: dict[str, Any],
+    checkpoint_dir: Path,
+    epoch: int,
+    keep_last: int | None,
+    is_best: bool = False,
 ) -> Path:
-    """Write epoch-NNNN.pt, point latest.pt at it (atomically), prune old epochs."""
+    """Write epoch-NNNN.pt, point latest.pt (and best.pt) at it atomically, prune old epochs.
+
+    ``best.pt`` is its own link, so pruning the epoch file it came from does not remove it.
+    """
     path = checkpoint_dir / _epoch_name(epoch, ".pt")
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-
-    def link_latest(tmp: Path) -> None:
-        try:
-            os.link(path, tmp)  # no copy of hundreds of MB when the filesystem allows it
-        except OSError:
-            tmp.write_bytes(path.read_bytes())
-
-    atomic_write(checkpoint_dir / LATEST_NAME, link_latest)
+    _link_or_copy(path, checkpoint_dir / LATEST_NAME)
+    if is_best:
+        _link_or_copy(path, checkpoint_dir / BEST_NAME)
     if keep_last is not None:
         for old in sorted(checkpoint_dir.glob("epoch-*.pt"))[:-keep_last]:
             old.unlink()
@@ -699,6 +889,7 @@ def _clear_previous_run(run_dir: Path, log: Callable[[str], None]) -> None:
         *(run_dir / CHECKPOINT_DIR).glob("*.pt"),
         *(run_dir / SAMPLES_DIR).glob("epoch-*.png"),
         *[run_dir / name for name in (HISTORY_NAME, LOSS_PLOT_NAME, GIF_NAME)],
+        *(run_dir / TENSORBOARD_DIR).glob("events.out.tfevents.*"),
     ]
     stale = [p for p in stale if p.exists()]
     if stale:
@@ -737,6 +928,13 @@ class _Throughput:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+def _tensorboard_writer(run_dir: Path, purge_step: int | None) -> Any:
+    from torch.utils.tensorboard import SummaryWriter  # lazily: pulls in tensorboard
+
+    # purge_step drops events a crashed run wrote after the checkpoint we resume from.
+    return SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step)
+
+
 def train(
     shards_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -750,14 +948,44 @@ def train(
     ``resume=True`` continues from ``out_dir/checkpoints/latest.pt`` when there is one (else
     starts fresh); a path resumes from that checkpoint. Raises :class:`TrainingDiverged` when
     a loss becomes NaN/inf.
+
+    Under ``torchrun`` (see :mod:`carmodels.distributed`) every rank calls this; the ranks
+    split the images and ``config.batch_size`` (the global batch), and only rank 0 writes
+    files, logs and reports progress.
     """
     config = config or TrainConfig()
-    log = log or logger.info
+    dist_context = init_from_env(resolve_device(config.device).type)
+    try:
+        return _train(shards_dir, out_dir, config, on_progress, resume, log, dist_context)
+    finally:
+        shutdown(dist_context)
+
+
+def _train(
+    shards_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: TrainConfig,
+    on_progress: Callable[[int, int], None] | None,
+    resume: bool | str | os.PathLike[str],
+    log: Callable[[str], None] | None,
+    dist_context: DistContext,
+) -> TrainResult:
+    main = dist_context.is_main
+    log = (log or logger.info) if main else (lambda message: None)
+    if not main:
+        on_progress = None
     run_dir = Path(out_dir)
     checkpoint_dir, samples_dir = run_dir / CHECKPOINT_DIR, run_dir / SAMPLES_DIR
     history_path = run_dir / HISTORY_NAME
     spec, hyper = config.model_spec(), config.hyperparameters()
-    device = resolve_device(config.device)
+    device = device_for_rank(resolve_device(config.device), dist_context)
+    world = dist_context.world_size
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size={config.batch_size} is the global batch and must divide evenly over "
+            f"{world} processes; use a multiple of {world}."
+        )
+    rank_batch = config.batch_size // world
 
     resume_from = _resume_path(resume, checkpoint_dir)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
@@ -767,15 +995,16 @@ def train(
             f"{spec.to_dict()}; resume with the same preset, image_size and nz."
         )
 
-    images = fit_image_size(_load_training_images(shards_dir), spec.image_size, str(shards_dir))
-    n_images = images.shape[0]
+    all_images = fit_image_size(_load_training_images(shards_dir), spec.image_size, str(shards_dir))
+    n_images = all_images.shape[0]
     if n_images < config.batch_size:
         raise ValueError(
             f"Only {n_images} training images in {shards_dir}, fewer than batch_size="
             f"{config.batch_size}; lower batch_size or add images."
         )
     data_version = config.data_version or data_version_of(shards_dir)
-    steps_per_epoch = n_images // config.batch_size
+    # Each rank keeps every world-th image; the smallest slice sets the epoch length.
+    steps_per_epoch = (n_images // world) // rank_batch
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
@@ -791,15 +1020,20 @@ def train(
         compile=config.compile,
         ema_decay=config.ema_decay,
         seed=config.seed,
+        label_smoothing=config.label_smoothing,
+        diffaugment=config.diffaugment,
+        dist_context=dist_context,
     )
     history: list[dict[str, float]] = []
     start_epoch = 0
     last_checkpoint: Path | None = None
+    best: dict[str, float] | None = None
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
         trainer.set_hyperparameters(**hyper)
         _restore_rng_state(checkpoint["rng"])
         history = [dict(row) for row in checkpoint["history"]]
+        best = checkpoint.get("best")
         start_epoch, last_checkpoint = int(checkpoint["epoch"]), resume_from
         if checkpoint["data_version"] != data_version:
             log(
@@ -807,20 +1041,31 @@ def train(
                 f"{checkpoint['data_version']}, the shards are now {data_version}."
             )
         log(f"Resuming from {resume_from} (epoch {start_epoch}, step {trainer.step}).")
-    else:
+    elif main:
         _clear_previous_run(run_dir, log)
+    dist_context.barrier()  # no rank starts before rank 0 has cleared the previous run
     del checkpoint
 
-    images = images.to(device)  # once: every step indexes it on the device
+    monitor = SampleMonitor(all_images, GRID_SIDE * GRID_SIDE, config.seed) if main else None
+    # Once: every step indexes this rank's slice on the device.
+    images = all_images[dist_context.rank :: world].to(device)
+    del all_images
     fixed_noise = torch.randn(
         GRID_SIDE * GRID_SIDE, spec.nz, generator=torch.Generator().manual_seed(config.seed)
     ).to(device)
     total_steps = config.epochs * steps_per_epoch
     grid_path: Path | None = None
     throughput = _Throughput()
+    writer = (
+        _tensorboard_writer(run_dir, trainer.step if start_epoch else None)
+        if main and config.tensorboard
+        else None
+    )
+    collapse_epochs: list[int] = []
     log(
-        f"Training {config.preset} ({spec.image_size}px) on {n_images} images, {device}, "
-        f"epochs {start_epoch + 1}..{config.epochs}, {steps_per_epoch} steps/epoch."
+        f"Training {config.preset} ({spec.image_size}px) on {n_images} images, {device}"
+        + (f" x {world} processes" if world > 1 else "")
+        + f", epochs {start_epoch + 1}..{config.epochs}, {steps_per_epoch} steps/epoch."
     )
 
     def record(epoch: int) -> StepStats | None:
@@ -835,66 +1080,117 @@ def train(
         }
         history.append(row)
         if not stats.is_finite():
-            write_history(history_path, history)
+            if main:
+                write_history(history_path, history)
             raise TrainingDiverged(epoch, trainer.step, stats.losses(), last_checkpoint)
+        if writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    writer.add_scalar(f"train/{key}", value, trainer.step)
         return stats
 
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        permutation = epoch_permutation(n_images, config.seed, epoch, device)
-        throughput.pause_until_now()
-        for batch in epoch_batches(images, permutation, config.batch_size, steps_per_epoch):
-            trainer(batch)
-            throughput.add(batch.shape[0])
-            if trainer.step % config.log_every_steps == 0:
-                record(epoch)
-            if on_progress is not None:
-                on_progress(trainer.step, total_steps)
-        record(epoch)  # flush, so a checkpoint is never written after an unseen NaN
-        last = history[-1]
-        log(
-            f"epoch {epoch}/{config.epochs} step {trainer.step}: loss_d={last['loss_d']:.4f} "
-            f"loss_g={last['loss_g']:.4f} D(x)={last['d_x']:.3f} D(G(z))={last['d_g_z']:.3f} "
-            f"{last['images_per_s']:.0f} img/s"
-        )
-        if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
-            state = {
-                "format": CHECKPOINT_FORMAT,
-                **trainer.state_dict(),
-                "rng": _rng_state(),
-                "epoch": epoch,
-                "spec": spec.to_dict(),
-                "config": config.to_dict(),
-                "hyperparameters": hyper,
-                "data_version": data_version,
-                "history": history,
-                "torch_version": str(torch.__version__),
-            }
-            last_checkpoint = _save_checkpoint(state, checkpoint_dir, epoch, config.keep_last)
-        if epoch % config.sample_every == 0 or epoch == config.epochs:
-            sampler = trainer.sampling_generator()
-            was_training = sampler.training
-            with torch.no_grad():
-                samples = sampler.eval()(fixed_noise)
-            sampler.train(was_training)
-            grid_path = save_image_grid(
-                samples, samples_dir / _epoch_name(epoch, ".png"), nrow=GRID_SIDE
+    try:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            permutation = epoch_permutation(
+                images.shape[0], config.seed, epoch, device, rank=dist_context.rank
             )
-        write_history(history_path, history)
+            throughput.pause_until_now()
+            for batch in epoch_batches(images, permutation, rank_batch, steps_per_epoch):
+                trainer(batch)
+                throughput.add(batch.shape[0] * world)
+                if trainer.step % config.log_every_steps == 0:
+                    record(epoch)
+                if on_progress is not None:
+                    on_progress(trainer.step, total_steps)
+            record(epoch)  # flush, so a checkpoint is never written after an unseen NaN
+            last = history[-1]
+            log(
+                f"epoch {epoch}/{config.epochs} step {trainer.step}: "
+                f"loss_d={last['loss_d']:.4f} loss_g={last['loss_g']:.4f} "
+                f"D(x)={last['d_x']:.3f} D(G(z))={last['d_g_z']:.3f} "
+                f"{last['images_per_s']:.0f} img/s"
+            )
+            if not main:
+                continue
+            is_best = False
+            if epoch % config.sample_every == 0 or epoch == config.epochs:
+                sampler = trainer.sampling_generator()
+                was_training = sampler.training
+                with torch.no_grad():
+                    samples = sampler.eval()(fixed_noise)
+                sampler.train(was_training)
+                grid_path = save_image_grid(
+                    samples, samples_dir / _epoch_name(epoch, ".png"), nrow=GRID_SIDE
+                )
+                assert monitor is not None
+                quality = monitor.measure(samples)
+                collapsed = is_collapse(
+                    quality["sample_diversity"], history[:-1], config.collapse_fraction
+                )
+                last.update(quality, collapse_warning=float(collapsed))
+                if collapsed:
+                    collapse_epochs.append(epoch)
+                    log(
+                        f"Warning: possible mode collapse at epoch {epoch}: sample diversity "
+                        f"{quality['sample_diversity']:.3f} fell below "
+                        f"{config.collapse_fraction:.0%} of its best so far "
+                        f"(samples/{_epoch_name(epoch, '.png')})."
+                    )
+                is_best = config.keep_best and (
+                    best is None or quality["sample_fd"] < best["sample_fd"]
+                )
+                if writer is not None:
+                    for key, value in quality.items():
+                        writer.add_scalar(f"samples/{key}", value, trainer.step)
+                    writer.add_image(
+                        "samples/fixed_noise",
+                        np.asarray(tensor_to_pil(samples, GRID_SIDE)),
+                        trainer.step,
+                        dataformats="HWC",
+                    )
+            if epoch % config.checkpoint_every == 0 or epoch == config.epochs:
+                if is_best:
+                    best = {"epoch": float(epoch), "sample_fd": last["sample_fd"]}
+                state = {
+                    "format": CHECKPOINT_FORMAT,
+                    **trainer.state_dict(),
+                    "rng": _rng_state(),
+                    "epoch": epoch,
+                    "spec": spec.to_dict(),
+                    "config": config.to_dict(),
+                    "hyperparameters": hyper,
+                    "data_version": data_version,
+                    "history": history,
+                    "best": best,
+                    "torch_version": str(torch.__version__),
+                }
+                last_checkpoint = _save_checkpoint(
+                    state, checkpoint_dir, epoch, config.keep_last, is_best=is_best
+                )
+            write_history(history_path, history)
+            if writer is not None:
+                writer.flush()
+    finally:
+        if writer is not None:
+            writer.close()
 
     latest = checkpoint_dir / LATEST_NAME
+    best_path = checkpoint_dir / BEST_NAME
     grids = sorted(samples_dir.glob("epoch-*.png"))
-    if grid_path is None and grids:
-        grid_path = grids[-1]
-    loss_plot = plot_history(history, run_dir / LOSS_PLOT_NAME) if history else None
-    gif = save_progress_gif(
-        grids,
-        run_dir / GIF_NAME,
-        config.gif_max_frames,
-        config.gif_frame_width,
-        config.gif_frame_ms,
-    )
-    if not history_path.exists():
-        write_history(history_path, history)
+    loss_plot = gif = None
+    if main:
+        if grid_path is None and grids:
+            grid_path = grids[-1]
+        loss_plot = plot_history(history, run_dir / LOSS_PLOT_NAME) if history else None
+        gif = save_progress_gif(
+            grids,
+            run_dir / GIF_NAME,
+            config.gif_max_frames,
+            config.gif_frame_width,
+            config.gif_frame_ms,
+        )
+        if not history_path.exists():
+            write_history(history_path, history)
     final = {k: history[-1][k] for k in ("loss_d", "loss_g", "d_x", "d_g_z")} if history else {}
     return TrainResult(
         run_dir=run_dir,
@@ -908,4 +1204,7 @@ def train(
         gif_path=gif,
         history_path=history_path,
         device=str(device),
+        best_checkpoint_path=best_path if best_path.is_file() else None,
+        tensorboard_dir=run_dir / TENSORBOARD_DIR if writer is not None else None,
+        collapse_epochs=collapse_epochs,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from carmodels import dedup, evaluate, scrape, shards, train
-from pipelines.metadata import counts_table, frame_preview, image_preview, rate_logger
+from pipelines.metadata import counts_table, frame_preview, image_preview, previews, rate_logger
 from pipelines.resources import PipelineSettings, StorageResource
 
 #: Asset group shown in the UI.
@@ -352,6 +352,12 @@ def train_dcgan(
 class EvaluateDcganConfig(dg.Config):
     n_samples: int = evaluate.EvalConfig.n_samples
     seed: int = evaluate.EvalConfig.seed
+    #: Inception weights for FID/KID (default: $CARMODELS_INCEPTION_WEIGHTS, then the torch cache).
+    inception_weights: str | None = None
+    #: Images per side for FID/KID (default: 10,000 on a GPU, fewer on a CPU).
+    fid_samples: int | None = None
+    #: Never try to download the Inception weights.
+    offline: bool = False
 
 
 @dg.asset(group_name=GROUP, code_version="1", deps=[train_dcgan], kinds={"pytorch"}, pool="gpu")
@@ -367,11 +373,18 @@ def evaluate_dcgan(
             description=f"No checkpoint in {layout.train_dir}: materialise `train_dcgan` first.",
             allow_retries=False,
         )
+    fid_config = replace(
+        evaluate.FidConfig(),
+        weights_path=config.inception_weights,
+        n_samples=config.fid_samples,
+        download=not config.offline,
+    )
     result = evaluate.evaluate(
         checkpoint,
         layout.shards_dir,
         layout.eval_dir,
-        evaluate.EvalConfig(n_samples=config.n_samples, seed=config.seed),
+        evaluate.EvalConfig(n_samples=config.n_samples, seed=config.seed, fid_config=fid_config),
+        log=context.log.info,
     )
     numeric = {
         k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)
@@ -379,10 +392,20 @@ def evaluate_dcgan(
     return dg.MaterializeResult(
         metadata={
             **numeric,
+            "fid_computed": bool(result.fid_record.get("computed")),
+            "fid_record": dg.MetadataValue.json(result.fid_record),
+            "type_mix": dg.MetadataValue.json(
+                {k: result.type_record.get(k) for k in ("type_mix_real_val", "type_mix_generated")}
+            ),
             "metrics": dg.MetadataValue.json(result.metrics),
             "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
-            "preview": image_preview(result.samples_path),
-            "losses": image_preview(result.loss_plot_path),
+            **previews(
+                preview=result.samples_path,
+                losses=result.loss_plot_path,
+                nearest=result.nearest_path,
+                interpolation=result.interpolation_path,
+                history=layout.eval_dir / "history.png",
+            ),
             "dagster/uri": str(layout.eval_dir.resolve()),
         }
     )

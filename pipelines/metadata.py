@@ -34,6 +34,13 @@ def image_preview(path: str | Path, max_side: int = PREVIEW_MAX_SIDE) -> dg.Meta
     return dg.MetadataValue.md(image_markdown(path, max_side))
 
 
+def previews(**paths: str | Path | None) -> dict[str, dg.MetadataValue]:
+    """Inline previews of the images that exist (a stage may skip a picture it cannot draw)."""
+    return {
+        key: image_preview(path) for key, path in paths.items() if path and Path(path).is_file()
+    }
+
+
 def rate_logger(
     log: Callable[[str], None], what: str, interval_s: float = PROGRESS_LOG_INTERVAL_S
 ) -> Callable[[int, int], None]:

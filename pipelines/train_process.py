@@ -33,11 +33,24 @@ def _run(pipes: PipesContext) -> None:
         "device": result.device,
         "images_per_s": round(result.images_per_s, 1),
         **{f"final_{k}": round(float(v), 4) for k, v in result.final_losses.items()},
+        "collapse_warnings": len(result.collapse_epochs),
         "checkpoint": {"raw_value": str(Path(result.checkpoint_path).resolve()), "type": "path"},
         "preview": {"raw_value": image_markdown(result.grid_path), "type": "md"},
         "losses": {"raw_value": image_markdown(result.loss_plot_path), "type": "md"},
         "dagster/uri": str(Path(extras["out_dir"]).resolve()),
     }
+    if result.tensorboard_dir is not None:
+        metadata["tensorboard"] = {
+            "raw_value": str(Path(result.tensorboard_dir).resolve()),
+            "type": "path",
+        }
+    if result.best_checkpoint_path is not None:
+        metadata["best_checkpoint"] = {
+            "raw_value": str(Path(result.best_checkpoint_path).resolve()),
+            "type": "path",
+        }
+    for epoch in result.collapse_epochs:
+        pipes.log.warning(f"sample diversity collapsed at epoch {epoch}: see history.csv")
     pipes.report_asset_materialization(metadata=metadata)
 
 

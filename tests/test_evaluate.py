@@ -21,9 +21,30 @@ from carmodels.evaluate import (
     mean_pairwise_rms,
     pixel_features,
 )
+from carmodels.fid import FidConfig
+from carmodels.promotion import HISTORY_FILE, read_history
 from carmodels.train import TrainConfig, train
+from tests.test_classifier import TINY, write_labelled_shards
+from tests.test_fid import random_inception  # noqa: F401 (fixture)
 
 SIZE = 32
+
+
+def _config(**kwargs: object) -> EvalConfig:
+    """Offline and small: no download attempt, a few FID samples, a tiny classifier."""
+    fid = FidConfig(download=False, n_samples=kwargs.pop("fid_samples", 8))  # type: ignore[arg-type]
+    return EvalConfig(device="cpu", fid_config=fid, classifier_config=TINY, **kwargs)  # type: ignore[arg-type]
+
+
+#: Null in these runs: no Inception weights, and the synthetic shards carry no type labels.
+LEARNED_METRICS = {
+    "fid",
+    "kid_mean",
+    "kid_std",
+    "type_fd",
+    "type_overlap",
+    "type_classifier_val_accuracy",
+}
 
 
 def _write_shards(shards_dir: Path, n_images: int, val_every: int | None) -> Path:
@@ -65,11 +86,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def test_evaluate_writes_files_and_finite_metrics(run: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, shards = run
-    result = evaluate(checkpoint, shards, tmp_path, EvalConfig(n_samples=16, device="cpu"))
+    result = evaluate(checkpoint, shards, tmp_path, _config(n_samples=16))
     for path in (result.samples_path, result.loss_plot_path, result.nearest_path):
         assert path is not None and path.stat().st_size > 0
     on_disk = json.loads(result.metrics_path.read_text())
-    for name in METRIC_DEFINITIONS:
+    for name in set(METRIC_DEFINITIONS) - LEARNED_METRICS:
         value = result.metrics[name]
         assert value is not None and math.isfinite(value), name
         assert on_disk[name] == pytest.approx(value)
@@ -81,7 +102,7 @@ def test_evaluate_writes_files_and_finite_metrics(run: tuple[Path, Path], tmp_pa
 
 def test_evaluate_is_deterministic(run: tuple[Path, Path], tmp_path: Path) -> None:
     checkpoint, shards = run
-    config = EvalConfig(n_samples=8, device="cpu")
+    config = _config(n_samples=8)
     first = evaluate(checkpoint, shards, tmp_path / "a", config).metrics
     assert evaluate(checkpoint, shards, tmp_path / "b", config).metrics == first
 
@@ -89,7 +110,7 @@ def test_evaluate_is_deterministic(run: tuple[Path, Path], tmp_path: Path) -> No
 def test_without_val_split_val_metrics_are_null(tmp_path: Path, run: tuple[Path, Path]) -> None:
     checkpoint, _ = run
     shards = _write_shards(tmp_path / "train_only", n_images=12, val_every=None)
-    metrics = evaluate(checkpoint, shards, tmp_path / "out", EvalConfig(n_samples=4)).metrics
+    metrics = evaluate(checkpoint, shards, tmp_path / "out", _config(n_samples=4)).metrics
     assert metrics["pixel_fd_16"] is None and metrics["nn_ratio"] is None
     assert math.isfinite(metrics["nn_generated_to_train"])
 
@@ -124,7 +145,55 @@ def test_a_generator_that_copies_training_images_is_flagged(
     monkeypatch.setattr(
         "carmodels.evaluate.sample_images", lambda generator, n, *args, **kwargs: copies[:n]
     )
-    metrics = evaluate(checkpoint, shards, tmp_path, EvalConfig(n_samples=8)).metrics
+    metrics = evaluate(checkpoint, shards, tmp_path, _config(n_samples=8)).metrics
     assert metrics["nn_generated_to_train"] == pytest.approx(0.0, abs=1e-3)  # cdist via matmul
     assert metrics["nn_ratio"] == pytest.approx(0.0, abs=1e-3)  # cdist via matmul
     assert metrics["nn_val_to_train"] > 0.1
+
+
+def test_pictures_records_and_history(run: tuple[Path, Path], tmp_path: Path) -> None:
+    checkpoint, shards = run
+    config = _config(n_samples=8, n_nearest_shown=4, n_neighbours=2)
+    result = evaluate(checkpoint, shards, tmp_path, config)
+    assert set(result.sample_grids) == {"ema", "raw"}
+    assert result.samples_path == result.sample_grids["ema"]
+    from PIL import Image
+
+    with Image.open(result.sample_grids["raw"]) as grid:  # 8 x 8 images of 32 px, 2 px padding
+        assert grid.size == (8 * 34 + 2, 8 * 34 + 2)
+    with Image.open(result.nearest_path) as grid:  # 4 rows: generated + 2 nearest
+        assert grid.size == (3 * 34 + 2, 4 * 34 + 2)
+    with Image.open(result.interpolation_path) as strip:
+        assert strip.size == (
+            config.interpolation_steps * 34 + 2,
+            config.interpolation_rows * 34 + 2,
+        )
+    assert result.metrics["fid"] is None and result.fid_record["computed"] is False
+    assert "looked for" in result.fid_record["reason"] and result.fid_record["how_to_supply"]
+    assert result.type_record["computed"] is False and "type" in result.type_record["reason"]
+    evaluate(checkpoint, shards, tmp_path, config)
+    history = read_history(tmp_path / HISTORY_FILE)
+    assert len(history) == 2 and (tmp_path / "history.png").stat().st_size > 0
+
+
+def test_learned_metrics_with_labels_and_inception_weights(
+    tmp_path: Path,
+    random_inception: Path,  # noqa: F811
+) -> None:
+    torch.set_num_threads(1)
+    shards = write_labelled_shards(tmp_path / "shards")
+    trained = train(
+        shards,
+        tmp_path / "run",
+        TrainConfig(preset="tiny", image_size=16, epochs=1, batch_size=8, device="cpu"),
+    )
+    config = _config(n_samples=8, fid_samples=6)
+    config.fid_config.weights_path = str(random_inception)
+    result = evaluate(trained.checkpoint_path, shards, tmp_path / "eval", config)
+    for name in LEARNED_METRICS:
+        assert result.metrics[name] is not None and math.isfinite(result.metrics[name]), name
+    assert result.fid_record["n_generated"] == 6 and result.fid_record["n_real"] == 6
+    assert result.fid_record["real_split"] == "val"
+    on_disk = json.loads(result.metrics_path.read_text())
+    assert on_disk["fid_record"]["weights"]["sha256"] == result.fid_record["weights"]["sha256"]
+    assert on_disk["type_record"]["classifier_n_val"] == 12

@@ -40,7 +40,12 @@ def materialised(tmp_path_factory: pytest.TempPathFactory):
                 "pipes_subprocess_client": dg.PipesSubprocessClient(),
             },
             instance=instance,
-            run_config={"ops": {"train_dcgan": {"config": {"epochs": 2}}}},
+            run_config={
+                "ops": {
+                    "train_dcgan": {"config": {"epochs": 2}},
+                    "evaluate_dcgan": {"config": {"offline": True}},
+                }
+            },
         )
         assert result.success
         metadata = {
@@ -108,7 +113,7 @@ def test_shards_checkpoint_and_grid(materialised) -> None:
     # The demo profile trains the `small` preset at 64 px on the 128 px shards.
     assert tuple(sample.shape) == (2, 3, 64, 64)
 
-    with Image.open(layout.eval_dir / "samples.png") as grid:
+    with Image.open(layout.eval_dir / "samples_ema.png") as grid:
         # 8 x 8 generated images with torchvision's 2 px padding.
         side = 8 * spec.image_size + 9 * 2
         assert grid.size == (side, side)

@@ -20,6 +20,7 @@ from carmodels.train import (
     TrainConfig,
     TrainingDiverged,
     epoch_permutation,
+    is_collapse,
     load_checkpoint,
     load_generator,
     train,
@@ -78,7 +79,18 @@ def test_train_writes_every_artefact(shards: Path, tmp_path: Path) -> None:
     assert result.epochs_completed == 3 and result.steps == 9
     assert progress[-1] == (9, 9)
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert checkpoints == ["epoch-0002.pt", "epoch-0003.pt", "latest.pt"]  # pruned to 2
+    # Pruned to the last 2 epochs, plus latest and best (links, never pruned).
+    assert checkpoints == ["best.pt", "epoch-0002.pt", "epoch-0003.pt", "latest.pt"]
+    assert result.best_checkpoint_path == tmp_path / "checkpoints" / "best.pt"
+    best_epoch = load_checkpoint(result.best_checkpoint_path)["best"]["epoch"]
+    with open(result.history_path, newline="") as f:
+        epoch_rows = [r for r in csv.DictReader(f) if r["sample_fd"]]
+    assert [int(float(r["epoch"])) for r in epoch_rows] == [1, 2, 3]
+    fds = [float(r["sample_fd"]) for r in epoch_rows]
+    assert best_epoch == 1 + fds.index(min(fds))
+    assert all(float(r["sample_diversity"]) > 0.0 for r in epoch_rows)
+    assert result.tensorboard_dir is not None
+    assert any(result.tensorboard_dir.glob("events.out.tfevents.*"))
     assert result.checkpoint_path == tmp_path / "checkpoints" / "latest.pt"
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         f"epoch-000{e}.png" for e in (1, 2, 3)
@@ -140,6 +152,38 @@ def test_resume_is_exact(shards: Path, tmp_path: Path) -> None:
     )
 
 
+def test_resume_is_exact_with_augmentation_and_smoothing(shards: Path, tmp_path: Path) -> None:
+    options = {"diffaugment": "color,translation,cutout", "label_smoothing": 0.1}
+    straight = train(shards, tmp_path / "straight", tiny_config(epochs=2, **options))
+    plain = train(shards, tmp_path / "plain", tiny_config(epochs=2))
+    train(shards, tmp_path / "resumed", tiny_config(epochs=1, **options))
+    resumed = train(shards, tmp_path / "resumed", tiny_config(epochs=2, **options), resume=True)
+    expected, actual = _state(straight.checkpoint_path), _state(resumed.checkpoint_path)
+    for name, tensor in expected["generator"].items():
+        assert torch.equal(tensor, actual["generator"][name]), name
+    # The options change training (else this test could not tell them apart).
+    weight = "project.0.weight"
+    assert not torch.equal(
+        expected["generator"][weight], _state(plain.checkpoint_path)["generator"][weight]
+    )
+
+
+def test_collapse_is_a_sharp_fall_from_the_best_diversity() -> None:
+    history = [{"step": 1.0}, {"step": 2.0, "sample_diversity": 0.8}, {"sample_diversity": 0.5}]
+    assert not is_collapse(0.9, [], 0.5)  # nothing to compare with yet
+    assert not is_collapse(0.41, history, 0.5)
+    assert is_collapse(0.39, history, 0.5)
+
+
+def test_new_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="label_smoothing"):
+        TrainConfig(label_smoothing=0.7)
+    with pytest.raises(ValueError, match="DiffAugment policy"):
+        TrainConfig(diffaugment="colour")
+    with pytest.raises(ValueError, match="collapse_fraction"):
+        TrainConfig(collapse_fraction=1.5)
+
+
 def test_different_seeds_train_differently(shards: Path, tmp_path: Path) -> None:
     a = train(shards, tmp_path / "a", tiny_config(epochs=1, seed=1))
     b = train(shards, tmp_path / "b", tiny_config(epochs=1, seed=2))
@@ -172,6 +216,7 @@ def test_fresh_run_replaces_previous_outputs(shards: Path, tmp_path: Path) -> No
     train(shards, tmp_path, tiny_config(epochs=2))
     result = train(shards, tmp_path, tiny_config(epochs=1))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best.pt",
         "epoch-0001.pt",
         "latest.pt",
     ]

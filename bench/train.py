@@ -1,0 +1,243 @@
+"""CPU training throughput: the seed's own setup against the carmodels training step.
+
+Both sides train the ``seed`` model (128 px, SELU, no batch norm, the 2019 hyperparameters)
+on the same photos, in one process, alternating in rounds so that a change in machine load
+hits both alike:
+
+* **seed loop**: what the 2019 code did, after pytorch/examples/dcgan: torchvision
+  ``ImageFolder`` + ``DataLoader`` (2 workers) decoding and resizing JPEGs every step
+  (Resize + CenterCrop to 128, Normalize), fp32 NCHW, D ending in ``Sigmoid`` with
+  ``BCELoss``, D run separately on the real and fake batch, D's weight gradients computed in
+  the G step too, and a ``.item()`` read of the losses every step;
+* **carmodels**: :class:`carmodels.train.TrainStep`, the step ``carmodels train`` runs, on
+  the same images decoded once into a uint8 tensor (as the trainer holds its shards).
+
+After a warm-up, each round times ``--steps`` steps of each; the summary uses the medians
+over rounds and prints the spread. Last line::
+
+    train: carmodels X img/s, seed loop Y img/s, ratio R
+
+Usage: ``python bench/train.py [--images DIR] [--batch-size 32] [--rounds 3] [--steps 2]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
+
+from carmodels.models import (  # noqa: E402
+    build_discriminator,
+    build_generator,
+    count_flops_per_image,
+    get_preset,
+)
+from carmodels.train import TrainStep, epoch_batches, epoch_permutation  # noqa: E402
+
+DEFAULT_IMAGES = Path("/work/shared/data/cars-sample/images")
+IMAGE_SIZE = 128
+PRESET = "seed"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def seed_transform() -> object:
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Resize(IMAGE_SIZE),
+            transforms.CenterCrop(IMAGE_SIZE),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+
+
+def image_folder(images_dir: Path, workdir: Path) -> object:
+    """``ImageFolder`` over a flat folder of photos: it wants one sub-folder per class, so
+    link the folder in as the single class ``cars`` (nothing is copied)."""
+    from torchvision.datasets import ImageFolder
+
+    root = workdir / "imagefolder"
+    root.mkdir()
+    (root / "cars").symlink_to(images_dir.resolve(), target_is_directory=True)
+    return ImageFolder(str(root), transform=seed_transform())
+
+
+def endless(loader: object) -> Iterator[torch.Tensor]:
+    while True:
+        for images, _ in loader:  # type: ignore[attr-defined]
+            yield images
+
+
+class SeedLoop:
+    """The 2019 training step (pytorch/examples/dcgan style)."""
+
+    def __init__(self, batches: Iterator[torch.Tensor]) -> None:
+        preset = get_preset(PRESET)
+        torch.manual_seed(0)
+        self.net_g = build_generator(preset.spec)
+        self.net_d = nn.Sequential(build_discriminator(preset.spec), nn.Sigmoid())
+        self.criterion = nn.BCELoss()
+        betas = (preset.beta1, preset.beta2)
+        self.opt_g = torch.optim.Adam(self.net_g.parameters(), lr=preset.lr_g, betas=betas)
+        self.opt_d = torch.optim.Adam(self.net_d.parameters(), lr=preset.lr_d, betas=betas)
+        self.nz = preset.spec.nz
+        self.batches = batches
+
+    def step(self) -> int:
+        real = next(self.batches)
+        n = real.shape[0]
+        real_label, fake_label = torch.full((n,), 1.0), torch.full((n,), 0.0)
+        self.net_d.zero_grad()
+        output = self.net_d(real)
+        err_d_real = self.criterion(output, real_label)
+        err_d_real.backward()
+        d_x = output.mean().item()
+        fake = self.net_g(torch.randn(n, self.nz, 1, 1))
+        output = self.net_d(fake.detach())
+        err_d_fake = self.criterion(output, fake_label)
+        err_d_fake.backward()
+        self.opt_d.step()
+        self.net_g.zero_grad()
+        output = self.net_d(fake)
+        err_g = self.criterion(output, real_label)
+        err_g.backward()
+        self.opt_g.step()
+        # The seed printed these every step.
+        _ = (err_d_real + err_d_fake).item(), err_g.item(), d_x, output.mean().item()
+        return n
+
+
+class CarmodelsLoop:
+    """carmodels.train.TrainStep on images decoded once into a uint8 tensor."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
+        preset = get_preset(PRESET)
+        self.trainer = TrainStep.create(
+            preset.spec,
+            lr_g=preset.lr_g,
+            lr_d=preset.lr_d,
+            beta1=preset.beta1,
+            beta2=preset.beta2,
+            device=torch.device("cpu"),
+            amp_dtype=None,  # no native bf16 on most CPUs: see docs/BENCHMARKS.md
+            channels_last=True,
+            compile=False,
+            ema_decay=0.999,
+            seed=0,
+        )
+        self.images, self.batch_size = images, batch_size
+        self.batches = self._batches()
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        cpu, epoch = torch.device("cpu"), 0
+        steps = self.images.shape[0] // self.batch_size
+        while True:
+            epoch += 1
+            permutation = epoch_permutation(self.images.shape[0], 0, epoch, cpu)
+            yield from epoch_batches(self.images, permutation, self.batch_size, steps)
+
+    def step(self) -> int:
+        batch = next(self.batches)
+        self.trainer(batch)
+        return batch.shape[0]
+
+    def finish(self) -> None:
+        self.trainer.drain()  # the trainer reads its losses every few steps
+
+
+def decode_once(dataset: object) -> torch.Tensor:
+    """Every image through the seed's transform, back to uint8 (what the shards hold)."""
+    tensors = [dataset[i][0] for i in range(len(dataset))]  # type: ignore[arg-type]
+    return torch.stack(tensors).add_(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def timed(loop: SeedLoop | CarmodelsLoop, steps: int) -> float:
+    start, images = time.perf_counter(), 0
+    for _ in range(steps):
+        images += loop.step()
+    if isinstance(loop, CarmodelsLoop):
+        loop.finish()
+    return images / (time.perf_counter() - start)
+
+
+def spread(rates: list[float]) -> str:
+    return f"median {statistics.median(rates):.1f}, min {min(rates):.1f}, max {max(rates):.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of photos")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each loop")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per loop and round")
+    parser.add_argument("--max-images", type=int, default=512, help="photos decoded for both")
+    args = parser.parse_args(argv)
+
+    if not args.images.is_dir():
+        print(
+            f"bench/train.py: error: no image folder at {args.images}; pass --images DIR "
+            "(a folder of car photos, e.g. ../shared/data/cars-sample/images).",
+            file=sys.stderr,
+        )
+        return 2
+    n_photos = sum(1 for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if n_photos < args.batch_size:
+        print(
+            f"bench/train.py: error: {args.images} holds {n_photos} photos, fewer than "
+            f"--batch-size {args.batch_size}.",
+            file=sys.stderr,
+        )
+        return 2
+
+    with tempfile.TemporaryDirectory() as workdir:
+        dataset = image_folder(args.images, Path(workdir))
+        subset = torch.utils.data.Subset(dataset, range(min(args.max_images, len(dataset))))
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True
+        )
+        seed = SeedLoop(endless(loader))
+        carmodels = CarmodelsLoop(decode_once(subset), args.batch_size)
+
+        print(
+            f"seed preset, {IMAGE_SIZE}px, batch {args.batch_size}, {len(subset)} photos from "
+            f"{args.images}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        )
+        for loop in (seed, carmodels):
+            timed(loop, args.warmup)
+        seed_rates, carmodels_rates = [], []
+        for round_index in range(1, args.rounds + 1):
+            seed_rates.append(timed(seed, args.steps))
+            carmodels_rates.append(timed(carmodels, args.steps))
+            print(
+                f"round {round_index}: seed loop {seed_rates[-1]:.1f} img/s, "
+                f"carmodels {carmodels_rates[-1]:.1f} img/s",
+                flush=True,
+            )
+        del loader
+
+    gflop = count_flops_per_image(PRESET) / 1e9
+    ours, theirs = statistics.median(carmodels_rates), statistics.median(seed_rates)
+    ratios = [c / s for c, s in zip(carmodels_rates, seed_rates, strict=True)]
+    print(f"seed loop img/s: {spread(seed_rates)}")
+    print(f"carmodels img/s: {spread(carmodels_rates)} ({ours * gflop:.0f} GFLOP/s)")
+    print(f"per-round ratio: {spread(ratios)}")
+    ratio = ours / theirs
+    print(f"train: carmodels {ours:.1f} img/s, seed loop {theirs:.1f} img/s, ratio {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""Assets that use the trained generator: new designs with latent walks, and restoration.
+
+Both read the generator checkpoint from the storage layout, like `evaluate_dcgan`, and write
+under the storage root: ``designs/`` and ``restoration/``.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+
+from carmodels import generate, promotion, restoration_eval, restore
+from carmodels.layout import DataLayout
+from pipelines.metadata import image_preview, rate_logger
+from pipelines.resources import StorageResource
+
+GROUP = "carmodels"
+#: Folders under the storage root.
+DESIGNS_DIR = "designs"
+RESTORATION_DIR = "restoration"
+#: The asset whose checkpoint these assets read: the generator in use.
+GENERATOR_ASSET = "champion_generator"
+
+
+def _generator_checkpoint(layout: DataLayout) -> Path:
+    """The champion's checkpoint: the generator that won its evaluation."""
+    checkpoint = promotion.champion_checkpoint(layout.champion_dir)
+    if checkpoint is None or not checkpoint.is_file():
+        raise dg.Failure(
+            description=(
+                f"No champion generator under {layout.champion_dir}: materialise "
+                f"`{GENERATOR_ASSET}` (it promotes the evaluated `train_dcgan` checkpoint "
+                "when it beats the champion, or when there is none yet) with this storage "
+                "root first, e.g. `dagster asset materialize --select '*champion_generator'`."
+            ),
+            allow_retries=False,
+        )
+    return checkpoint
+
+
+# --------------------------------------------------------------------------- design_samples
+
+
+class DesignSamplesConfig(dg.Config):
+    n: int = 64
+    seed: int = 0
+    truncation: float | None = None
+    #: The latent walk goes from the first design of one seed to the first of the other.
+    interpolate_seeds: list[int] = [0, 1]
+    interpolation_steps: int = 8
+    device: str = "auto"
+
+
+@dg.asset(group_name=GROUP, code_version="1", deps=[GENERATOR_ASSET], kinds={"pytorch"}, pool="gpu")
+def design_samples(
+    context: dg.AssetExecutionContext, config: DesignSamplesConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """New car designs from the generator: a grid, one PNG each, and latent-space walks."""
+    if len(config.interpolate_seeds) != 2:
+        raise dg.Failure(
+            description=f"interpolate_seeds must hold two seeds, got {config.interpolate_seeds}",
+            allow_retries=False,
+        )
+    layout = storage.layout
+    checkpoint = _generator_checkpoint(layout)
+    out = layout.root / DESIGNS_DIR
+    designs = generate.generate(
+        checkpoint,
+        n=config.n,
+        seed=config.seed,
+        out_dir=out,
+        truncation=config.truncation,
+        device=config.device,
+    )
+    seed_a, seed_b = config.interpolate_seeds
+    walk = generate.interpolate(
+        checkpoint,
+        seed_a,
+        seed_b,
+        steps=config.interpolation_steps,
+        out_dir=out,
+        truncation=config.truncation,
+        device=config.device,
+    )
+    context.log.info(f"{designs.n} designs and {len(walk.strip_paths)} latent walks in {out}")
+    return dg.MaterializeResult(
+        metadata={
+            "n_designs": designs.n,
+            "seed": designs.seed,
+            "truncation": str(designs.truncation),
+            "weights": designs.weights,
+            "checkpoint_epoch": designs.epoch,
+            "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
+            "preview": image_preview(designs.grid_path),
+            "walk_linear": image_preview(walk.strip_paths["linear"], max_side=1024),
+            "walk_spherical": image_preview(walk.strip_paths["spherical"], max_side=1024),
+            "dagster/uri": str(out.resolve()),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- restoration
+
+
+class RestorationExamplesConfig(dg.Config):
+    n_images: int = restoration_eval.RestorationEvalConfig.n_images
+    seed: int = restoration_eval.RestorationEvalConfig.seed
+    restarts: int = restore.RestoreConfig.restarts
+    steps: int = restore.RestoreConfig.steps
+    finetune_steps: int = restore.DEFAULT_FINETUNE_STEPS
+    device: str = "auto"
+
+
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    deps=[GENERATOR_ASSET, "car_shards"],
+    kinds={"pytorch"},
+    pool="gpu",
+)
+def restoration_examples(
+    context: dg.AssetExecutionContext, config: RestorationExamplesConfig, storage: StorageResource
+) -> dg.MaterializeResult:
+    """Inpainting, denoising and upscaling of validation photos, scored against baselines."""
+    layout = storage.layout
+    checkpoint = _generator_checkpoint(layout)
+    out = layout.root / RESTORATION_DIR
+    eval_config = restoration_eval.RestorationEvalConfig(
+        n_images=config.n_images,
+        seed=config.seed,
+        restore=restore.RestoreConfig(
+            restarts=config.restarts,
+            steps=config.steps,
+            finetune_steps=config.finetune_steps,
+            device=config.device,
+        ),
+    )
+    result = restoration_eval.evaluate_restoration(
+        checkpoint,
+        layout.shards_dir,
+        out,
+        eval_config,
+        on_progress=rate_logger(context.log.info, "restoration cases"),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "table": dg.MetadataValue.md(restoration_eval.format_table(result.table)),
+            "n_images": result.n_images,
+            "image_size": result.image_size,
+            "model_image_size": result.model_size,
+            "elapsed_s": round(result.elapsed_s, 1),
+            "columns": ", ".join(restoration_eval.PREVIEW_COLUMNS),
+            "preview": image_preview(result.preview_path, max_side=1024),
+            "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
+            "dagster/uri": str(out.resolve()),
+        }
+    )
+
+
+DESIGN_ASSETS = [design_samples, restoration_examples]
