@@ -25,7 +25,7 @@ def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[
     return rate_logger(context.log.info, what)
 
 
-def _require(path: Path, upstream: str, what: str) -> None:
+def require_upstream(path: Path, upstream: str, what: str) -> None:
     """Fail with a message that names the upstream asset to materialise."""
     if not path.exists():
         raise dg.Failure(
@@ -138,7 +138,7 @@ def raw_images(
 ) -> dg.MaterializeResult:
     """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome."""
     layout = storage.layout
-    _require(layout.manifest_path, "listing_manifest", "The listing manifest")
+    require_upstream(layout.manifest_path, "listing_manifest", "The listing manifest")
     manifest = scrape.read_manifest(layout.manifest_path)
     scrape_config = scrape.ScrapeConfig(
         concurrency=config.concurrency,
@@ -190,7 +190,7 @@ def unique_images(
 ) -> dg.MaterializeResult:
     """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
     layout = storage.layout
-    _require(layout.raw_dir, "raw_images", "Raw image shards")
+    require_upstream(layout.raw_dir, "raw_images", "Raw image shards")
     result = dedup.deduplicate(
         layout.raw_dir,
         layout.unique_dir,
@@ -234,7 +234,7 @@ def car_shards(
 ) -> dg.MaterializeResult:
     """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
     layout = storage.layout
-    _require(layout.unique_dir, "unique_images", "The de-duplicated image index")
+    require_upstream(layout.unique_dir, "unique_images", "The de-duplicated image index")
     result = shards.build_shards(
         layout.unique_dir,
         layout.raw_dir,
@@ -310,7 +310,7 @@ def train_dcgan(
 ) -> dg.MaterializeResult:
     """A DCGAN trained on the shards' train split: checkpoints and per-epoch sample grids."""
     layout = storage.layout
-    _require(layout.shards_dir / "summary.json", "car_shards", "The training shards")
+    require_upstream(layout.shards_dir / "summary.json", "car_shards", "The training shards")
     demo = settings.is_demo
     defaults = (
         train.TrainConfig(
@@ -376,7 +376,9 @@ def evaluate_dcgan(
     layout = storage.layout
     checkpoint = train.latest_checkpoint(layout.train_dir)
     if checkpoint is None:
-        _require(layout.train_dir / train.CHECKPOINT_DIR, "train_dcgan", "A trained checkpoint")
+        require_upstream(
+            layout.train_dir / train.CHECKPOINT_DIR, "train_dcgan", "A trained checkpoint"
+        )
         raise dg.Failure(
             description=f"No checkpoint in {layout.train_dir}: materialise `train_dcgan` first.",
             allow_retries=False,

@@ -16,7 +16,7 @@ import dagster as dg
 
 from carmodels import promotion
 from carmodels.fid import sha256_of
-from pipelines.assets import GROUP, _require, evaluate_dcgan
+from pipelines.assets import GROUP, evaluate_dcgan, require_upstream
 from pipelines.metadata import image_preview
 from pipelines.resources import StorageResource
 
@@ -49,7 +49,7 @@ def champion_generator(
     """The generator in use: replaced only when a newly evaluated one beats it."""
     layout = storage.layout
     metrics_path = layout.eval_dir / "metrics.json"
-    _require(metrics_path, "evaluate_dcgan", "The evaluation metrics")
+    require_upstream(metrics_path, "evaluate_dcgan", "The evaluation metrics")
     champion_dir = layout.champion_dir
     candidate = json.loads(metrics_path.read_text())
     checkpoint = Path(candidate["checkpoint"])
