@@ -316,14 +316,13 @@ def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
             "first."
         )
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
+    # The evaluation scores fine-tuning too, so it is on unless the user sets the steps.
+    finetune_steps = args.finetune_steps
+    if finetune_steps is None:
+        finetune_steps = restore.DEFAULT_FINETUNE_STEPS
     restore_config = restore.RestoreConfig(
-        finetune_steps=restore.DEFAULT_FINETUNE_STEPS,
-        **_given(
-            restarts=args.restarts,
-            steps=args.steps,
-            finetune_steps=args.finetune_steps,
-            device=args.device,
-        ),
+        finetune_steps=finetune_steps,
+        **_given(restarts=args.restarts, steps=args.steps, device=args.device),
     )
     config = restoration_eval.RestorationEvalConfig(
         restore=restore_config, **_given(n_images=args.n_images, seed=args.seed)

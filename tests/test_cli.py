@@ -84,3 +84,14 @@ def test_stages_chain_from_the_command_line(
     assert len(pngs) == 4
     with Image.open(pngs[0]) as image:
         assert image.size == (128, 128)
+
+
+def test_restore_eval_accepts_finetune_steps(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Setting --finetune-steps once raised "multiple values for keyword argument"; now the
+    # command gets as far as the (missing) checkpoint and says so.
+    missing = tmp_path / "missing.pt"
+    args = ["restore-eval", "--checkpoint", str(missing), "--finetune-steps", "5"]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
