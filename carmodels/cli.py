@@ -41,6 +41,19 @@ def _given(**kwargs: object) -> dict[str, object]:
     return {key: value for key, value in kwargs.items() if value is not None}
 
 
+def _checkpoint(args: argparse.Namespace, layout: DataLayout) -> Path:
+    """``--checkpoint``, else the newest checkpoint of the training run under ``--data``."""
+    from carmodels import train
+
+    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
+    if checkpoint is None:
+        raise SystemExit(
+            f"{args.command}: no checkpoint under {layout.train_dir}; pass --checkpoint or "
+            "train first."
+        )
+    return Path(checkpoint)
+
+
 def _print_counts(title: str, counts: dict[str, int]) -> None:
     print(f"{title}:")
     for key, value in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
@@ -215,13 +228,9 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
-    from carmodels import evaluate, train
+    from carmodels import evaluate
 
-    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
-    if checkpoint is None:
-        raise SystemExit(
-            f"evaluate: no checkpoint under {layout.train_dir}; pass --checkpoint or train first."
-        )
+    checkpoint = _checkpoint(args, layout)
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.eval_dir
     from carmodels.fid import FidConfig
@@ -247,13 +256,9 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, layout: DataLayout) -> int:
-    from carmodels import generate, train
+    from carmodels import generate
 
-    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
-    if checkpoint is None:
-        raise SystemExit(
-            f"generate: no checkpoint under {layout.train_dir}; pass --checkpoint or train first."
-        )
+    checkpoint = _checkpoint(args, layout)
     if args.interpolate:
         seed_a, seed_b = args.interpolate
         walk = generate.interpolate(
@@ -275,13 +280,9 @@ def cmd_generate(args: argparse.Namespace, layout: DataLayout) -> int:
 
 
 def cmd_restore(args: argparse.Namespace, layout: DataLayout) -> int:
-    from carmodels import restore, train
+    from carmodels import restore
 
-    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
-    if checkpoint is None:
-        raise SystemExit(
-            f"restore: no checkpoint under {layout.train_dir}; pass --checkpoint or train first."
-        )
+    checkpoint = _checkpoint(args, layout)
     finetune_steps = args.finetune_steps
     if finetune_steps is None and args.finetune:
         finetune_steps = restore.DEFAULT_FINETUNE_STEPS
@@ -307,14 +308,9 @@ def cmd_restore(args: argparse.Namespace, layout: DataLayout) -> int:
 
 
 def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
-    from carmodels import restoration_eval, restore, train
+    from carmodels import restoration_eval, restore
 
-    checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
-    if checkpoint is None:
-        raise SystemExit(
-            f"restore-eval: no checkpoint under {layout.train_dir}; pass --checkpoint or train "
-            "first."
-        )
+    checkpoint = _checkpoint(args, layout)
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     # The evaluation scores fine-tuning too, so it is on unless the user sets the steps.
     finetune_steps = args.finetune_steps
