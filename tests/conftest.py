@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import hashlib
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 #: The shared real data beside the repository (absent in a user's fresh clone).
@@ -24,3 +29,26 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_blocky_shards(folder: Path, splits: Sequence[str], size: int = 32, seed: int = 0) -> Path:
+    """One car shard of random 4x4 colour blocks scaled up to ``size`` px, one image a split.
+
+    The trainer, evaluation, generation and restoration tests train tiny models on these.
+    """
+    n_images = len(splits)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (n_images, 4, 4, 3), dtype=np.uint8)
+    images = blocks.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "image": [image.tobytes() for image in images],
+            "height": [size] * n_images,
+            "width": [size] * n_images,
+            "split": list(splits),
+            "sha256": [hashlib.sha256(image.tobytes()).hexdigest() for image in images],
+        }
+    )
+    pq.write_table(table, folder / "car-00000.parquet")
+    return folder

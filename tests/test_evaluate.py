@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -24,6 +21,7 @@ from carmodels.evaluate import (
 from carmodels.fid import FidConfig
 from carmodels.promotion import HISTORY_FILE, read_history
 from carmodels.train import TrainConfig, train
+from tests.conftest import write_blocky_shards
 from tests.test_classifier import TINY, write_labelled_shards
 from tests.test_fid import random_inception  # noqa: F401 (fixture)
 
@@ -48,23 +46,8 @@ LEARNED_METRICS = {
 
 
 def _write_shards(shards_dir: Path, n_images: int, val_every: int | None) -> Path:
-    rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (n_images, 4, 4, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)
     splits = ["val" if val_every and i % val_every == 0 else "train" for i in range(n_images)]
-    shards_dir.mkdir(parents=True)
-    pq.write_table(
-        pa.table(
-            {
-                "image": [a.tobytes() for a in images],
-                "height": [SIZE] * n_images,
-                "width": [SIZE] * n_images,
-                "split": splits,
-                "sha256": [hashlib.sha256(a.tobytes()).hexdigest() for a in images],
-            }
-        ),
-        shards_dir / "car-00000.parquet",
-    )
-    return shards_dir
+    return write_blocky_shards(shards_dir, splits, size=SIZE, seed=2)
 
 
 @pytest.fixture(scope="module")

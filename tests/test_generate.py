@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from carmodels.generate import generate, sample_noise
 from carmodels.train import TrainConfig, train
+from tests.conftest import write_blocky_shards
 
 SIZE = 32
 
@@ -21,21 +19,7 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("gen")
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, (24, 4, 4, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)
-    (root / "shards").mkdir()
-    pq.write_table(
-        pa.table(
-            {
-                "image": [a.tobytes() for a in images],
-                "height": [SIZE] * len(images),
-                "width": [SIZE] * len(images),
-                "split": ["train"] * len(images),
-                "sha256": [hashlib.sha256(a.tobytes()).hexdigest() for a in images],
-            }
-        ),
-        root / "shards" / "car-00000.parquet",
-    )
+    write_blocky_shards(root / "shards", ["train"] * 24, size=SIZE, seed=1)
     config = TrainConfig(
         preset="tiny",
         image_size=SIZE,

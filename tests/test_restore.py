@@ -3,15 +3,12 @@ is known, handles any image size, rejects bad masks, reproducible; evaluation wi
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -35,6 +32,7 @@ from carmodels.restore import (
     to_uint8,
 )
 from carmodels.train import TrainConfig, load_generator, train
+from tests.conftest import write_blocky_shards
 
 SIZE = 32
 #: Small enough for a 2-core CPU: a tiny 32 px generator, a few restarts and steps.
@@ -53,22 +51,7 @@ def one_thread() -> Iterator[None]:
 
 def write_shards(folder: Path, n: int = 36, n_val: int = 6, seed: int = 1) -> Path:
     """Blocky random 32 px images, the last ``n_val`` in the val split."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)
-    folder.mkdir(parents=True)
-    pq.write_table(
-        pa.table(
-            {
-                "image": [a.tobytes() for a in images],
-                "height": [SIZE] * n,
-                "width": [SIZE] * n,
-                "split": ["train"] * (n - n_val) + ["val"] * n_val,
-                "sha256": [hashlib.sha256(a.tobytes()).hexdigest() for a in images],
-            }
-        ),
-        folder / "car-00000.parquet",
-    )
-    return folder
+    return write_blocky_shards(folder, ["train"] * (n - n_val) + ["val"] * n_val, SIZE, seed)
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -25,6 +22,7 @@ from carmodels.train import (
     load_generator,
     train,
 )
+from tests.conftest import write_blocky_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
@@ -32,21 +30,8 @@ IMAGE_SIZE = 32
 
 def write_shards(shards_dir: Path, n_images: int, size: int = IMAGE_SIZE, seed: int = 0) -> Path:
     """Blocky random-colour images in one shard; every 5th image goes to the val split."""
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (n_images, 4, 4, 3), dtype=np.uint8)
-    images = blocks.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    table = pa.table(
-        {
-            "image": [image.tobytes() for image in images],
-            "height": [size] * n_images,
-            "width": [size] * n_images,
-            "split": ["val" if i % 5 == 0 else "train" for i in range(n_images)],
-            "sha256": [hashlib.sha256(image.tobytes()).hexdigest() for image in images],
-        }
-    )
-    pq.write_table(table, shards_dir / "car-00000.parquet")
-    return shards_dir
+    splits = ["val" if i % 5 == 0 else "train" for i in range(n_images)]
+    return write_blocky_shards(shards_dir, splits, size=size, seed=seed)
 
 
 @pytest.fixture(scope="module")
