@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -53,3 +54,13 @@ def atomic_write_parquet(
 def atomic_save_image(path: str | os.PathLike[str], image: Any, format: str = "PNG") -> Path:
     """Save a PIL image atomically (the format is explicit because the temp name has no suffix)."""
     return atomic_write(path, lambda tmp: image.save(tmp, format=format))
+
+
+def atomic_save_figure(path: str | os.PathLike[str], figure: Any, dpi: int = 100) -> Path:
+    """Save a matplotlib figure as PNG atomically, then close it (figures hold memory)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -12,7 +12,6 @@ then are older champion checkpoints removed. A reader sees the old champion or t
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -26,7 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from carmodels.fid import sha256_of
-from carmodels.io import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from carmodels.io import (
+    atomic_save_figure,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_parquet,
+)
 
 HISTORY_FILE = "history.parquet"
 HISTORY_PLOT = "history.png"
@@ -135,10 +139,7 @@ def plot_history(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path | No
     axes[-1].set_xlabel("evaluated at (UTC)")
     fig.autofmt_xdate()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_save_figure(path, fig)
 
 
 def record_evaluation(

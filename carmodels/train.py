@@ -48,7 +48,7 @@ from carmodels.distributed import (
     init_from_env,
     shutdown,
 )
-from carmodels.io import atomic_write, atomic_write_bytes
+from carmodels.io import atomic_save_figure, atomic_write, atomic_write_bytes
 from carmodels.models import (
     Discriminator,
     Generator,
@@ -789,10 +789,7 @@ def plot_history(history: list[dict[str, float]], path: str | os.PathLike[str]) 
     ax_prob.legend()
     ax_prob.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_save_figure(path, fig)
 
 
 def save_progress_gif(
