@@ -273,7 +273,7 @@ class TrainDcganConfig(dg.Config):
     """Training settings. Left unset, the model and schedule follow the profile.
 
     The `full` profile trains the seed's model (`seed` preset, 128 px, 170 epochs, batch 128);
-    the `demo` profile the `small` preset at 64 px for 120 epochs.
+    the `demo` profile the `small` preset at 64 px for 120 epochs (`$CARMODELS_DEMO_EPOCHS`).
     """
 
     preset: str | None = None
@@ -292,7 +292,6 @@ class TrainDcganConfig(dg.Config):
 #: learn recognisable scenes on a laptop CPU in a few minutes (see `carmodels.models.PRESETS`).
 DEMO_PRESET = "small"
 DEMO_IMAGE_SIZE = 64
-DEMO_EPOCHS = 120
 DEMO_BATCH_SIZE = 32
 #: A short run logs, samples and checkpoints less often per epoch than a long one needs to.
 DEMO_LOG_EVERY_STEPS = 20
@@ -316,7 +315,7 @@ def train_dcgan(
         train.TrainConfig(
             preset=DEMO_PRESET,
             image_size=DEMO_IMAGE_SIZE,
-            epochs=DEMO_EPOCHS,
+            epochs=settings.demo_epochs,
             batch_size=DEMO_BATCH_SIZE,
             log_every_steps=DEMO_LOG_EVERY_STEPS,
             checkpoint_every=DEMO_CHECKPOINT_EVERY,

@@ -19,6 +19,12 @@ PROFILE_ENV = "CARMODELS_PROFILE"
 #: Fixed port of the in-process demo catalog, so that image URLs stay valid across steps.
 DEMO_PORT_ENV = "CARMODELS_DEMO_PORT"
 DEFAULT_DEMO_PORT = 8765
+#: Environment variables that shrink the demo (fewer listings, fewer epochs), for a quick look
+#: at the UI and for the browser test; left unset, the demo runs at its documented size.
+DEMO_LISTINGS_ENV = "CARMODELS_DEMO_LISTINGS"
+DEMO_EPOCHS_ENV = "CARMODELS_DEMO_EPOCHS"
+#: Epochs the demo profile trains (see `pipelines.assets.DEMO_PRESET`).
+DEFAULT_DEMO_EPOCHS = 120
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -45,6 +51,7 @@ class PipelineSettings(dg.ConfigurableResource):
     demo_port: int = DEFAULT_DEMO_PORT
     demo_seed: int = 0
     demo_listings: int = DEFAULT_N_LISTINGS
+    demo_epochs: int = DEFAULT_DEMO_EPOCHS
 
     @property
     def is_demo(self) -> bool:
@@ -83,5 +90,21 @@ def _serving(base_url: str) -> bool:
 def default_settings() -> PipelineSettings:
     return PipelineSettings(
         profile=os.environ.get(PROFILE_ENV, "demo"),  # type: ignore[arg-type]
-        demo_port=int(os.environ.get(DEMO_PORT_ENV, DEFAULT_DEMO_PORT)),
+        demo_port=_int_env(DEMO_PORT_ENV, DEFAULT_DEMO_PORT),
+        demo_listings=_int_env(DEMO_LISTINGS_ENV, DEFAULT_N_LISTINGS),
+        demo_epochs=_int_env(DEMO_EPOCHS_ENV, DEFAULT_DEMO_EPOCHS),
     )
+
+
+def _int_env(name: str, default: int) -> int:
+    """A positive integer from the environment, with an error that names the variable."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise ValueError(f"${name} must be a positive integer, got {value!r}; unset it or fix it.")
+    return number
