@@ -27,6 +27,10 @@ DEFAULT_SUBDIR = "generated"
 INTERPOLATION_MODES: tuple[str, ...] = ("linear", "spherical")
 
 
+#: The grid of all generated designs, in the output folder.
+GRID_FILE = "grid.png"
+
+
 @dataclass
 class GenerateResult:
     out_dir: Path
@@ -91,7 +95,7 @@ def generate(
     )
     images = sample_images(generator, n, seed, batch_size, truncation)
 
-    grid_path = save_image_grid(images, out / "grid.png", nrow=max(1, round(n**0.5)))
+    grid_path = save_image_grid(images, out / GRID_FILE, nrow=max(1, round(n**0.5)))
     image_paths = []
     for index, image in enumerate(images):
         picture = tensor_to_pil(image[None], nrow=1, padding=0)

@@ -12,10 +12,26 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 
 from carmodels import dedup, evaluate, scrape, shards, train
+from carmodels.layout import (
+    EVAL_DIR,
+    MANIFEST_DIR,
+    RAW_DIR,
+    SHARDS_DIR,
+    TRAIN_DIR,
+    UNIQUE_DIR,
+)
+from carmodels.versioning import files_version, frame_version
 from pipelines.metadata import counts_table, frame_preview, image_preview, previews, rate_logger
 from pipelines.resources import PipelineSettings, StorageResource
+from pipelines.versioning import (
+    CachedConfig,
+    input_fingerprint,
+    unchanged_result,
+    versioned_result,
+)
 
 #: Asset group shown in the UI.
 GROUP = "carmodels"
@@ -25,9 +41,15 @@ def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[
     return rate_logger(context.log.info, what)
 
 
-def require_upstream(path: Path, upstream: str, what: str) -> None:
-    """Fail with a message that names the upstream asset to materialise."""
-    if not path.exists():
+def require_upstream(
+    path: Path | str, upstream: str, what: str, exists: bool | None = None
+) -> None:
+    """Fail with a message that names the upstream asset to materialise.
+
+    ``exists`` overrides the local check (a remote root answers for itself, see
+    `StorageResource.exists`); ``path`` is then the address shown in the message.
+    """
+    if not (Path(path).exists() if exists is None else exists):
         raise dg.Failure(
             description=(
                 f"{what} not found at {path}: the upstream asset `{upstream}` has not been "
@@ -61,7 +83,6 @@ def listing_manifest(
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     """A table of listings, one row per distinct image URL, with the listing's metadata."""
-    layout = storage.layout
     started = time.monotonic()
     if config.manifest_path:
         frame = scrape.read_manifest(
@@ -91,10 +112,16 @@ def listing_manifest(
             ),
             allow_retries=False,
         )
-    path = scrape.write_manifest(frame, layout.manifest_path)
+    with storage.working_copy(push=[MANIFEST_DIR]) as layout:
+        path = scrape.write_manifest(frame, layout.manifest_path)
+        # The source is re-read on every run (it is cheap), but the version is the content of
+        # the table as stored: an unchanged source leaves everything downstream in sync.
+        version = frame_version(pd.read_parquet(path))
     summary = scrape.manifest_summary(frame)
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
         metadata={
+            "data_version": version,
             "source": source,
             "rows": summary["rows"],
             "distinct_urls": summary["distinct_urls"],
@@ -102,16 +129,16 @@ def listing_manifest(
             "top_hosts": dg.MetadataValue.json(summary["top_hosts"]),
             "elapsed_s": round(time.monotonic() - started, 2),
             "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
-            "dagster/uri": str(path.resolve()),
+            "dagster/uri": storage.uri(f"{MANIFEST_DIR}/{layout.manifest_path.name}"),
             "dagster/row_count": summary["rows"],
-        }
+        },
     )
 
 
 # --------------------------------------------------------------------------- raw_images
 
 
-class RawImagesConfig(dg.Config):
+class RawImagesConfig(CachedConfig):
     concurrency: int = scrape.ScrapeConfig.concurrency
     per_host_limit: int = scrape.ScrapeConfig.per_host_limit
     total_timeout_s: float = scrape.ScrapeConfig.total_timeout_s
@@ -137,9 +164,22 @@ def raw_images(
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome."""
-    layout = storage.layout
-    require_upstream(layout.manifest_path, "listing_manifest", "The listing manifest")
-    manifest = scrape.read_manifest(layout.manifest_path)
+    require_upstream(
+        storage.uri(MANIFEST_DIR),
+        "listing_manifest",
+        "The listing manifest",
+        exists=storage.exists(MANIFEST_DIR),
+    )
+    fingerprint = input_fingerprint(
+        context,
+        upstream=["listing_manifest"],
+        settings={**config.fingerprint_settings(), "profile": settings.profile},
+        storage_uri=storage.uri(),
+    )
+    if skipped := unchanged_result(
+        context, fingerprint, force=config.force, output_present=storage.exists(RAW_DIR)
+    ):
+        return skipped
     scrape_config = scrape.ScrapeConfig(
         concurrency=config.concurrency,
         per_host_limit=config.per_host_limit,
@@ -152,14 +192,20 @@ def raw_images(
         allow_private_networks=config.allow_private_networks or settings.is_demo,
     )
     on_progress = _progress_logger(context, "downloaded")
-    if settings.is_demo and not config.allow_private_networks:
-        with settings.serving_demo_catalog():
+    with storage.working_copy(pull=[MANIFEST_DIR], push=[RAW_DIR]) as layout:
+        manifest = scrape.read_manifest(layout.manifest_path)
+        if settings.is_demo and not config.allow_private_networks:
+            with settings.serving_demo_catalog():
+                result = scrape.download_images(
+                    manifest, layout.raw_dir, scrape_config, on_progress
+                )
+        else:
             result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
-    else:
-        result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
+        version = files_version(dedup.raw_shard_files(layout.raw_dir))
     ok = result.outcome_counts.get("ok", 0)
-    return dg.MaterializeResult(
-        metadata={
+    return versioned_result(
+        context,
+        {
             "urls": result.n_urls,
             "fetched": result.n_fetched,
             "skipped_existing": result.n_skipped_existing,
@@ -170,15 +216,17 @@ def raw_images(
             "failures": frame_preview(result.failures),
             "images_per_s": round(result.images_per_s, 1),
             "elapsed_s": round(result.elapsed_s, 2),
-            "dagster/uri": str(layout.raw_dir.resolve()),
-        }
+            "dagster/uri": storage.uri(RAW_DIR),
+        },
+        data_version=version,
+        fingerprint=fingerprint,
     )
 
 
 # --------------------------------------------------------------------------- unique_images
 
 
-class UniqueImagesConfig(dg.Config):
+class UniqueImagesConfig(CachedConfig):
     hash_method: str = dedup.DedupConfig.hash_method
     threshold: int = dedup.DedupConfig.threshold
     flip_aware: bool = dedup.DedupConfig.flip_aware
@@ -189,38 +237,53 @@ def unique_images(
     context: dg.AssetExecutionContext, config: UniqueImagesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
-    layout = storage.layout
-    require_upstream(layout.raw_dir, "raw_images", "Raw image shards")
-    result = dedup.deduplicate(
-        layout.raw_dir,
-        layout.unique_dir,
-        dedup.DedupConfig(
-            hash_method=config.hash_method, threshold=config.threshold, flip_aware=config.flip_aware
-        ),
-        on_progress=_progress_logger(context, "hashed"),
+    require_upstream(
+        storage.uri(RAW_DIR), "raw_images", "Raw image shards", exists=storage.exists(RAW_DIR)
     )
-    metadata: dict[str, object] = {
-        "input_images": result.n_input,
-        "kept": result.n_kept,
-        "exact_duplicates": result.n_exact_duplicates,
-        "near_duplicates": result.n_near_duplicates,
-        "clusters": result.n_clusters,
-        "cluster_sizes": counts_table(
-            {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
-        ),
-        "elapsed_s": round(result.elapsed_s, 2),
-        "dagster/uri": str(result.unique_path.resolve()),
-        "dagster/row_count": result.n_kept,
-    }
-    if result.contact_sheet_path is not None and Path(result.contact_sheet_path).exists():
-        metadata["preview"] = image_preview(result.contact_sheet_path)
-    return dg.MaterializeResult(metadata=metadata)
+    fingerprint = input_fingerprint(
+        context,
+        upstream=["raw_images"],
+        settings=config.fingerprint_settings(),
+        storage_uri=storage.uri(),
+    )
+    if skipped := unchanged_result(
+        context, fingerprint, force=config.force, output_present=storage.exists(UNIQUE_DIR)
+    ):
+        return skipped
+    with storage.working_copy(pull=[RAW_DIR], push=[UNIQUE_DIR]) as layout:
+        result = dedup.deduplicate(
+            layout.raw_dir,
+            layout.unique_dir,
+            dedup.DedupConfig(
+                hash_method=config.hash_method,
+                threshold=config.threshold,
+                flip_aware=config.flip_aware,
+            ),
+            on_progress=_progress_logger(context, "hashed"),
+        )
+        version = files_version([result.unique_path])
+        metadata: dict[str, object] = {
+            "input_images": result.n_input,
+            "kept": result.n_kept,
+            "exact_duplicates": result.n_exact_duplicates,
+            "near_duplicates": result.n_near_duplicates,
+            "clusters": result.n_clusters,
+            "cluster_sizes": counts_table(
+                {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
+            ),
+            "elapsed_s": round(result.elapsed_s, 2),
+            "dagster/uri": storage.uri(f"{UNIQUE_DIR}/{Path(result.unique_path).name}"),
+            "dagster/row_count": result.n_kept,
+        }
+        if result.contact_sheet_path is not None and Path(result.contact_sheet_path).exists():
+            metadata["preview"] = image_preview(result.contact_sheet_path)
+    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------- car_shards
 
 
-class CarShardsConfig(dg.Config):
+class CarShardsConfig(CachedConfig):
     framing: str = shards.ImagingConfig.framing
     face: str = shards.ImagingConfig.face
     drop_front_rear: bool = shards.ImagingConfig.drop_front_rear
@@ -233,25 +296,47 @@ def car_shards(
     context: dg.AssetExecutionContext, config: CarShardsConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
-    layout = storage.layout
-    require_upstream(layout.unique_dir, "unique_images", "The de-duplicated image index")
-    result = shards.build_shards(
-        layout.unique_dir,
-        layout.raw_dir,
-        layout.shards_dir,
-        shards.ShardConfig(
-            imaging=shards.ImagingConfig(
-                framing=config.framing,
-                face=config.face,
-                drop_front_rear=config.drop_front_rear,
-                min_side=config.min_side,
-            ),
-            val_fraction=config.val_fraction,
-        ),
-        on_progress=_progress_logger(context, "normalised"),
+    require_upstream(
+        storage.uri(UNIQUE_DIR),
+        "unique_images",
+        "The de-duplicated image index",
+        exists=storage.exists(UNIQUE_DIR),
     )
-    return dg.MaterializeResult(
-        metadata={
+    fingerprint = input_fingerprint(
+        context,
+        upstream=["unique_images", "raw_images"],
+        settings=config.fingerprint_settings(),
+        storage_uri=storage.uri(),
+    )
+    if skipped := unchanged_result(
+        context,
+        fingerprint,
+        force=config.force,
+        output_present=storage.exists(f"{SHARDS_DIR}/summary.json"),
+    ):
+        return skipped
+    with storage.working_copy(pull=[UNIQUE_DIR, RAW_DIR], push=[SHARDS_DIR]) as layout:
+        result = shards.build_shards(
+            layout.unique_dir,
+            layout.raw_dir,
+            layout.shards_dir,
+            shards.ShardConfig(
+                imaging=shards.ImagingConfig(
+                    framing=config.framing,
+                    face=config.face,
+                    drop_front_rear=config.drop_front_rear,
+                    min_side=config.min_side,
+                ),
+                val_fraction=config.val_fraction,
+            ),
+            on_progress=_progress_logger(context, "normalised"),
+        )
+        # The same content version the trainer records in its checkpoints.
+        version = train.data_version_of(layout.shards_dir)
+        preview = image_preview(result.preview_path)
+    return versioned_result(
+        context,
+        {
             "input_images": result.n_input,
             "written": result.n_written,
             "train": result.n_train,
@@ -259,17 +344,19 @@ def car_shards(
             "rejects": counts_table(result.rejects_by_reason),
             "facing": counts_table(result.facing_counts, key="facing"),
             "elapsed_s": round(result.elapsed_s, 2),
-            "preview": image_preview(result.preview_path),
-            "dagster/uri": str(layout.shards_dir.resolve()),
+            "preview": preview,
+            "dagster/uri": storage.uri(SHARDS_DIR),
             "dagster/row_count": result.n_written,
-        }
+        },
+        data_version=version,
+        fingerprint=fingerprint,
     )
 
 
 # --------------------------------------------------------------------------- train_dcgan
 
 
-class TrainDcganConfig(dg.Config):
+class TrainDcganConfig(CachedConfig):
     """Training settings. Left unset, the model and schedule follow the profile.
 
     The `full` profile trains the seed's model (`seed` preset, 128 px, 170 epochs, batch 128);
@@ -308,8 +395,12 @@ def train_dcgan(
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """A DCGAN trained on the shards' train split: checkpoints and per-epoch sample grids."""
-    layout = storage.layout
-    require_upstream(layout.shards_dir / "summary.json", "car_shards", "The training shards")
+    require_upstream(
+        storage.uri(f"{SHARDS_DIR}/summary.json"),
+        "car_shards",
+        "The training shards",
+        exists=storage.exists(f"{SHARDS_DIR}/summary.json"),
+    )
     demo = settings.is_demo
     defaults = (
         train.TrainConfig(
@@ -337,26 +428,50 @@ def train_dcgan(
         seed=config.seed,
         device=settings.device,
     )
+    fingerprint = input_fingerprint(
+        context,
+        upstream=["car_shards"],
+        settings={"train": asdict(train_config), "resume": config.resume},
+        storage_uri=storage.uri(),
+    )
+    if skipped := unchanged_result(
+        context,
+        fingerprint,
+        force=config.force,
+        output_present=storage.exists(f"{TRAIN_DIR}/{train.CHECKPOINT_DIR}/{train.LATEST_NAME}"),
+    ):
+        return skipped
     context.log.info(f"training {train_config}")
-    # The trainer runs in its own process through Dagster Pipes: it can use torchrun, its logs
-    # and progress stream into this run, and a crash there fails this step cleanly (so the
-    # step can be retried) instead of taking the run worker down with it.
-    return pipes_subprocess_client.run(
-        command=[sys.executable, "-m", "pipelines.train_process"],
-        context=context,
-        extras={
-            "shards_dir": str(layout.shards_dir),
-            "out_dir": str(layout.train_dir),
-            "config": asdict(train_config),
-            "resume": config.resume,
-        },
-    ).get_materialize_result()
+    with storage.working_copy(pull=[SHARDS_DIR], push=[TRAIN_DIR]) as layout:
+        # The trainer runs in its own process through Dagster Pipes: it can use torchrun, its
+        # logs and progress stream into this run, and a crash there fails this step cleanly (so
+        # the step can be retried) instead of taking the run worker down with it.
+        reported = pipes_subprocess_client.run(
+            command=[sys.executable, "-m", "pipelines.train_process"],
+            context=context,
+            extras={
+                "shards_dir": str(layout.shards_dir),
+                "out_dir": str(layout.train_dir),
+                "config": asdict(train_config),
+                "resume": config.resume,
+            },
+        ).get_materialize_result()
+        checkpoint = train.latest_checkpoint(layout.train_dir)
+        if checkpoint is None:
+            raise dg.Failure(f"The trainer finished without a checkpoint in {layout.train_dir}.")
+        version = files_version([checkpoint])
+    return versioned_result(
+        context,
+        {**(reported.metadata or {}), "dagster/uri": storage.uri(TRAIN_DIR)},
+        data_version=version,
+        fingerprint=fingerprint,
+    )
 
 
 # --------------------------------------------------------------------------- evaluate_dcgan
 
 
-class EvaluateDcganConfig(dg.Config):
+class EvaluateDcganConfig(CachedConfig):
     n_samples: int = evaluate.EvalConfig.n_samples
     seed: int = evaluate.EvalConfig.seed
     #: Inception weights for FID/KID (default: $CARMODELS_INCEPTION_WEIGHTS, then the torch cache).
@@ -372,34 +487,50 @@ def evaluate_dcgan(
     context: dg.AssetExecutionContext, config: EvaluateDcganConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Sample grid, loss curves and metrics of the latest trained generator."""
-    layout = storage.layout
-    checkpoint = train.latest_checkpoint(layout.train_dir)
-    if checkpoint is None:
-        require_upstream(
-            layout.train_dir / train.CHECKPOINT_DIR, "train_dcgan", "A trained checkpoint"
-        )
-        raise dg.Failure(
-            description=f"No checkpoint in {layout.train_dir}: materialise `train_dcgan` first.",
-            allow_retries=False,
-        )
+    latest = f"{TRAIN_DIR}/{train.CHECKPOINT_DIR}/{train.LATEST_NAME}"
+    require_upstream(
+        storage.uri(latest), "train_dcgan", "A trained checkpoint", exists=storage.exists(latest)
+    )
+    fingerprint = input_fingerprint(
+        context,
+        upstream=["train_dcgan", "car_shards"],
+        settings=config.fingerprint_settings(),
+        storage_uri=storage.uri(),
+    )
+    if skipped := unchanged_result(
+        context,
+        fingerprint,
+        force=config.force,
+        output_present=storage.exists(f"{EVAL_DIR}/metrics.json"),
+    ):
+        return skipped
     fid_config = replace(
         evaluate.FidConfig(),
         weights_path=config.inception_weights,
         n_samples=config.fid_samples,
         download=not config.offline,
     )
-    result = evaluate.evaluate(
-        checkpoint,
-        layout.shards_dir,
-        layout.eval_dir,
-        evaluate.EvalConfig(n_samples=config.n_samples, seed=config.seed, fid_config=fid_config),
-        log=context.log.info,
-    )
-    numeric = {
-        k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)
-    }
-    return dg.MaterializeResult(
-        metadata={
+    with storage.working_copy(pull=[TRAIN_DIR, SHARDS_DIR], push=[EVAL_DIR]) as layout:
+        checkpoint = train.latest_checkpoint(layout.train_dir)
+        if checkpoint is None:
+            raise dg.Failure(
+                description=f"No checkpoint in {layout.train_dir}: materialise `train_dcgan`.",
+                allow_retries=False,
+            )
+        result = evaluate.evaluate(
+            checkpoint,
+            layout.shards_dir,
+            layout.eval_dir,
+            evaluate.EvalConfig(
+                n_samples=config.n_samples, seed=config.seed, fid_config=fid_config
+            ),
+            log=context.log.info,
+        )
+        version = files_version([layout.eval_dir / "metrics.json"])
+        numeric = {
+            k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)
+        }
+        metadata = {
             **numeric,
             "fid_computed": bool(result.fid_record.get("computed")),
             "fid_record": dg.MetadataValue.json(result.fid_record),
@@ -415,9 +546,9 @@ def evaluate_dcgan(
                 interpolation=result.interpolation_path,
                 history=layout.eval_dir / "history.png",
             ),
-            "dagster/uri": str(layout.eval_dir.resolve()),
+            "dagster/uri": storage.uri(EVAL_DIR),
         }
-    )
+    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
 
 
 ALL_ASSETS = [listing_manifest, raw_images, unique_images, car_shards, train_dcgan, evaluate_dcgan]

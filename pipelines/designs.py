@@ -9,9 +9,11 @@ from pathlib import Path
 import dagster as dg
 
 from carmodels import generate, promotion, restoration_eval, restore
-from carmodels.layout import DataLayout
+from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
+from carmodels.versioning import files_version
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.resources import StorageResource
+from pipelines.versioning import CachedConfig, input_fingerprint, unchanged_result, versioned_result
 
 GROUP = "carmodels"
 #: Folders under the storage root.
@@ -40,7 +42,7 @@ def _generator_checkpoint(layout: DataLayout) -> Path:
 # --------------------------------------------------------------------------- design_samples
 
 
-class DesignSamplesConfig(dg.Config):
+class DesignSamplesConfig(CachedConfig):
     n: int = 64
     seed: int = 0
     truncation: float | None = None
@@ -60,30 +62,42 @@ def design_samples(
             description=f"interpolate_seeds must hold two seeds, got {config.interpolate_seeds}",
             allow_retries=False,
         )
-    layout = storage.layout
-    checkpoint = _generator_checkpoint(layout)
-    out = layout.root / DESIGNS_DIR
-    designs = generate.generate(
-        checkpoint,
-        n=config.n,
-        seed=config.seed,
-        out_dir=out,
-        truncation=config.truncation,
-        device=config.device,
+    fingerprint = input_fingerprint(
+        context,
+        upstream=[GENERATOR_ASSET],
+        settings=config.fingerprint_settings(),
+        storage_uri=storage.uri(),
     )
-    seed_a, seed_b = config.interpolate_seeds
-    walk = generate.interpolate(
-        checkpoint,
-        seed_a,
-        seed_b,
-        steps=config.interpolation_steps,
-        out_dir=out,
-        truncation=config.truncation,
-        device=config.device,
-    )
-    context.log.info(f"{designs.n} designs and {len(walk.strip_paths)} latent walks in {out}")
-    return dg.MaterializeResult(
-        metadata={
+    if skipped := unchanged_result(
+        context,
+        fingerprint,
+        force=config.force,
+        output_present=storage.exists(f"{DESIGNS_DIR}/{generate.GRID_FILE}"),
+    ):
+        return skipped
+    with storage.working_copy(pull=[CHAMPION_DIR], push=[DESIGNS_DIR]) as layout:
+        checkpoint = _generator_checkpoint(layout)
+        out = layout.root / DESIGNS_DIR
+        designs = generate.generate(
+            checkpoint,
+            n=config.n,
+            seed=config.seed,
+            out_dir=out,
+            truncation=config.truncation,
+            device=config.device,
+        )
+        seed_a, seed_b = config.interpolate_seeds
+        walk = generate.interpolate(
+            checkpoint,
+            seed_a,
+            seed_b,
+            steps=config.interpolation_steps,
+            out_dir=out,
+            truncation=config.truncation,
+            device=config.device,
+        )
+        context.log.info(f"{designs.n} designs and {len(walk.strip_paths)} latent walks in {out}")
+        metadata = {
             "n_designs": designs.n,
             "seed": designs.seed,
             "truncation": str(designs.truncation),
@@ -93,15 +107,16 @@ def design_samples(
             "preview": image_preview(designs.grid_path),
             "walk_linear": image_preview(walk.strip_paths["linear"], max_side=1024),
             "walk_spherical": image_preview(walk.strip_paths["spherical"], max_side=1024),
-            "dagster/uri": str(out.resolve()),
+            "dagster/uri": storage.uri(DESIGNS_DIR),
         }
-    )
+        version = files_version([designs.grid_path, *walk.strip_paths.values()])
+    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
 
 
 # --------------------------------------------------------------------------- restoration
 
 
-class RestorationExamplesConfig(dg.Config):
+class RestorationExamplesConfig(CachedConfig):
     n_images: int = restoration_eval.RestorationEvalConfig.n_images
     seed: int = restoration_eval.RestorationEvalConfig.seed
     restarts: int = restore.RestoreConfig.restarts
@@ -121,9 +136,16 @@ def restoration_examples(
     context: dg.AssetExecutionContext, config: RestorationExamplesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Inpainting, denoising and upscaling of validation photos, scored against baselines."""
-    layout = storage.layout
-    checkpoint = _generator_checkpoint(layout)
-    out = layout.root / RESTORATION_DIR
+    fingerprint = input_fingerprint(
+        context,
+        upstream=[GENERATOR_ASSET, "car_shards"],
+        settings=config.fingerprint_settings(),
+        storage_uri=storage.uri(),
+    )
+    if skipped := unchanged_result(
+        context, fingerprint, force=config.force, output_present=storage.exists(RESTORATION_DIR)
+    ):
+        return skipped
     eval_config = restoration_eval.RestorationEvalConfig(
         n_images=config.n_images,
         seed=config.seed,
@@ -134,15 +156,16 @@ def restoration_examples(
             device=config.device,
         ),
     )
-    result = restoration_eval.evaluate_restoration(
-        checkpoint,
-        layout.shards_dir,
-        out,
-        eval_config,
-        on_progress=rate_logger(context.log.info, "restoration cases"),
-    )
-    return dg.MaterializeResult(
-        metadata={
+    with storage.working_copy(pull=[CHAMPION_DIR, SHARDS_DIR], push=[RESTORATION_DIR]) as layout:
+        checkpoint = _generator_checkpoint(layout)
+        result = restoration_eval.evaluate_restoration(
+            checkpoint,
+            layout.shards_dir,
+            layout.root / RESTORATION_DIR,
+            eval_config,
+            on_progress=rate_logger(context.log.info, "restoration cases"),
+        )
+        metadata = {
             "table": dg.MetadataValue.md(restoration_eval.format_table(result.table)),
             "n_images": result.n_images,
             "image_size": result.image_size,
@@ -151,9 +174,10 @@ def restoration_examples(
             "columns": ", ".join(restoration_eval.PREVIEW_COLUMNS),
             "preview": image_preview(result.preview_path, max_side=1024),
             "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
-            "dagster/uri": str(out.resolve()),
+            "dagster/uri": storage.uri(RESTORATION_DIR),
         }
-    )
+        version = files_version([result.preview_path])
+    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
 
 
 DESIGN_ASSETS = [design_samples, restoration_examples]

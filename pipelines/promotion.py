@@ -16,6 +16,8 @@ import dagster as dg
 
 from carmodels import promotion
 from carmodels.fid import sha256_of
+from carmodels.layout import CHAMPION_DIR, EVAL_DIR, TRAIN_DIR, DataLayout
+from carmodels.versioning import files_version
 from pipelines.assets import GROUP, evaluate_dcgan, require_upstream
 from pipelines.metadata import image_preview
 from pipelines.resources import StorageResource
@@ -47,11 +49,21 @@ def champion_generator(
     context: dg.AssetExecutionContext, config: ChampionGeneratorConfig, storage: StorageResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """The generator in use: replaced only when a newly evaluated one beats it."""
-    layout = storage.layout
-    metrics_path = layout.eval_dir / "metrics.json"
-    require_upstream(metrics_path, "evaluate_dcgan", "The evaluation metrics")
+    metrics = f"{EVAL_DIR}/metrics.json"
+    require_upstream(
+        storage.uri(metrics), "evaluate_dcgan", "The evaluation metrics", storage.exists(metrics)
+    )
+    with storage.working_copy(pull=[EVAL_DIR, TRAIN_DIR], push=[CHAMPION_DIR]) as layout:
+        outcome = _decide_and_promote(context, config, layout)
+    yield from outcome
+
+
+def _decide_and_promote(
+    context: dg.AssetExecutionContext, config: ChampionGeneratorConfig, layout: DataLayout
+) -> list[dg.MaterializeResult | dg.AssetCheckResult]:
+    """Decide in the working copy; the caller pushes the champion folder afterwards."""
     champion_dir = layout.champion_dir
-    candidate = json.loads(metrics_path.read_text())
+    candidate = json.loads((layout.eval_dir / "metrics.json").read_text())
     checkpoint = Path(candidate["checkpoint"])
     digest = sha256_of(checkpoint)
     history = promotion.read_history(layout.eval_dir / promotion.HISTORY_FILE)
@@ -69,15 +81,17 @@ def champion_generator(
         "champion": decision.champion_value,
     }
     if not decision.promote:
-        yield dg.AssetCheckResult(
-            check_name=BEATS_CHAMPION_CHECK,
-            passed=False,
-            severity=dg.AssetCheckSeverity.ERROR,
-            description=decision.reason,
-            metadata=check_metadata,
-        )
-        return
+        return [
+            dg.AssetCheckResult(
+                check_name=BEATS_CHAMPION_CHECK,
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=decision.reason,
+                metadata=check_metadata,
+            )
+        ]
     record = promotion.promote(checkpoint, candidate, decision, champion_dir, digest)
+    version = files_version([champion_dir / promotion.CHAMPION_RECORD])
     metadata: dict[str, object] = {
         "metric": decision.metric,
         "value": decision.candidate_value,
@@ -85,24 +99,31 @@ def champion_generator(
         "reason": decision.reason,
         "checkpoint": dg.MetadataValue.path(str((champion_dir / record["checkpoint"]).resolve())),
         "evaluations_in_history": len(history),
+        "data_version": version,
         "dagster/uri": str(champion_dir.resolve()),
     }
     if plot.is_file():
         metadata["history"] = image_preview(plot)
-    yield dg.MaterializeResult(metadata=metadata)
-    yield dg.AssetCheckResult(
-        check_name=BEATS_CHAMPION_CHECK,
-        passed=True,
-        description=decision.reason,
-        metadata=check_metadata,
-    )
+    return [
+        dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version)),
+        dg.AssetCheckResult(
+            check_name=BEATS_CHAMPION_CHECK,
+            passed=True,
+            description=decision.reason,
+            metadata=check_metadata,
+        ),
+    ]
 
 
 @dg.asset_check(
     asset=evaluate_dcgan, description="FID/KID were computed (Inception weights found)."
 )
 def fid_computed(storage: StorageResource) -> dg.AssetCheckResult:
-    metrics_path = storage.layout.eval_dir / "metrics.json"
+    with storage.working_copy(pull=[EVAL_DIR]) as layout:
+        return _fid_check(layout.eval_dir / "metrics.json")
+
+
+def _fid_check(metrics_path: Path) -> dg.AssetCheckResult:
     if not metrics_path.is_file():
         return dg.AssetCheckResult(
             passed=False,

@@ -5,14 +5,15 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Literal
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Literal
 
 import dagster as dg
 
 from carmodels.demo.catalog import DEFAULT_N_LISTINGS
-from carmodels.layout import DataLayout, default_data_root
+from carmodels.layout import DataLayout, default_data_root_url
+from carmodels.storage import StorageRoot
 
 #: Environment variable choosing the pipeline profile (see `PipelineSettings.profile`).
 PROFILE_ENV = "CARMODELS_PROFILE"
@@ -28,13 +29,50 @@ DEFAULT_DEMO_EPOCHS = 120
 
 
 class StorageResource(dg.ConfigurableResource):
-    """Root folder under which every stage writes its outputs (see `carmodels.layout`)."""
+    """Where every stage keeps its outputs (see `carmodels.layout` and `carmodels.storage`).
 
-    root: str = str(default_data_root())
+    ``root`` is a local folder or any fsspec URL (``s3://bucket/prefix``). A remote root is
+    worked on through a local working copy under ``cache_dir`` (default ``$CARMODELS_CACHE``
+    or ``~/.cache/carmodels``): each step pulls the folders it reads and pushes the folder it
+    writes. ``storage_options`` go to fsspec (for S3 e.g. ``{"client_kwargs": {"endpoint_url":
+    "http://127.0.0.1:9000"}}``); credentials come from the usual ``AWS_*`` variables.
+    """
+
+    root: str = default_data_root_url()
+    cache_dir: str | None = None
+    storage_options: dict[str, Any] = {}
+
+    @property
+    def storage_root(self) -> StorageRoot:
+        return StorageRoot.parse(self.root, self.cache_dir, self.storage_options or None)
 
     @property
     def layout(self) -> DataLayout:
-        return DataLayout.at(self.root)
+        """The stage paths of the (local working copy of the) root."""
+        return self.storage_root.layout
+
+    def working_copy(
+        self, pull: Sequence[str] = (), push: Sequence[str] = ()
+    ) -> AbstractContextManager[DataLayout]:
+        """Pull the folders a step reads (and the one it writes), run it, push what it wrote.
+
+        A step pulls its own output folder too: the push mirrors the working copy, so a folder
+        that grows step by step (raw downloads, shard generations) must start complete.
+        """
+        return self.storage_root.working_copy(pull=(*pull, *push), push=push)
+
+    def exists(self, relative: str) -> bool:
+        """Whether ``relative`` exists in the root itself (not only in a working copy)."""
+        return self.storage_root.exists_remote(relative)
+
+    def uri(self, relative: str = "") -> str:
+        """The address of ``relative`` for ``dagster/uri`` metadata (a URL for remote roots)."""
+        return self.storage_root.uri(relative)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Contact a remote root once up front: bad credentials or a missing bucket fail the
+        # step before any work is done, with a message that names the root.
+        self.storage_root.check()
 
 
 class PipelineSettings(dg.ConfigurableResource):

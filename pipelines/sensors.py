@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from carmodels.layout import default_data_root
+from carmodels.layout import default_data_root_url
 from carmodels.watch import changed_manifests, scan_manifests
 from pipelines.jobs import ingest_job
 from pipelines.schedules import automation_enabled
@@ -17,8 +17,17 @@ WATCH_DIR_ENV = "CARMODELS_WATCH_DIR"
 SENSOR_INTERVAL_S = 60
 
 
+#: Default watched folder below a local data root (or the current folder for a remote root).
+INCOMING_DIR = "incoming"
+
+
 def watched_folder() -> Path:
-    return Path(os.environ.get(WATCH_DIR_ENV, str(default_data_root() / "incoming")))
+    if os.environ.get(WATCH_DIR_ENV):
+        return Path(os.environ[WATCH_DIR_ENV])
+    root = default_data_root_url()
+    if "://" in root and not root.startswith("file://"):
+        return Path(INCOMING_DIR)  # manifests arrive on this machine even when data is remote
+    return Path(root.removeprefix("file://")) / INCOMING_DIR
 
 
 @dg.sensor(

@@ -1,0 +1,626 @@
+"""Asset data under a configurable storage root: a local folder or any fsspec URL.
+
+The library writes its outputs with ``pathlib``, atomic renames, pyarrow and ``torch.save``,
+all of which need a real file system; object stores have no rename. So a remote root
+(``s3://bucket/prefix``, ``gcs://...``, ``memory://...``) is worked on through a local working
+copy that is synchronised folder by folder:
+
+- ``StorageRoot.parse(root)`` decides: a plain path or ``file://`` URL is used as it is (sync is a
+  no-op); any other fsspec URL gets a working copy under the cache folder
+  (``$CARMODELS_CACHE``, else ``~/.cache/carmodels``), one per root URL.
+- ``pull("unique", "raw")`` before a step brings its inputs in, ``push("shards")`` after it
+  publishes its outputs. Both transfer only what changed: a per-folder record of the last sync
+  (local size and mtime, remote ETag) says which files are unchanged without reading them; with
+  no record, equal sizes are confirmed by comparing the local MD5 with the remote ETag.
+
+Ordering rule of ``push``, so that a reader of the remote never sees a commit marker (a
+``summary.json``, ``champion.json``, ``latest.pt``, ...: see ``DEFAULT_MARKERS``) that names a
+missing file: (1) new and changed data files, (2) new and changed markers, (3) only then the
+deletion of remote files that are gone locally (an older shard generation stays readable until
+the marker that replaced it is in place). ``pull`` reads the markers first and lists the data
+after them, so every file a downloaded marker names was uploaded before it.
+
+A push never wipes the remote because of a broken working copy: pushing a folder that does not
+exist locally, or whose last pull did not finish, is an error, and so is pushing an empty folder
+over a non-empty remote one unless ``allow_empty=True``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import posixpath
+import re
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import upath
+from filelock import FileLock
+from fsspec.registry import known_implementations
+
+from carmodels.layout import DataLayout
+
+#: Environment variable naming the folder that holds the working copies of remote roots.
+CACHE_ENV = "CARMODELS_CACHE"
+#: File names (fnmatch patterns) that commit the files beside them: pushed after every other
+#: file and pulled before them. ``summary.json`` lists the current shard set, ``champion.json``
+#: the generator in use, ``latest.pt``/``best.pt`` point at an epoch checkpoint.
+DEFAULT_MARKERS: tuple[str, ...] = (
+    "summary.json",
+    "champion.json",
+    "latest.pt",
+    "best.pt",
+    "metrics.json",
+    "_SUCCESS",
+)
+#: Protocols that name the local file system: such roots are used in place.
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+#: Concurrent transfers of one pull or push (s3fs and friends are thread-safe).
+MAX_TRANSFERS = 8
+
+#: Temporary files of `carmodels.io.atomic_write` (``name.tmp-<pid>``): never synchronised.
+_TMP_FILE = re.compile(r"\.tmp-\d+$")
+_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+#: Storage options that hold secrets; left out of the working copy's folder name.
+_SECRET_OPTION = re.compile(r"key|secret|token|password|credential|sas", re.IGNORECASE)
+_STATE_VERSION = 1
+
+
+class StorageError(RuntimeError):
+    """A storage root that cannot be used as asked; the message names the root and the fix."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one ``pull`` or ``push`` did; names are relative to the root (``shards/x.parquet``)."""
+
+    copied: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()
+    unchanged: int = 0
+    bytes_copied: int = 0
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class _LocalFile:
+    path: Path
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class _RemoteFile:
+    path: str
+    size: int
+    #: Changes whenever the object does: the ETag where the store has one, else size + time.
+    fingerprint: str
+    #: The object's MD5 when its ETag is one (single-part uploads), else None.
+    md5: str | None
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    """Where asset data lives: ``local_root`` is always a folder the library can write to.
+
+    Build it with `StorageRoot.parse`. For a remote root, ``remote`` is the root as a
+    `upath.UPath` and ``local_root`` its working copy; for a local root ``remote`` is None.
+    """
+
+    url: str
+    local_root: Path
+    remote: upath.UPath | None = field(default=None, compare=False)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    markers: tuple[str, ...] = DEFAULT_MARKERS
+    #: Per-folder sync records and locks of a remote root's working copy.
+    state_dir: Path | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        root: str | os.PathLike[str],
+        cache_dir: str | os.PathLike[str] | None = None,
+        storage_options: dict[str, Any] | None = None,
+        markers: Sequence[str] = DEFAULT_MARKERS,
+    ) -> StorageRoot:
+        """A local path / ``file://`` URL, or any fsspec URL such as ``s3://bucket/prefix``.
+
+        ``cache_dir`` holds the working copies of remote roots (default ``$CARMODELS_CACHE``,
+        else ``$XDG_CACHE_HOME/carmodels`` or ``~/.cache/carmodels``); each root gets its own
+        folder in it, named after the URL and its storage options. ``storage_options`` go to
+        the fsspec file system (for S3 e.g. ``{"client_kwargs": {"endpoint_url": ...}}``,
+        ``key``/``secret``, ``profile``). Nothing is contacted here; `check` does that.
+        """
+        text = os.fspath(root).strip()
+        if not text:
+            raise ValueError(
+                "Storage root is empty: give a folder or a URL like s3://bucket/prefix."
+            )
+        options = dict(storage_options or {})
+        protocol, path = fsspec.core.split_protocol(text)
+        if protocol is None or protocol in LOCAL_PROTOCOLS:
+            if options:
+                raise ValueError(
+                    f"storage_options {sorted(options)} were given for the local root {text!r}; "
+                    "they only apply to remote roots (s3://..., gcs://...). Drop them or use a URL."
+                )
+            local = Path(urllib.parse.unquote(path) if protocol else path).expanduser()
+            return cls(url=text, local_root=local.resolve(), markers=tuple(markers))
+
+        _require_implementation(text, protocol)
+        url = text.rstrip("/")
+        if not path.strip("/"):
+            raise ValueError(
+                f"Storage root {text!r} names no bucket or folder: "
+                f"use e.g. {protocol}://bucket/prefix."
+            )
+        remote = upath.UPath(url, **options)
+        working = _cache_base(cache_dir) / _working_copy_name(url, options)
+        return cls(
+            url=url,
+            local_root=working / "data",
+            remote=remote,
+            storage_options=options,
+            markers=tuple(markers),
+            state_dir=working / "sync",
+        )
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def is_remote(self) -> bool:
+        return self.remote is not None
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The remote's fsspec file system (a remote root only)."""
+        return self._remote().fs
+
+    @property
+    def layout(self) -> DataLayout:
+        """The stage paths inside the local root (the working copy for a remote root)."""
+        return DataLayout(self.local_root)
+
+    def uri(self, relative: str = "") -> str:
+        """The user-facing address of ``relative``: its URL on a remote root, else an absolute path.
+
+        Meant for Dagster's ``dagster/uri`` metadata and for messages.
+        """
+        rel = _clean_relative(relative, allow_root=True)
+        if self.remote is None:
+            return str(self.local_root / rel) if rel else str(self.local_root)
+        return f"{self.url}/{rel}" if rel else self.url
+
+    def exists_remote(self, relative: str) -> bool:
+        """Whether ``relative`` (a file or a non-empty folder) exists in the root itself.
+
+        On a local root this is the local path; on a remote root the remote, not the working
+        copy, so a step can tell "upstream never materialised" from "not pulled yet".
+        """
+        rel = _clean_relative(relative)
+        if self.remote is None:
+            return (self.local_root / rel).exists()
+        with self._errors(f"checking {self.uri(rel)}"):
+            path = self._remote_path(rel)
+            self.fs.invalidate_cache(path)
+            return bool(self.fs.exists(path))
+
+    def check(self) -> None:
+        """Contact a remote root once, so bad credentials or a missing bucket fail early."""
+        if self.remote is None:
+            return
+        with self._errors("opening the storage root"):
+            path = self._remote_path("")
+            self.fs.invalidate_cache(path)
+            try:
+                self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                self._require_container()  # else the prefix is only empty so far
+
+    # ------------------------------------------------------------------ sync
+
+    def pull(self, *relative_dirs: str) -> SyncReport:
+        """Make the working copy of each folder equal to the remote one (no-op on a local root).
+
+        Downloads files that are missing or differ, deletes local files that are gone remotely
+        (e.g. an older shard generation). A folder missing remotely is not an error: it leaves an
+        empty local folder (check `exists_remote` where an input is required). Markers are
+        fetched first and the data listed after them; see the module docstring.
+        """
+        rels = [_clean_relative(r) for r in relative_dirs]
+        if self.remote is None or not rels:
+            return SyncReport()
+        started = time.monotonic()
+        copied: list[str] = []
+        deleted: list[str] = []
+        unchanged = 0
+        n_bytes = 0
+        with self._errors(f"pulling {', '.join(rels)}"), self._locked(rels):
+            for rel in rels:
+                state = self._load_state(rel)
+                state["complete"] = False  # a push refuses a folder whose pull broke off
+                self._save_state(rel, state)
+                records: dict[str, Any] = state["files"]
+
+                listed = self._list_remote(rel)
+                markers = {n: f for n, f in listed.items() if self._is_marker(n)}
+                local = self._list_local(rel)
+                fetch_markers = [
+                    n for n, f in markers.items() if not _same(n, local.get(n), f, records)
+                ]
+                unchanged += len(markers) - len(fetch_markers)
+                self._download(fetch_markers, markers, records)
+                data = {n: f for n, f in self._list_remote(rel).items() if not self._is_marker(n)}
+                fetch_data = [n for n, f in data.items() if not _same(n, local.get(n), f, records)]
+                unchanged += len(data) - len(fetch_data)
+                self._download(fetch_data, data, records)
+
+                wanted = {**markers, **data}
+                for name in sorted(local.keys() - wanted.keys()):
+                    local[name].path.unlink(missing_ok=True)
+                    records.pop(name, None)
+                    deleted.append(name)
+                fetched = fetch_markers + fetch_data
+                for name in wanted.keys() - set(fetched):  # refresh records found equal by MD5
+                    records[name] = _record(self.local_root / name, wanted[name])
+                copied += fetched
+                n_bytes += sum(wanted[name].size for name in fetched)
+                state["complete"] = True
+                self._save_state(rel, state)
+        return SyncReport(
+            tuple(copied), tuple(deleted), unchanged, n_bytes, time.monotonic() - started
+        )
+
+    def push(self, *relative_dirs: str, allow_empty: bool = False) -> SyncReport:
+        """Publish the working copy of each folder to the remote (no-op on a local root).
+
+        Uploads new and changed files (data first, then markers), then deletes remote files that
+        no longer exist locally. Refuses a folder that is missing locally, whose last pull did
+        not finish, or that is empty while the remote one is not (unless ``allow_empty``).
+        """
+        rels = [_clean_relative(r) for r in relative_dirs]
+        if self.remote is None or not rels:
+            return SyncReport()
+        started = time.monotonic()
+        for rel in rels:
+            folder = self.local_root / rel
+            if not folder.is_dir():
+                raise StorageError(
+                    f"Refusing to push {rel!r} to {self.uri(rel)}: its working copy {folder} does "
+                    "not exist, and pushing it would delete the remote files. Run the step that "
+                    "writes it (or pull it) first."
+                )
+        with self._errors(f"pushing {', '.join(rels)}"), self._locked(rels):
+            states = {rel: self._load_state(rel) for rel in rels}
+            broken = [rel for rel, state in states.items() if not state["complete"]]
+            if broken:
+                raise StorageError(
+                    f"Refusing to push {', '.join(broken)} to {self.url}: the last pull of it into "
+                    f"{self.local_root} did not finish, so the working copy may lack files that "
+                    "the push would then delete remotely. Pull it again first."
+                )
+            plans = []
+            for rel in rels:
+                local = self._list_local(rel)
+                remote = self._list_remote(rel)
+                if not local and remote and not allow_empty:
+                    raise StorageError(
+                        f"Refusing to push the empty folder {self.local_root / rel} over "
+                        f"{len(remote)} files at {self.uri(rel)}: that would delete them all. "
+                        "Pass allow_empty=True if that is meant."
+                    )
+                records = states[rel]["files"]
+                changed = [n for n, f in local.items() if not _same(n, f, remote.get(n), records)]
+                plans.append((rel, local, remote, changed))
+
+            data = [(n, loc[n]) for _, loc, _, ch in plans for n in ch if not self._is_marker(n)]
+            marks = [(n, loc[n]) for _, loc, _, ch in plans for n in ch if self._is_marker(n)]
+            _in_parallel(lambda item: self._upload(*item), data)
+            for item in marks:  # after every data file, in the order the folders were given
+                self._upload(*item)
+            stale = [self._remote_path(n) for _, loc, rem, _ in plans for n in rem if n not in loc]
+            if stale:
+                self.fs.rm(stale)
+
+            copied: list[str] = []
+            deleted: list[str] = []
+            unchanged = 0
+            n_bytes = 0
+            for rel, local, remote, changed in plans:
+                after = self._list_remote(rel) if changed else remote
+                records = {}
+                for name, file in local.items():
+                    if name in after:
+                        records[name] = _record(file.path, after[name])
+                states[rel]["files"] = records
+                self._save_state(rel, states[rel])
+                copied += changed
+                deleted += [n for n in remote if n not in local]
+                unchanged += len(local) - len(changed)
+                n_bytes += sum(local[n].size for n in changed)
+        return SyncReport(
+            tuple(copied), tuple(deleted), unchanged, n_bytes, time.monotonic() - started
+        )
+
+    @contextmanager
+    def working_copy(
+        self, pull: Sequence[str] = (), push: Sequence[str] = ()
+    ) -> Iterator[DataLayout]:
+        """Pull ``pull``, yield the local layout, push ``push`` if the block did not raise."""
+        self.pull(*pull)
+        yield self.layout
+        self.push(*push)
+
+    # ------------------------------------------------------------------ internals
+
+    def _remote(self) -> upath.UPath:
+        if self.remote is None:
+            raise StorageError(f"{self.url} is a local root: it has no remote file system.")
+        return self.remote
+
+    def _remote_path(self, relative: str) -> str:
+        """The file system path (no protocol) of ``relative`` under the remote root."""
+        remote = self._remote()
+        return (remote / relative).path if relative else remote.path.rstrip("/")
+
+    def _is_marker(self, name: str) -> bool:
+        base = posixpath.basename(name)
+        return any(fnmatch.fnmatchcase(base, pattern) for pattern in self.markers)
+
+    def _find(self, path: str) -> dict[str, dict[str, Any]]:
+        """``fs.find`` read afresh; a missing folder is empty, a missing bucket an error."""
+        fs = self.fs
+        fs.invalidate_cache(path)
+        try:
+            return fs.find(path, detail=True)
+        except FileNotFoundError:
+            self._require_container()
+            return {}
+
+    def _require_container(self) -> None:
+        """Raise a `StorageError` if the bucket (first path segment) of the root is missing.
+
+        Lists it rather than calling ``exists``, which answers False for bad credentials too.
+        """
+        container = self._remote().path.lstrip("/").split("/", 1)[0]
+        self.fs.invalidate_cache(container)
+        try:
+            self.fs.ls(container, detail=False)
+        except FileNotFoundError:
+            raise StorageError(
+                f"The bucket or container {container!r} of the storage root {self.url} does "
+                "not exist: create it or fix the root."
+            ) from None
+
+    def _list_remote(self, rel: str) -> dict[str, _RemoteFile]:
+        base = self._remote_path("")
+        prefix = base + "/"
+        files = {}
+        for path, info in self._find(self._remote_path(rel)).items():
+            if info.get("type") != "file" or path.endswith("/") or not path.startswith(prefix):
+                continue  # folder placeholders that some tools create on object stores
+            name = path[len(prefix) :]
+            if _TMP_FILE.search(name):
+                continue
+            files[name] = _remote_file(path, info)
+        return files
+
+    def _list_local(self, rel: str) -> dict[str, _LocalFile]:
+        folder = self.local_root / rel
+        files = {}
+        if folder.is_dir():
+            for path in folder.rglob("*"):
+                if _TMP_FILE.search(path.name) or not path.is_file():
+                    continue
+                stat = path.stat()
+                name = path.relative_to(self.local_root).as_posix()
+                files[name] = _LocalFile(path, stat.st_size, stat.st_mtime_ns)
+        return files
+
+    def _download(
+        self, names: list[str], files: dict[str, _RemoteFile], records: dict[str, Any]
+    ) -> None:
+        def fetch(name: str) -> None:
+            target = self.local_root / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+            try:
+                self.fs.get_file(files[name].path, str(tmp))
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+            records[name] = _record(target, files[name])
+
+        _in_parallel(fetch, names)
+
+    def _upload(self, name: str, file: _LocalFile) -> None:
+        self.fs.put_file(str(file.path), self._remote_path(name))
+
+    def _state_path(self, rel: str, suffix: str) -> Path:
+        if self.state_dir is None:
+            raise StorageError(f"{self.url} is a local root: it keeps no sync records.")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return self.state_dir / f"{urllib.parse.quote(rel, safe='')}{suffix}"
+
+    def _load_state(self, rel: str) -> dict[str, Any]:
+        path = self._state_path(rel, ".json")
+        try:
+            state = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            state = None
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            # Never synced (or an unreadable record): nothing is known to be unchanged, and a
+            # folder never pulled may still be pushed (the first publication of a step's output).
+            return {"version": _STATE_VERSION, "complete": True, "files": {}}
+        return state
+
+    def _save_state(self, rel: str, state: dict[str, Any]) -> None:
+        path = self._state_path(rel, ".json")
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(state, sort_keys=True))
+        os.replace(tmp, path)
+
+    @contextmanager
+    def _locked(self, rels: Iterable[str]) -> Iterator[None]:
+        """Hold the working copy's lock of each folder (in a fixed order: no deadlock)."""
+        with ExitStack() as stack:
+            for rel in sorted(set(rels)):
+                stack.enter_context(FileLock(self._state_path(rel, ".lock")))
+            yield
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """Re-raise a file system error as a `StorageError` that names the root and the fix."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(_explain(self.url, action, exc)) from exc
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _require_implementation(root: str, protocol: str) -> None:
+    """Fail early, naming the package to install, when fsspec cannot open ``protocol``."""
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise StorageError(
+            f"Storage root {root!r}: {protocol!r} is not a protocol fsspec knows. Use a local "
+            "folder or a URL such as s3://bucket/prefix, gcs://bucket/prefix, memory://name."
+        ) from None
+    except ImportError as exc:
+        if protocol in ("s3", "s3a"):
+            hint = "install S3 support with `pip install 'carmodels[s3]'` (s3fs)"
+        else:
+            hint = known_implementations.get(protocol, {}).get("err") or str(exc)
+        raise StorageError(f"Storage root {root!r} needs a package fsspec lacks: {hint}.") from exc
+
+
+def _cache_base(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser().resolve()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser().resolve()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser().resolve() / "carmodels"
+
+
+def _working_copy_name(url: str, options: dict[str, Any]) -> str:
+    """A readable, unique folder name per root: the same bucket behind another endpoint differs."""
+    public = {k: v for k, v in options.items() if not _SECRET_OPTION.search(k)}
+    digest = hashlib.sha256(
+        json.dumps([url, public], sort_keys=True, default=str).encode()
+    ).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", url).strip("-")[:60]
+    return f"{readable}-{digest}"
+
+
+def _clean_relative(relative: str, allow_root: bool = False) -> str:
+    """A folder below the root as a normalised POSIX path; refuses escapes and absolute paths."""
+    text = os.fspath(relative).replace("\\", "/")
+    norm = posixpath.normpath(text) if text else ""
+    if norm == ".":
+        norm = ""
+    if text.startswith("/") or norm == ".." or norm.startswith("../") or ":" in norm:
+        raise ValueError(
+            f"{relative!r} is not a path below the storage root: "
+            "use a relative folder like 'shards'."
+        )
+    if not norm and not allow_root:
+        raise ValueError(
+            "Name the folders to synchronise (e.g. 'shards'); "
+            "the whole root is never synced at once."
+        )
+    return norm
+
+
+def _remote_file(path: str, info: dict[str, Any]) -> _RemoteFile:
+    size = int(info.get("size") or 0)
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if etag:
+        fingerprint = f"etag:{etag}"
+    else:
+        when = next(
+            (info[k] for k in ("LastModified", "mtime", "updated", "created") if k in info), ""
+        )
+        fingerprint = f"size:{size}:{when}"
+    return _RemoteFile(path, size, fingerprint, etag if _PLAIN_MD5.match(etag) else None)
+
+
+def _record(path: Path, remote: _RemoteFile) -> dict[str, Any]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "remote": remote.fingerprint}
+
+
+def _same(
+    name: str, local: _LocalFile | None, remote: _RemoteFile | None, records: dict[str, Any]
+) -> bool:
+    """Whether a local and a remote file hold the same bytes, reading the file only if unavoidable.
+
+    Unchanged on both sides since the last sync (local size and mtime, remote fingerprint) means
+    equal. Otherwise equal sizes are confirmed through the MD5 an ETag carries, when it does one.
+    """
+    if local is None or remote is None or local.size != remote.size:
+        return False
+    record = records.get(name)
+    if (
+        record is not None
+        and record.get("size") == local.size
+        and record.get("mtime_ns") == local.mtime_ns
+        and record.get("remote") == remote.fingerprint
+    ):
+        return True
+    if remote.md5 is not None:
+        return _md5(local.path) == remote.md5
+    return False
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _in_parallel(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
+    """Run ``fn`` over ``items`` on a few threads; the first error is raised."""
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    pool = ThreadPoolExecutor(max_workers=min(MAX_TRANSFERS, len(items)))
+    try:
+        for future in [pool.submit(fn, item) for item in items]:
+            future.result()
+    finally:
+        # On an error, transfers not yet started are dropped; running ones finish.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _explain(root: str, action: str, exc: Exception) -> str:
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, PermissionError) or any("Credential" in k for k in kinds):
+        hint = (
+            "check the credentials for this root (for S3: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key/secret in the storage options) and that "
+            "they may read and write it"
+        )
+    elif isinstance(exc, FileNotFoundError):
+        hint = "check that the bucket and prefix exist"
+    elif isinstance(exc, ConnectionError | TimeoutError) or "Endpoint" in "".join(kinds):
+        hint = "check the endpoint URL and the network"
+    else:
+        hint = "see the error above"
+    return f"Storage root {root}: {action} failed ({type(exc).__name__}: {exc}); {hint}."
