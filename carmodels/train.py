@@ -57,6 +57,7 @@ from carmodels.models import (
     build_generator,
     get_preset,
 )
+from carmodels.versioning import contents_version
 
 logger = logging.getLogger(__name__)
 
@@ -532,14 +533,10 @@ def epoch_batches(
 
 
 def data_version_of(shards_dir: str | os.PathLike[str]) -> str:
-    """A short hash of the shard files' names, sizes and modification times."""
+    """Content version of the shard files (their bytes, not their generation names)."""
     from carmodels.shards import shard_files  # lazily: see _load_training_images
 
-    digest = hashlib.sha256()
-    for path in shard_files(shards_dir):
-        stat = path.stat()
-        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+    return contents_version(shard_files(shards_dir))
 
 
 def fit_image_size(images: torch.Tensor, size: int, source: str) -> torch.Tensor:
