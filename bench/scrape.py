@@ -16,7 +16,9 @@ list with a ``?r=k`` query suffix. Then, on the same URLs:
    2 processes, each thread count of ``--i2d-threads`` (its best is reported).
 
 Both tools run as subprocesses timed from launch to exit, so interpreter start-up and
-imports count for both. The last line is
+imports count for both; their CPU time (user + system, all their processes and threads) is
+read from ``RUSAGE_CHILDREN`` and reported as core-ms per URL. ``--json PATH`` writes every
+run to a JSON file (``docs/bench-results/``). The last line is
 ``scrape: carmodels X img/s, img2dataset Y img/s, ratio R, ok A/N vs B/N``.
 img2dataset comes from ``--img2dataset`` (default: ``img2dataset`` on PATH or beside this
 Python); it pins ``pandas<3``, so it usually lives in a virtual environment of its own.
@@ -31,6 +33,8 @@ import glob
 import json
 import multiprocessing
 import os
+import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -139,8 +143,17 @@ def decode_rate(pool: Executor, bodies: list[bytes]) -> float:
 # --------------------------------------------------------------------------- the two tools
 
 
-def run_carmodels(manifest: Path, out: Path, concurrency: int, pool: str) -> tuple[float, int]:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_carmodels(
+    manifest: Path, out: Path, concurrency: int, pool: str
+) -> tuple[float, int, float]:
+    """``(wall seconds, ok thumbnails, CPU seconds)`` of one carmodels run."""
     shutil.rmtree(out, ignore_errors=True)
+    cpu = _children_cpu_s()
     started = time.perf_counter()
     completed = subprocess.run(
         [sys.executable, "-c", CARMODELS_WORKER, str(manifest), str(out), str(concurrency), pool],
@@ -151,8 +164,9 @@ def run_carmodels(manifest: Path, out: Path, concurrency: int, pool: str) -> tup
         check=True,
     )
     elapsed = time.perf_counter() - started
+    cpu = _children_cpu_s() - cpu
     ok = json.loads(completed.stdout.strip().splitlines()[-1])["ok"]
-    return elapsed, _count_thumbnails(out, ok)
+    return elapsed, _count_thumbnails(out, ok), cpu
 
 
 def _count_thumbnails(out: Path, reported_ok: int) -> int:
@@ -173,7 +187,8 @@ def _count_thumbnails(out: Path, reported_ok: int) -> int:
 
 def run_img2dataset(
     binary: str, manifest: Path, out: Path, threads: int, n: int
-) -> tuple[float, int]:
+) -> tuple[float, int, float]:
+    """``(wall seconds, successes, CPU seconds)`` of one img2dataset run."""
     shutil.rmtree(out, ignore_errors=True)
     command = [
         binary,
@@ -193,13 +208,15 @@ def run_img2dataset(
         "--retries=0",
     ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cpu = _children_cpu_s()
     started = time.perf_counter()
     subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     elapsed = time.perf_counter() - started
+    cpu = _children_cpu_s() - cpu
     ok = 0
     for stats in glob.glob(str(out / "*_stats.json")):
         ok += json.loads(Path(stats).read_text())["successes"]
-    return elapsed, ok
+    return elapsed, ok, cpu
 
 
 def find_img2dataset(given: str | None) -> str | None:
@@ -233,7 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-decode-pools", action="store_true")
     parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument("--json", type=Path, help="write every run's figures to this file")
     args = parser.parse_args(argv)
+    record: dict = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}",
+        "load_average_at_start": os.getloadavg(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "runs": [],
+    }
 
     manifest_csv = args.images / "manifest.csv"
     if not manifest_csv.exists():
@@ -258,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
         elapsed, ok = asyncio.run(_ceiling(urls, args.concurrency))
         print(f"server ceiling (download only, bodies dropped): {ok / elapsed:.0f} img/s")
+        record["server_ceiling_img_s"] = ok / elapsed
 
         if not args.skip_decode_pools:
             bodies = [images[keys[i % len(keys)]] for i in range(min(args.n, 3000))]
@@ -269,29 +295,38 @@ def main(argv: list[str] | None = None) -> int:
                 f"decode+hash+128px thumbnail: 2 threads {thread_rate:.0f} img/s, "
                 f"2 processes {process_rate:.0f} img/s"
             )
+            record["decode_img_s"] = {"threads": thread_rate, "processes": process_rate}
 
         binary = None if args.skip_img2dataset else find_img2dataset(args.img2dataset)
         thread_counts = [int(t) for t in args.i2d_threads.split(",")]
         pools = args.pools.split(",")
         by_pool: dict[str, list[tuple[float, int]]] = {pool: [] for pool in pools}
         theirs: dict[int, list[tuple[float, int]]] = {t: [] for t in thread_counts}
+
+        def note(tool: str, elapsed: float, ok: int, cpu: float, repeat: int) -> None:
+            core_ms = 1000 * cpu / args.n
+            print(
+                f"[{repeat + 1}] {tool}: {ok}/{args.n} ok in {elapsed:.1f} s, "
+                f"{ok / elapsed:.0f} img/s, {core_ms:.2f} core-ms per URL (CPU {cpu:.1f} s)"
+            )
+            record["runs"].append(
+                {"tool": tool, "repeat": repeat + 1, "elapsed_s": elapsed, "ok": ok,
+                 "images_per_s": ok / elapsed, "cpu_s": cpu, "core_ms_per_url": core_ms}
+            )  # fmt: skip
+
         for repeat in range(args.repeats):
             for pool in pools:
-                elapsed, ok = run_carmodels(manifest, work / "carmodels", args.concurrency, pool)
-                by_pool[pool].append((ok / elapsed, ok))
-                print(
-                    f"[{repeat + 1}] carmodels, {pool} pool: {ok}/{args.n} ok in {elapsed:.1f} s, "
-                    f"{ok / elapsed:.0f} img/s"
+                elapsed, ok, cpu = run_carmodels(
+                    manifest, work / "carmodels", args.concurrency, pool
                 )
+                by_pool[pool].append((ok / elapsed, ok))
+                note(f"carmodels, {pool} pool", elapsed, ok, cpu, repeat)
             if binary is None:
                 continue
             for threads in thread_counts:
-                elapsed, ok = run_img2dataset(binary, manifest, work / "i2d", threads, args.n)
+                elapsed, ok, cpu = run_img2dataset(binary, manifest, work / "i2d", threads, args.n)
                 theirs[threads].append((ok / elapsed, ok))
-                print(
-                    f"[{repeat + 1}] img2dataset {threads} threads: {ok}/{args.n} ok in "
-                    f"{elapsed:.1f} s, {ok / elapsed:.0f} img/s"
-                )
+                note(f"img2dataset {threads} threads", elapsed, ok, cpu, repeat)
         shutil.rmtree(work, ignore_errors=True)
     finally:
         server.terminate()
@@ -303,23 +338,41 @@ def main(argv: list[str] | None = None) -> int:
     ours = by_pool.get(ScrapeConfig.decode_pool) or next(iter(by_pool.values()))
     our_rate = statistics.median(r for r, _ in ours)
     our_ok = min(ok for _, ok in ours)
+    record["load_average_at_end"] = os.getloadavg()
     if binary is None:
         print("img2dataset not found (pass --img2dataset PATH): compared with the ceiling only")
-        print(
+        summary = (
             f"scrape: carmodels {our_rate:.0f} img/s, img2dataset n/a, ratio n/a, "
             f"ok {our_ok}/{args.n} vs n/a"
         )
+        _write_json(args.json, record, summary)
+        print(summary)
         return 0
     best_threads = max(theirs, key=lambda t: statistics.median(r for r, _ in theirs[t]))
     for threads, runs in theirs.items():
         print(f"img2dataset {threads} threads img/s: {_spread([r for r, _ in runs])}")
     their_rate = statistics.median(r for r, _ in theirs[best_threads])
     their_ok = min(ok for _, ok in theirs[best_threads])
-    print(
+    summary = (
         f"scrape: carmodels {our_rate:.0f} img/s, img2dataset {their_rate:.0f} img/s, "
         f"ratio {our_rate / their_rate:.2f}, ok {our_ok}/{args.n} vs {their_ok}/{args.n}"
     )
+    record.update(
+        carmodels_img_s=our_rate, img2dataset_img_s=their_rate, ratio=our_rate / their_rate,
+        img2dataset_best_threads=best_threads,
+    )  # fmt: skip
+    _write_json(args.json, record, summary)
+    print(summary)
     return 0
+
+
+def _write_json(path: Path | None, record: dict, summary: str) -> None:
+    if path is None:
+        return
+    record["summary"] = summary
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

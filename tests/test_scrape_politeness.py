@@ -17,6 +17,7 @@ from carmodels.scrape import ScrapeConfig, download_images, read_raw
 from carmodels.scrape import raw as scrape_raw
 from carmodels.scrape.robots import opts_out_of_ai, product_token
 from tests.test_scrape import FAST, GOOD_JPEG, ScrapeTestServer, manifest_for
+from tests.test_scrape_robots import assert_spaced
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,10 +89,9 @@ def test_per_host_rate_spaces_request_starts(fresh_server, tmp_path):
     starts = sorted(
         t for u in urls for t in fresh_server.request_times[u.removeprefix(fresh_server.base_url)]
     )
-    gaps = np.diff(starts)
-    # Each start waits for its own turn: no two starts are much closer than 1/rate.
-    assert gaps.min() > 0.8 / rate
-    assert starts[-1] - starts[0] > 0.9 * (len(urls) - 1) / rate
+    # Each start waits for its own turn. Arrival times at the server carry the jitter of a
+    # loaded machine (one late request leaves a short gap after it), hence assert_spaced.
+    assert_spaced(np.asarray(starts), 1 / rate)
 
 
 def test_revalidate_keeps_unchanged_and_replaces_changed(fresh_server, tmp_path):

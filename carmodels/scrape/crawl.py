@@ -1,4 +1,10 @@
-"""Listing crawler: follow ``rel="next"`` pagination and read schema.org JSON-LD for car photos."""
+"""Listing crawler: follow ``rel="next"`` pagination and read schema.org JSON-LD for car photos.
+
+Polite like the downloader: robots.txt is asked before every page (and redirect hop) through
+the same per-origin :class:`carmodels.scrape.robots.RobotsCache`, disallowed pages are logged
+and counted instead of fetched, and requests to one host are spaced by its ``Crawl-delay``
+and by ``per_host_rate``, whichever is slower (:class:`carmodels.scrape.net.HostPacer`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from carmodels.scrape.manifest import tidy_listing_frame
 from carmodels.scrape.net import (
     DEFAULT_USER_AGENT,
     BodyTooLarge,
+    HostPacer,
     SessionSettings,
     check_destination,
     is_private_refusal,
@@ -26,6 +33,7 @@ from carmodels.scrape.net import (
     read_body,
     text_encoding,
 )
+from carmodels.scrape.robots import RobotsCache, RobotsSettings, RobotsVerdict
 from carmodels.scrape.run import run_sync
 from carmodels.scrape.urls import host_of, normalise_url, resolve_url
 
@@ -50,7 +58,7 @@ DEFAULT_MAX_PAGES = 50
 #: Largest HTML page read; listing pages are far smaller, anything bigger is not one.
 MAX_PAGE_BYTES = 5 * 1024 * 1024
 PAGE_CHUNK_BYTES = 64 * 1024
-#: Deadline for fetching one page, redirects included.
+#: Deadline for one request of a page (each redirect hop gets its own).
 PAGE_TIMEOUT_S = 30.0
 #: Redirects followed per page.
 MAX_PAGE_REDIRECTS = 5
@@ -215,16 +223,38 @@ def _rows_for_item(
             yield {"url": image_url, **common}
 
 
+@dataclass
+class _Crawl:
+    """What :func:`acrawl_listings` shares with :func:`_fetch_page` for one crawl."""
+
+    session: aiohttp.ClientSession
+    allow_private_networks: bool
+    robots: RobotsCache | None
+    pacer: HostPacer
+
+    async def robots_verdict(self, url: str) -> RobotsVerdict:
+        return RobotsVerdict.ALLOWED if self.robots is None else await self.robots.verdict(url)
+
+    async def pace(self, url: str) -> None:
+        delay = 0.0 if self.robots is None else self.robots.crawl_delay_s(url)
+        await self.pacer.wait(host_of(url), delay)
+
+
 async def acrawl_listings(
     start_urls: str | Sequence[str],
     max_pages: int = DEFAULT_MAX_PAGES,
     same_host: bool = True,
     allow_private_networks: bool = False,
     user_agent: str = DEFAULT_USER_AGENT,
+    respect_robots: bool = True,
+    per_host_rate: float = 0.0,
+    max_crawl_delay_s: float = 60.0,
 ) -> pd.DataFrame:
     """Async form of :func:`crawl_listings`."""
     if max_pages < 1:
         raise ValueError(f"max_pages must be at least 1, got {max_pages}")
+    if per_host_rate < 0:
+        raise ValueError(f"per_host_rate must be >= 0 (0: unlimited), got {per_host_rate}")
     starts = [start_urls] if isinstance(start_urls, str) else list(start_urls)
     queue: deque[str] = deque()
     for raw in starts:
@@ -235,57 +265,84 @@ async def acrawl_listings(
     allowed_hosts = {host_of(u) for u in queue}
     seen: set[str] = set(queue)
     rows: list[dict[str, str | None]] = []
-    pages_fetched = pages_failed = 0
+    pages_fetched = pages_failed = pages_denied = 0
     settings = SessionSettings(user_agent=user_agent, allow_private_networks=allow_private_networks)
+    robots_settings = RobotsSettings(
+        user_agent=user_agent,
+        allow_private_networks=allow_private_networks,
+        max_crawl_delay_s=max_crawl_delay_s,
+    )
     async with open_session(settings) as session:
-        while queue and pages_fetched + pages_failed < max_pages:
-            page_url = queue.popleft()
-            fetched = await _fetch_page(session, page_url, allow_private_networks)
-            if fetched is None:
-                pages_failed += 1
-                continue
-            final_url, html = fetched
-            pages_fetched += 1
-            page = parse_listing_page(html, final_url)
-            rows.extend(page.rows)
-            seen.add(final_url)
-            for next_url in page.next_urls:
-                if next_url in seen or (same_host and host_of(next_url) not in allowed_hosts):
+        robots = RobotsCache(session, robots_settings) if respect_robots else None
+        crawl = _Crawl(session, allow_private_networks, robots, HostPacer(per_host_rate))
+        try:
+            while queue and pages_fetched + pages_failed < max_pages:
+                page_url = queue.popleft()
+                outcome, final_url, html = await _fetch_page(crawl, page_url)
+                if outcome == RobotsVerdict.DENIED.value:
+                    pages_denied += 1  # no request was made, so it does not use up max_pages
                     continue
-                seen.add(next_url)
-                queue.append(next_url)
+                if html is None:
+                    pages_failed += 1
+                    continue
+                pages_fetched += 1
+                page = parse_listing_page(html, final_url)
+                rows.extend(page.rows)
+                seen.add(final_url)
+                for next_url in page.next_urls:
+                    if next_url in seen or (same_host and host_of(next_url) not in allowed_hosts):
+                        continue
+                    seen.add(next_url)
+                    queue.append(next_url)
+        finally:
+            if robots is not None:
+                await robots.close()
     log.info(
-        "crawled %d page(s) (%d failed): %d image rows", pages_fetched, pages_failed, len(rows)
+        "crawled %d page(s) (%d failed, %d disallowed by robots.txt): %d image rows",
+        pages_fetched,
+        pages_failed,
+        pages_denied,
+        len(rows),
     )
     frame = tidy_listing_frame(pd.DataFrame(rows, columns=list(LISTING_COLUMNS)), "url")
-    frame.attrs.update(pages_fetched=pages_fetched, pages_failed=pages_failed)
+    frame.attrs.update(
+        pages_fetched=pages_fetched, pages_failed=pages_failed, pages_robots_denied=pages_denied
+    )
     return frame
 
 
-async def _fetch_page(
-    session: aiohttp.ClientSession, url: str, allow_private_networks: bool
-) -> tuple[str, str] | None:
-    """``(final URL, HTML)`` of a page, or None (logged) when it cannot be had."""
+async def _fetch_page(crawl: _Crawl, url: str) -> tuple[str, str, str | None]:
+    """``(outcome, final URL, HTML)`` of a page; the HTML is None (and the reason logged)
+    unless the outcome is ``ok``. Outcomes: ``ok``, ``robots_denied``, ``robots_unavailable``,
+    ``failed``.
+
+    robots.txt and the pacing wait come before each hop's deadline, so that a long
+    ``Crawl-delay`` cannot make a page time out.
+    """
     try:
-        async with asyncio.timeout(PAGE_TIMEOUT_S):
-            for _ in range(MAX_PAGE_REDIRECTS + 1):
-                check_destination(host_of(url), allow_private_networks)
-                async with session.get(url, allow_redirects=False) as response:
+        for _ in range(MAX_PAGE_REDIRECTS + 1):
+            check_destination(host_of(url), crawl.allow_private_networks)
+            verdict = await crawl.robots_verdict(url)
+            if verdict is not RobotsVerdict.ALLOWED:
+                log.warning("page %s not fetched: %s", url, verdict.value)
+                return verdict.value, url, None
+            await crawl.pace(url)
+            async with asyncio.timeout(PAGE_TIMEOUT_S):
+                async with crawl.session.get(url, allow_redirects=False) as response:
                     location = response.headers.get("Location")
                     if response.status in (301, 302, 303, 307, 308) and location:
                         next_url = resolve_url(url, location)
                         if next_url is None:
                             log.warning("page %s redirects to unusable %r", url, location)
-                            return None
+                            return "failed", url, None
                         url = next_url
                         continue
                     if response.status != 200:
                         log.warning("page %s answered HTTP %d", url, response.status)
-                        return None
+                        return "failed", url, None
                     body = await read_body(response, MAX_PAGE_BYTES, PAGE_CHUNK_BYTES)
-                    return url, body.decode(text_encoding(response), errors="replace")
-            log.warning("page %s: more than %d redirects", url, MAX_PAGE_REDIRECTS)
-            return None
+                    return "ok", url, body.decode(text_encoding(response), errors="replace")
+        log.warning("page %s: more than %d redirects", url, MAX_PAGE_REDIRECTS)
     except BodyTooLarge:
         log.warning("page %s is over %d bytes; skipped", url, MAX_PAGE_BYTES)
     except TimeoutError:
@@ -293,7 +350,7 @@ async def _fetch_page(
     except (aiohttp.ClientError, OSError) as error:
         reason = "private address refused" if is_private_refusal(error) else repr(error)
         log.warning("page %s failed: %s", url, reason)
-    return None
+    return "failed", url, None
 
 
 def crawl_listings(
@@ -302,6 +359,9 @@ def crawl_listings(
     same_host: bool = True,
     allow_private_networks: bool = False,
     user_agent: str = DEFAULT_USER_AGENT,
+    respect_robots: bool = True,
+    per_host_rate: float = 0.0,
+    max_crawl_delay_s: float = 60.0,
 ) -> pd.DataFrame:
     """Crawl listing pages from ``start_urls`` and return one row per car image URL.
 
@@ -310,10 +370,23 @@ def crawl_listings(
     twice. Reads schema.org ``Car``/``Vehicle``/``Product`` JSON-LD (also inside ``@graph``
     and top-level lists) into columns ``url, listing_url, name, make, model, year, type,
     price, mileage``, normalised like :func:`read_manifest` (one row per distinct URL).
-    Pages that fail are logged and skipped; ``attrs`` counts ``pages_fetched`` and
-    ``pages_failed``. Private and loopback addresses are refused unless
-    ``allow_private_networks``.
+    Pages that fail are logged and skipped; ``attrs`` counts ``pages_fetched``,
+    ``pages_failed`` and ``pages_robots_denied``. With ``respect_robots`` (the default) a page
+    robots.txt disallows for ``user_agent`` is logged and not fetched, and a site whose
+    robots.txt is unreachable (5xx, timeout) is not crawled; requests to one host start at
+    least its robots.txt ``Crawl-delay`` (capped at ``max_crawl_delay_s``) and
+    ``1 / per_host_rate`` seconds apart, the longer of the two. Private and loopback
+    addresses are refused unless ``allow_private_networks``.
     """
     return run_sync(
-        acrawl_listings(start_urls, max_pages, same_host, allow_private_networks, user_agent)
+        acrawl_listings(
+            start_urls,
+            max_pages,
+            same_host,
+            allow_private_networks,
+            user_agent,
+            respect_robots,
+            per_host_rate,
+            max_crawl_delay_s,
+        )
     )

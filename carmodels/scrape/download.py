@@ -3,7 +3,8 @@
 Three parts, as in img2dataset:
 
 * **fetcher** (:class:`_Fetcher`): one pooled aiohttp session; robots.txt consulted per origin
-  (:mod:`carmodels.scrape.robots`), a per-host request rate, per-attempt deadline, retries
+  (:mod:`carmodels.scrape.robots`), a per-host request rate (or the robots.txt ``Crawl-delay``,
+  whichever is slower), per-attempt deadline, retries
   with backoff for transient failures, redirects followed by hand (each hop checked against
   private addresses, robots.txt and counted), ``X-Robots-Tag: noai`` honoured before the
   body is read, bodies streamed under a size cap, conditional requests when revalidating.
@@ -44,6 +45,7 @@ import pandas as pd
 from carmodels.scrape.net import (
     DEFAULT_USER_AGENT,
     BodyTooLarge,
+    HostPacer,
     SessionSettings,
     check_destination,
     is_private_refusal,
@@ -93,7 +95,11 @@ class ScrapeConfig:
     per_host_limit: int = 16
     #: Requests started per second per host at most; 0 for no limit. Off by default because
     #: ``per_host_limit`` already bounds the load; set it for sites that ask for a pace.
+    #: A robots.txt ``Crawl-delay`` (with ``respect_robots``) spaces requests too: the slower
+    #: of the two wins.
     per_host_rate: float = 0.0
+    #: Cap on a robots.txt ``Crawl-delay``; a site asking for more gets this and a warning.
+    max_crawl_delay_s: float = 60.0
     #: Seconds to open a TCP (and TLS) connection.
     connect_timeout_s: float = 10.0
     #: Seconds without receiving a byte before a response counts as stalled.
@@ -167,7 +173,7 @@ class ScrapeConfig:
         not_negative = (
             "max_retries", "backoff_base_s", "backoff_max_s", "max_retry_after_s",
             "max_redirects", "decode_workers", "dns_cache_ttl_s", "per_host_rate",
-            "thumbnail_size",
+            "thumbnail_size", "max_crawl_delay_s",
         )  # fmt: skip
         for name in not_negative:
             if getattr(self, name) < 0:
@@ -229,7 +235,8 @@ class _HostSlots:
 
     @asynccontextmanager
     async def hold(self, host: str) -> AsyncIterator[None]:
-        semaphore, users = self._slots.get(host, (asyncio.Semaphore(self._per_host), 0))
+        entry = self._slots.get(host)
+        semaphore, users = entry if entry is not None else (asyncio.Semaphore(self._per_host), 0)
         self._slots[host] = (semaphore, users + 1)
         try:
             async with semaphore:
@@ -240,29 +247,6 @@ class _HostSlots:
                 del self._slots[host]  # forget idle hosts: a long crawl meets many
             else:
                 self._slots[host] = (semaphore, users - 1)
-
-
-class _HostPacer:
-    """At most ``rate`` request starts per second per host, by handing out start times.
-
-    Each caller reserves the next free start time of its host and sleeps until then, so
-    callers are served in arrival order and no timer task runs in the background.
-    """
-
-    def __init__(self, rate: float) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._next_start: dict[str, float] = {}
-
-    async def wait(self, host: str) -> None:
-        if not self._interval:
-            return
-        now = asyncio.get_running_loop().time()
-        start = max(now, self._next_start.get(host, now))
-        self._next_start[host] = start + self._interval
-        if len(self._next_start) > 10_000:  # forget hosts whose turn is long past
-            self._next_start = {h: t for h, t in self._next_start.items() if t > now}
-        if start > now:
-            await asyncio.sleep(start - now)
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -296,7 +280,7 @@ class _Fetcher:
         self._config = config
         self._robots = robots
         self._host_slots = _HostSlots(config.per_host_limit)
-        self._pacer = _HostPacer(config.per_host_rate)
+        self._pacer = HostPacer(config.per_host_rate)
         self._random = random.Random()
 
     async def fetch(self, url: str, known: Validators | None = None) -> dict[str, Any]:
@@ -362,7 +346,8 @@ class _Fetcher:
         if verdict is not RobotsVerdict.ALLOWED:
             return _Attempt(verdict.value)
         host = host_of(url)
-        await self._pacer.wait(host)
+        crawl_delay = self._robots.crawl_delay_s(url) if self._robots is not None else 0.0
+        await self._pacer.wait(host, crawl_delay)
         async with self._host_slots.hold(host):
             try:
                 async with asyncio.timeout(config.total_timeout_s):
@@ -385,7 +370,8 @@ class _Fetcher:
         if known is not None and known.last_modified:
             headers["If-Modified-Since"] = known.last_modified
         for hop in range(config.max_redirects + 1):
-            check_destination(host_of(url), config.allow_private_networks)
+            if not config.allow_private_networks:
+                check_destination(host_of(url), allow_private_networks=False)
             if hop:  # the first URL was checked before the deadline started
                 verdict = await self._robots_verdict(url)
                 if verdict is not RobotsVerdict.ALLOWED:
@@ -658,6 +644,7 @@ async def adownload_images(
         allow_private_networks=config.allow_private_networks,
         timeout_s=config.robots_timeout_s,
         max_redirects=max(5, config.max_redirects),
+        max_crawl_delay_s=config.max_crawl_delay_s,
     )
     # Threads by default, not processes. Pillow releases the GIL while it decodes and
     # resizes, so threads use every core without pickling each body to another process and

@@ -10,6 +10,7 @@ redirect hop.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import ipaddress
 import socket
@@ -56,8 +57,10 @@ def check_destination(host: str | None, allow_private_networks: bool) -> None:
 
     Host names are checked later, on their resolved addresses, by :class:`GuardedResolver`.
     """
+    if allow_private_networks:
+        return
     literal = ip_literal(host)
-    if literal is not None and not allow_private_networks and not is_public_address(literal):
+    if literal is not None and not is_public_address(literal):
         raise PrivateAddressRefused(f"refusing non-public address {literal}")
 
 
@@ -150,12 +153,17 @@ class BodyTooLarge(Exception):
 async def read_body(response: aiohttp.ClientResponse, max_bytes: int, chunk_size: int) -> bytes:
     """The whole body, streamed; raises :class:`BodyTooLarge` past ``max_bytes``.
 
-    A ``Content-Length`` over the limit is refused before reading a byte, and a body without
-    one (chunked, or lying) is cut off as soon as it crosses the limit, so memory per request
+    A ``Content-Length`` over the limit is refused before reading a byte; one within it is
+    read in one call (aiohttp's parser never delivers more than the announced length, so
+    that is bounded too, and it spares the event loop a round per chunk). A body without one
+    (chunked) is streamed and cut off as soon as it crosses the limit, so memory per request
     is bounded either way.
     """
-    if response.content_length is not None and response.content_length > max_bytes:
-        raise BodyTooLarge(f"Content-Length {response.content_length} > {max_bytes}")
+    length = response.content_length
+    if length is not None:
+        if length > max_bytes:
+            raise BodyTooLarge(f"Content-Length {length} > {max_bytes}")
+        return await response.read()
     body = bytearray()
     async for chunk in response.content.iter_chunked(chunk_size):
         body += chunk
@@ -173,3 +181,31 @@ def text_encoding(response: aiohttp.ClientResponse, default: str = "utf-8") -> s
         except LookupError:
             pass
     return default
+
+
+class HostPacer:
+    """Spaces request starts per host: at most ``rate`` per second, and at least a caller's
+    ``min_interval_s`` apart (a robots.txt ``Crawl-delay``); the slower of the two wins.
+
+    Each caller reserves the next free start time of its host and sleeps until then, so
+    callers are served in arrival order and no timer task runs in the background.
+    """
+
+    def __init__(self, rate: float = 0.0) -> None:
+        if rate < 0:
+            raise ValueError(f"request rate must be >= 0 (0: unlimited), got {rate}")
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next_start: dict[str, float] = {}
+
+    async def wait(self, host: str, min_interval_s: float = 0.0) -> None:
+        """Return when a request to ``host`` may start."""
+        interval = max(self._interval, min_interval_s)
+        if not interval:
+            return
+        now = asyncio.get_running_loop().time()
+        start = max(now, self._next_start.get(host, now))
+        self._next_start[host] = start + interval
+        if len(self._next_start) > 10_000:  # forget hosts whose turn is long past
+            self._next_start = {h: t for h, t in self._next_start.items() if t > now}
+        if start > now:
+            await asyncio.sleep(start - now)

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from carmodels.io import atomic_write_parquet
+from carmodels.io import atomic_write
 
 RAW_SHARD_GLOB = "raw-*.parquet"
 _RAW_SHARD_NAME = re.compile(r"^raw-(\d+)\.parquet$")
@@ -52,6 +53,10 @@ RAW_COLUMNS: tuple[str, ...] = tuple(f.name for f in RAW_FIELDS)
 THUMBNAIL_FIELD = pa.field("thumbnail", pa.binary())
 #: Prefix given to a manifest column whose name clashes with a raw column (e.g. ``width``).
 CLASHING_METADATA_PREFIX = "manifest_"
+
+#: Columns never dictionary-encoded: their values are (nearly) all distinct, so Parquet's
+#: attempt to build a dictionary is pure cost (it doubled the write time of thumbnail shards).
+_NO_DICTIONARY = frozenset({"url", "image_bytes", "sha256", "etag", THUMBNAIL_FIELD.name})
 
 #: Outcomes worth another try later: the server or network may be fine next time.
 TRANSIENT_OUTCOMES = frozenset(
@@ -142,6 +147,8 @@ class RawShardWriter:
 
     The byte bound keeps memory (and the 2 GiB offset limit of a ``binary`` column) in check
     when images are large; the row bound keeps shards a convenient size for the next stage.
+    Rows are buffered column by column (one list per schema field), so that turning a batch
+    into a table is one ``pa.array`` per column rather than a conversion per row.
     """
 
     def __init__(
@@ -162,7 +169,9 @@ class RawShardWriter:
         self.compression = compression
         self.max_age_s = max_age_s
         self.written: list[Path] = []
-        self._rows: list[dict[str, Any]] = []
+        self._names = schema.names
+        self._columns: list[list[Any]] = [[] for _ in self._names]
+        self._n_rows = 0
         self._buffered_bytes = 0
         self._oldest_row_at = 0.0
 
@@ -173,38 +182,72 @@ class RawShardWriter:
         waited ``max_age_s`` seconds: a slow run still saves its progress regularly, so a kill
         costs at most that much refetching.
         """
-        if not self._rows:
-            self._oldest_row_at = time.monotonic()
-        self._rows.append(row)
-        self._buffered_bytes += len(row.get("image_bytes") or b"")
-        self._buffered_bytes += len(row.get(THUMBNAIL_FIELD.name) or b"")
-        too_old = (
-            self.max_age_s is not None and time.monotonic() - self._oldest_row_at >= self.max_age_s
-        )
-        return len(self._rows) >= self.max_rows or self._buffered_bytes >= self.max_bytes or too_old
+        now = time.monotonic()
+        if not self._n_rows:
+            self._oldest_row_at = now
+        get = row.get
+        for column, name in zip(self._columns, self._names, strict=True):
+            column.append(get(name))
+        self._n_rows += 1
+        self._buffered_bytes += len(get("image_bytes") or b"")
+        self._buffered_bytes += len(get(THUMBNAIL_FIELD.name) or b"")
+        too_old = self.max_age_s is not None and now - self._oldest_row_at >= self.max_age_s
+        return self._n_rows >= self.max_rows or self._buffered_bytes >= self.max_bytes or too_old
 
     def take_batch(self) -> tuple[Path, pa.Table] | None:
         """Detach the buffered rows as a table and reserve its shard path (None when empty).
 
         Split from writing so the caller can write in a worker thread while new rows arrive.
         """
-        if not self._rows:
+        if not self._n_rows:
             return None
-        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        arrays = [
+            _binary_array(column) if field.type == pa.binary() else pa.array(column, field.type)
+            for column, field in zip(self._columns, self.schema, strict=True)
+        ]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
         path = shard_path(self.raw_dir, self.next_index)
         self.next_index += 1
-        self._rows = []
+        self._columns = [[] for _ in self._names]
+        self._n_rows = 0
         self._buffered_bytes = 0
         return path, table
 
     def write_batch(self, path: Path, table: pa.Table) -> Path:
-        atomic_write_parquet(path, table, compression=self.compression)
+        dictionary = [name for name in table.column_names if name not in _NO_DICTIONARY]
+        atomic_write(
+            path,
+            lambda tmp: pq.write_table(
+                table, tmp, compression=self.compression, use_dictionary=dictionary
+            ),
+        )
         self.written.append(path)
         return path
 
     def flush(self) -> Path | None:
         batch = self.take_batch()
         return self.write_batch(*batch) if batch else None
+
+
+def _binary_array(values: list[bytes | None]) -> pa.Array:
+    """``pa.array(values, pa.binary())`` built from one joined buffer.
+
+    Arrow's builder appends and regrows value by value, which measured ten times slower for
+    image-sized values (2.2 s against 0.25 s for 3,000 thumbnails of 48 KiB).
+    """
+    lengths = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
+    total = int(lengths.sum())
+    if total > np.iinfo(np.int32).max:  # past binary's 32-bit offsets: let Arrow chunk it
+        return pa.array(values, pa.binary())
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    data = b"".join(v for v in values if v is not None)
+    validity = None
+    if any(v is None for v in values):
+        valid = np.fromiter((v is not None for v in values), np.bool_, len(values))
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
+    buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(data)]
+    return pa.Array.from_buffers(pa.binary(), len(values), buffers)
 
 
 def _read_tables(paths: Sequence[Path], columns: Sequence[str] | None) -> pa.Table:

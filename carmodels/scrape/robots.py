@@ -12,6 +12,10 @@ How a fetch ends decides the verdict, as RFC 9309 section 2.3.1 says:
 * a refused private address: allowed here, because the image request itself is then refused
   with ``private_address_refused``, the more useful outcome.
 
+A ``Crawl-delay`` line in the group that applies to us is read too
+(:meth:`RobotsCache.crawl_delay_s`); the downloader and the crawler space their requests to
+that host by at least that much (:class:`carmodels.scrape.net.HostPacer`).
+
 :func:`opts_out_of_ai` reads ``X-Robots-Tag: noai`` / ``noimageai`` (the DeviantArt and Cara
 convention) from response headers, before any body is read; the downloader gives such URLs
 the outcome ``opted_out``.
@@ -21,16 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from urllib.parse import urlsplit
 from urllib.robotparser import RobotFileParser
 
 import aiohttp
 
 from carmodels.scrape.net import check_destination, is_private_refusal
-from carmodels.scrape.urls import host_of, resolve_url
+from carmodels.scrape.urls import host_of, origin_of, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,57 @@ class RobotsSettings:
     max_redirects: int = 5
     #: Origins remembered at once; the oldest are forgotten (and refetched if met again).
     max_origins: int = 10_000
+    #: Cap on a ``Crawl-delay``: a site asking for more gets this (and a warning), so that one
+    #: host cannot stall a run for days.
+    max_crawl_delay_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """One origin's parsed robots.txt: the path rules and our ``Crawl-delay`` (0 for none)."""
+
+    parser: RobotFileParser
+    crawl_delay_s: float
+
+
+def parse_crawl_delay(text: str, agent: str) -> float:
+    """The ``Crawl-delay`` (seconds, fractions allowed) of the group of ``text`` that applies to
+    the product token ``agent``, else of the ``*`` group, else 0.
+
+    :mod:`urllib.robotparser` keeps whole seconds only and drops ``Crawl-delay: 0.5``, so the
+    delay is read here, with the same grouping and agent matching as its path rules (a group
+    is consecutive ``User-agent`` lines and the rules after them; a group applies when its
+    name is part of our token; the first such group wins).
+    """
+    groups: list[tuple[list[str], float]] = []
+    agents: list[str] = []
+    delay = 0.0
+    in_rules = False
+    for raw_line in text.splitlines():
+        key, colon, value = raw_line.split("#", 1)[0].partition(":")
+        if not colon:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if key == "user-agent":
+            if in_rules:  # a User-agent line after rules starts the next group
+                groups.append((agents, delay))
+                agents, delay, in_rules = [], 0.0, False
+            agents.append(value.lower())
+        elif agents:
+            in_rules = True
+            if key == "crawl-delay":
+                try:
+                    seconds = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(seconds) and seconds > 0:
+                    delay = seconds
+    if agents:
+        groups.append((agents, delay))
+    for names, seconds in groups:
+        if any(name != "*" and name.split("/")[0] in agent for name in names):
+            return seconds
+    return next((seconds for names, seconds in groups if "*" in names), 0.0)
 
 
 class RobotsCache:
@@ -96,11 +151,10 @@ class RobotsCache:
         self._session = session
         self._settings = settings
         self._agent = product_token(settings.user_agent)
-        self._rules: dict[str, asyncio.Task[RobotFileParser | RobotsVerdict]] = {}
+        self._rules: dict[str, asyncio.Task[_Rules | RobotsVerdict]] = {}
 
     async def verdict(self, url: str) -> RobotsVerdict:
-        parts = urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
+        origin = origin_of(url)
         task = self._rules.get(origin)
         if task is None:
             if len(self._rules) >= self._settings.max_origins:
@@ -114,15 +168,27 @@ class RobotsCache:
         rules = await asyncio.shield(task)
         if isinstance(rules, RobotsVerdict):
             return rules
-        allowed = rules.can_fetch(self._agent, url)
+        allowed = rules.parser.can_fetch(self._agent, url)
         return RobotsVerdict.ALLOWED if allowed else RobotsVerdict.DENIED
+
+    def crawl_delay_s(self, url: str) -> float:
+        """Seconds robots.txt asks between our requests to ``url``'s origin (0 for none).
+
+        Read from the rules :meth:`verdict` loaded, so ask after awaiting it; an origin whose
+        robots.txt is not loaded (yet) has no delay.
+        """
+        task = self._rules.get(origin_of(url))
+        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+            return 0.0
+        rules = task.result()
+        return 0.0 if isinstance(rules, RobotsVerdict) else rules.crawl_delay_s
 
     async def close(self) -> None:
         for task in self._rules.values():
             task.cancel()
         self._rules.clear()
 
-    async def _load(self, origin: str) -> RobotFileParser | RobotsVerdict:
+    async def _load(self, origin: str) -> _Rules | RobotsVerdict:
         try:
             async with asyncio.timeout(self._settings.timeout_s):
                 status, text = await self._fetch(f"{origin}/robots.txt")
@@ -135,7 +201,17 @@ class RobotsCache:
         if status is not None and 200 <= status < 300 and text is not None:
             parser = RobotFileParser()
             parser.parse(text.splitlines())
-            return parser
+            delay = parse_crawl_delay(text, self._agent)
+            if delay > self._settings.max_crawl_delay_s:
+                log.warning(
+                    "robots.txt of %s asks for Crawl-delay %g s; using the cap of %g s "
+                    "(max_crawl_delay_s)",
+                    origin,
+                    delay,
+                    self._settings.max_crawl_delay_s,
+                )
+                delay = self._settings.max_crawl_delay_s
+            return _Rules(parser, delay)
         if status is not None and 400 <= status < 500:
             return RobotsVerdict.ALLOWED
         log.warning("robots.txt of %s unavailable (status %s): not fetching there", origin, status)

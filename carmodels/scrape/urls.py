@@ -15,6 +15,10 @@ _HAS_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 # ``host:port`` instead (``localhost:8080/a.jpg``), which gets the default scheme.
 _OPAQUE_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:(?![0-9])")
 # A DNS name or IPv4 literal: dot-separated labels of letters, digits, ``-`` and ``_``.
+# Any whitespace inside a URL (the same characters as ``str.isspace``) makes it unusable.
+_WHITESPACE = re.compile(r"\s")
+# The ``scheme://authority`` prefix of an absolute URL (what robots.txt and pacing key on).
+_ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
 _HOSTNAME = re.compile(
     r"^(?=.{1,253}\.?$)[A-Za-z0-9_][A-Za-z0-9_\-]{0,62}(?:\.[A-Za-z0-9_\-]{1,63})*\.?$"
 )
@@ -31,7 +35,7 @@ def normalise_url(raw: object) -> str | None:
     if raw is None or not isinstance(raw, str):
         return None
     text = raw.strip()
-    if not text or any(ch.isspace() for ch in text):
+    if not text or _WHITESPACE.search(text):
         return None
     if text.startswith("//"):
         text = f"{DEFAULT_SCHEME}:{text}"
@@ -59,8 +63,27 @@ def is_valid_host(host: str | None) -> bool:
 
 
 def host_of(url: str) -> str:
-    """Lower-case host name of ``url`` ('' when it has none)."""
-    return (urlsplit(url).hostname or "").lower()
+    """Lower-case host name of ``url`` ('' when it has none), as ``urlsplit(url).hostname``.
+
+    Read from the authority with string operations: the downloader asks this for every URL,
+    and ``urlsplit`` was a measurable share of its per-request cost.
+    """
+    match = _ORIGIN.match(url)
+    if match is None:
+        return (urlsplit(url).hostname or "").lower()
+    authority = match.group(0).partition("://")[2].rpartition("@")[2]
+    if authority.startswith("["):  # IPv6 literal, maybe with a port after the bracket
+        return authority[1:].partition("]")[0].lower()
+    return authority.partition(":")[0].lower()
+
+
+def origin_of(url: str) -> str:
+    """``scheme://authority`` of an absolute URL, as written ('' when it has none).
+
+    A regular expression rather than ``urlsplit``: the downloader asks this for every URL.
+    """
+    match = _ORIGIN.match(url)
+    return match.group(0) if match else ""
 
 
 def resolve_url(base: str, reference: str) -> str | None:
