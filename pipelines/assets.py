@@ -35,6 +35,10 @@ from pipelines.versioning import (
 
 #: Asset group shown in the UI.
 GROUP = "carmodels"
+#: Declarative automation of the steps after training: run as soon as what they read changes
+#: (and nothing upstream is still running or missing). Evaluated only while the automation
+#: sensor runs (`pipelines.sensors.automation_sensor`, on with CARMODELS_AUTOMATION=on).
+FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 
 
 def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
@@ -482,7 +486,15 @@ class EvaluateDcganConfig(CachedConfig):
     offline: bool = False
 
 
-@dg.asset(group_name=GROUP, code_version="1", deps=[train_dcgan], kinds={"pytorch"}, pool="gpu")
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    deps=[train_dcgan],
+    kinds={"pytorch"},
+    pool="gpu",
+    # Whenever a new generator is trained (by the schedule, a sensor or by hand), evaluate it.
+    automation_condition=FOLLOW_UPSTREAM,
+)
 def evaluate_dcgan(
     context: dg.AssetExecutionContext, config: EvaluateDcganConfig, storage: StorageResource
 ) -> dg.MaterializeResult:

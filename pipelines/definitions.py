@@ -10,14 +10,14 @@ from pipelines.jobs import ingest_job, retrain_job
 from pipelines.promotion import PROMOTION_ASSETS, PROMOTION_CHECKS
 from pipelines.resources import StorageResource, default_settings
 from pipelines.schedules import retrain_schedule
-from pipelines.sensors import manifest_sensor
+from pipelines.sensors import automation_sensor, manifest_sensor
 
 defs = dg.Definitions(
     assets=[*ALL_ASSETS, *PROMOTION_ASSETS, *DESIGN_ASSETS],
     asset_checks=PROMOTION_CHECKS,
     jobs=[retrain_job, ingest_job],
     schedules=[retrain_schedule],
-    sensors=[manifest_sensor],
+    sensors=[manifest_sensor, automation_sensor],
     resources={
         "storage": StorageResource(),
         "settings": default_settings(),

@@ -11,6 +11,7 @@ import dagster as dg
 from carmodels import generate, promotion, restoration_eval, restore
 from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
 from carmodels.versioning import files_version
+from pipelines.assets import FOLLOW_UPSTREAM
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.resources import StorageResource
 from pipelines.versioning import CachedConfig, input_fingerprint, unchanged_result, versioned_result
@@ -52,7 +53,14 @@ class DesignSamplesConfig(CachedConfig):
     device: str = "auto"
 
 
-@dg.asset(group_name=GROUP, code_version="1", deps=[GENERATOR_ASSET], kinds={"pytorch"}, pool="gpu")
+@dg.asset(
+    group_name=GROUP,
+    code_version="1",
+    deps=[GENERATOR_ASSET],
+    kinds={"pytorch"},
+    pool="gpu",
+    automation_condition=FOLLOW_UPSTREAM,
+)
 def design_samples(
     context: dg.AssetExecutionContext, config: DesignSamplesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
@@ -131,6 +139,7 @@ class RestorationExamplesConfig(CachedConfig):
     deps=[GENERATOR_ASSET, "car_shards"],
     kinds={"pytorch"},
     pool="gpu",
+    automation_condition=FOLLOW_UPSTREAM,
 )
 def restoration_examples(
     context: dg.AssetExecutionContext, config: RestorationExamplesConfig, storage: StorageResource

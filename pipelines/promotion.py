@@ -18,7 +18,7 @@ from carmodels import promotion
 from carmodels.fid import sha256_of
 from carmodels.layout import CHAMPION_DIR, EVAL_DIR, TRAIN_DIR, DataLayout
 from carmodels.versioning import files_version
-from pipelines.assets import GROUP, evaluate_dcgan, require_upstream
+from pipelines.assets import FOLLOW_UPSTREAM, GROUP, evaluate_dcgan, require_upstream
 from pipelines.metadata import image_preview
 from pipelines.resources import StorageResource
 
@@ -36,6 +36,7 @@ class ChampionGeneratorConfig(dg.Config):
     deps=[evaluate_dcgan],
     kinds={"pytorch"},
     output_required=False,
+    automation_condition=FOLLOW_UPSTREAM,
     check_specs=[
         dg.AssetCheckSpec(
             BEATS_CHAMPION_CHECK,

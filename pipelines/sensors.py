@@ -57,3 +57,15 @@ def manifest_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
             skip_reason=f"no new or changed manifest in {watched_folder()}", cursor=cursor
         )
     return dg.SensorResult(run_requests=run_requests, cursor=cursor)
+
+
+#: Evaluates the assets' automation conditions (evaluation, promotion and designs follow a new
+#: generator). Off by default like the schedule; on with CARMODELS_AUTOMATION=on.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=(
+        dg.DefaultSensorStatus.RUNNING if automation_enabled() else dg.DefaultSensorStatus.STOPPED
+    ),
+    description="Runs evaluation, promotion and design sampling after each newly trained model.",
+)

@@ -111,7 +111,48 @@ def test_automation_is_off_by_default_and_on_with_one_setting(
         assert reloaded.retrain_schedule.cron_schedule == "30 2 * * 0"
         sensor_module = importlib.reload(sensors)
         assert sensor_module.manifest_sensor.default_status.value == expected.value
+        assert sensor_module.automation_sensor.default_status.value == expected.value
     finally:
         monkeypatch.undo()
         importlib.reload(schedules)
         importlib.reload(sensors)
+
+
+AFTER_TRAINING = ["evaluate_dcgan", "champion_generator", "design_samples", "restoration_examples"]
+
+
+def _requested(result: dg.EvaluateAutomationConditionsResult) -> set[str]:
+    return {
+        key.path[-1]
+        for key in (dg.AssetKey(name) for name in AFTER_TRAINING + ["train_dcgan", "car_shards"])
+        if result.get_num_requested(key) > 0
+    }
+
+
+def test_steps_after_training_follow_a_new_generator_declaratively() -> None:
+    assets = defs.resolve_asset_graph()
+    for name in AFTER_TRAINING:
+        assert assets.get(dg.AssetKey(name)).automation_condition is not None, name
+    # Ingest and training stay with their schedule, sensor and people: never automatic.
+    for name in ("listing_manifest", "raw_images", "unique_images", "car_shards", "train_dcgan"):
+        assert assets.get(dg.AssetKey(name)).automation_condition is None, name
+
+    with dg.instance_for_test() as instance:
+        for name in ["listing_manifest", "raw_images", "unique_images", "car_shards"]:
+            instance.report_runless_asset_event(dg.AssetMaterialization(name))
+        first = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+        # Nothing was trained yet: nothing after training runs.
+        assert _requested(first) == set()
+
+        instance.report_runless_asset_event(dg.AssetMaterialization("train_dcgan"))
+        trained = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=first.cursor
+        )
+        # A new generator: evaluate it, and in the same run decide on promotion and redraw
+        # the designs and restorations (each waits for the step before it).
+        assert _requested(trained) == set(AFTER_TRAINING)
+
+        again = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, cursor=trained.cursor
+        )
+        assert _requested(again) == set()
