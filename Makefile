@@ -45,4 +45,4 @@ lint: $(STAMP)
 ## Delete pipeline outputs and Dagster run history (keeps dagster_home/dagster.yaml).
 clean-data:
 	rm -rf data
-	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name .gitkeep -exec rm -rf {} +
+	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name dagster-postgres.yaml ! -name .gitkeep -exec rm -rf {} +
