@@ -6,14 +6,16 @@ mirrored. Exact copies share a sha256; the others are found with a 64-bit percep
 
 1. Index the raw shards (no bytes): per URL the latest fetch wins; ``outcome == "ok"`` rows are
    the images.
-2. Hash each distinct sha256 once, in a process pool, reading image bytes batch by batch, and
-   keep a tiny RGB thumbnail of it (``colour_thumbnails``). Hashes and thumbnails are cached
+2. Hash each distinct sha256 once (from a 64 px JPEG draft; in a process pool when there are
+   thousands), reading image bytes batch by batch, and keep a tiny RGB thumbnail of it
+   (``colour_thumbnails``). Hashes and thumbnails are cached
    in ``hashes.parquet`` keyed by sha256, so a later run over grown raw shards hashes only
    the new photos.
-3. Candidate pairs by multi-index hashing (``find_near_duplicates``), optionally also between
-   a photo and the mirror image of another. A phash sees only the grey-level layout, so two
-   different cars shot in the same plain studio booth hash alike; each candidate is kept only
-   when the thumbnails agree too (``colour_distances``, vectorised over all candidates).
+3. Candidate pairs by an exact multi-index search (``find_near_duplicates``, tables chosen by
+   ``search_masks``), optionally also between a photo and the mirror image of another. A
+   phash sees only the grey-level layout, so two different cars shot in the same plain
+   studio booth hash alike; each candidate is kept only when the thumbnails agree too
+   (``colour_distances``, vectorised over all candidates).
 4. Connected components of exact + near pairs are the clusters; each keeps its best member
    (most pixels, then the largest file, then the smallest URL so that ties are deterministic).
 """
@@ -23,7 +25,9 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +42,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from carmodels.imaging import ImageDecodeError, decode_image, decode_with_size, map_in_processes
-from carmodels.io import atomic_save_image, atomic_write_parquet
+from carmodels.io import atomic_write, atomic_write_parquet
 from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, THUMBNAIL_FIELD
 
 if TYPE_CHECKING:
@@ -84,8 +88,8 @@ class DedupConfig:
     hash_size: int = 8
     #: Largest Hamming distance between two 64-bit hashes that makes a candidate pair (the
     #: colour check below then confirms or rejects it). Measured with phash on the 1,500
-    #: photos of cars-sample plus planted copies of 150 of them (256px draft decode, as here),
-    #: share of copies within 6 / 8 / 10 / 12 bits of their original:
+    #: photos of cars-sample plus planted copies of 150 of them (256px draft decode), share of
+    #: copies within 6 / 8 / 10 / 12 bits of their original:
     #: - q60 re-encode, resized to 80% and back, mirrored (flip-aware): 100% at 6 (max 2);
     #: - cropped by 3% of each dimension (1.5% a side): 83% / 98% / 99.3% / 100%;
     #: - cropped by 3% a side: 28% / 49% / 75% / 93%.
@@ -93,6 +97,9 @@ class DedupConfig:
     #: demo catalog, 300 listings: 58 false candidates at 6, all studio shots). With it, 10
     #: keeps every planted pair and no false one (see ``max_colour_distance``); 12 gains only
     #: the heavy crops and costs ~2x the search time (candidates grow fast past 10).
+    #: Re-measured with the 64 px draft (``decode_draft_px``, bench/dedup.py's 150 copies):
+    #: q60, 80% resize and mirror within 2 bits, 1.5%-a-side crops within 8; 72 false
+    #: candidates at 10 (71 with 256 px), all rejected by the colour check (min 29.8).
     threshold: int = 10
     #: Also compare each photo with the mirror image of the others, so a mirrored repost
     #: counts as a duplicate.
@@ -119,18 +126,31 @@ class DedupConfig:
     #: planted pairs; 34 and 390 hash candidates rejected); cars-sample + 900 planted copies
     #: of 150 photos (the kinds above, 1.5% and 3% a side crops): 1.0 / 1.0 (the 3%-a-side
     #: crops beyond 6.5 still join their cluster through the other copies). Hash alone at 10:
-    #: precision 0.85; at 6: recall 0.979 (1.5%-a-side crops 0.96).
+    #: precision 0.85; at 6: recall 0.979 (1.5%-a-side crops 0.96). With the 64 px draft
+    #: (bench/dedup.py): copies max 5.2 (1.5%-a-side crops; q60 2.3, mirror 2.3, resize 1.1),
+    #: false candidates min 29.8; demo-catalog and studio-shot tests unchanged.
     max_colour_distance: float = 6.5
     #: Candidate pairs verified per numpy batch (bounds memory: a few KB per pair).
     verify_batch_pairs: int = 65536
-    #: Processes hashing images.
+    #: Processes (threads below ``min_images_per_worker``) hashing images.
     workers: int = 2
+    #: New images per worker process below which fewer processes are started (none: hashing
+    #: in ``workers`` threads of this process instead). A photo costs ~1.7 ms to decode and
+    #: hash here, while a worker pool costs 2-5 s to start (forkserver, then each worker
+    #: imports carmodels, pandas, pyarrow and aiohttp): on the 1,650 files of bench/dedup.py,
+    #: on the loaded 2-core machine, the pool's first result came after 4.9 s and all after
+    #: 9.6 s, vs ~2.8 s in this process.
+    min_images_per_worker: int = 2000
     #: Images per task sent to a worker (large enough to amortise pickling overhead).
     chunk_size: int = 64
     #: Rows read from a raw shard at a time; bounds memory to a few batches of image bytes.
     read_batch_rows: int = 256
-    #: JPEGs are decoded at a reduced scale at least this large (hashes work on 32px or less).
-    decode_draft_px: int = 256
+    #: JPEGs are decoded at a reduced scale (DCT scaling) at least this large: phash works on
+    #: 32 px and the colour cells on 8, and decoding, resizing and hashing a 64 px draft took
+    #: ~1.7 ms a photo against ~11 ms at 256 px (cars-sample). 32 px was faster still but
+    #: blurred crops apart (1.5%-a-side crop colour distance up to 10, over the 6.5 limit);
+    #: 64 px keeps them within 5.2, see above.
+    decode_draft_px: int = 64
     #: Contact sheet: how many of the largest clusters, members per row, thumbnail side.
     contact_sheet_clusters: int = 12
     contact_sheet_members: int = 8
@@ -153,8 +173,11 @@ class DedupConfig:
             raise ValueError(
                 f"DedupConfig.threshold must be in [0, {self.hash_bits}), got {self.threshold}"
             )
-        if self.workers < 1 or self.chunk_size < 1 or self.read_batch_rows < 1:
-            raise ValueError("DedupConfig.workers, chunk_size and read_batch_rows must be >= 1")
+        if min(self.workers, self.chunk_size, self.read_batch_rows, self.min_images_per_worker) < 1:
+            raise ValueError(
+                "DedupConfig.workers, chunk_size, read_batch_rows and min_images_per_worker "
+                "must be >= 1"
+            )
         if self.colour_grid < 1 or self.verify_batch_pairs < 1:
             raise ValueError("DedupConfig.colour_grid and verify_batch_pairs must be >= 1")
         crops = self.colour_crops
@@ -236,8 +259,67 @@ def _imagehash_to_int(h: imagehash.ImageHash) -> int:
     return int("".join("1" if bit else "0" for bit in bits), 2)
 
 
+@functools.cache
+def _dct_rows(size: int, rows: int) -> np.ndarray:
+    """The first ``rows`` rows of the unnormalised size-point DCT-II matrix.
+
+    ``M @ x`` equals ``scipy.fftpack.dct(x)[:rows]`` (type 2, no normalisation), the transform
+    imagehash's phash applies along each axis.
+    """
+    n = np.arange(size)
+    k = np.arange(rows)[:, None]
+    return 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * size))
+
+
+def phash_pixels(
+    img: Image.Image, hash_size: int = 8, box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
+    """The grey ``4 * hash_size`` square that imagehash's phash transforms (uint8).
+
+    ``box`` (left, upper, right, lower; fractional) takes only that part of ``img``, such as
+    the ``draft_content_box``.
+    """
+    size = 4 * hash_size
+    return np.asarray(img.convert("L").resize((size, size), Image.Resampling.LANCZOS, box=box))
+
+
+def phash_batch(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """imagehash's phash of each of ``pixels`` (N x 4h x 4h grey) and of its mirror image.
+
+    Returns two uint64 arrays, bits in imagehash's order (first bit most significant), bit for
+    bit what ``phash(img, h)`` and ``phash(ImageOps.mirror(img), h)`` give (tested): DCT-II
+    along both axes, low h x h block above its median. Only that block is computed, for the
+    whole batch in two matrix products (imagehash: a full 2D transform per call), and the
+    mirror image's block is this one with the odd horizontal frequencies negated (mirroring
+    a sequence multiplies its k-th DCT-II coefficient by (-1)^k), so mirror images are never
+    resized or transformed.
+    """
+    n, size, _ = pixels.shape
+    hash_size = size // 4
+    basis = _dct_rows(size, hash_size)
+    low = basis @ pixels.astype(np.float64) @ basis.T  # rows: vertical frequency
+    mirrored = low * np.where(np.arange(hash_size) % 2, -1.0, 1.0)
+    weights = np.left_shift(np.uint64(1), np.arange(hash_size**2, dtype=np.uint64)[::-1])
+    hashes = []
+    for block in (low, mirrored):
+        flat = block.reshape(n, hash_size**2)
+        bits = flat > np.median(flat, axis=1, keepdims=True)
+        hashes.append(np.bitwise_or.reduce(np.where(bits, weights, np.uint64(0)), axis=1))
+    return hashes[0], hashes[1]
+
+
+def phash_pair(
+    img: Image.Image, hash_size: int = 8, box: tuple[float, float, float, float] | None = None
+) -> tuple[int, int]:
+    """imagehash's ``phash(img, hash_size)`` and ``phash(mirror of img)`` (see ``phash_batch``)."""
+    hashes, flipped = phash_batch(phash_pixels(img, hash_size, box)[None])
+    return int(hashes[0]), int(flipped[0])
+
+
 def image_hashes(img: Image.Image, method: str, hash_size: int) -> tuple[int, int]:
     """(hash, hash of the mirror image) of a decoded image."""
+    if method == "phash":
+        return phash_pair(img, hash_size)
     # Imported here so that modules which only read dedup's outputs (shards, the trainer on a
     # GPU machine) do not need imagehash installed.
     import imagehash
@@ -250,20 +332,54 @@ def image_hashes(img: Image.Image, method: str, hash_size: int) -> tuple[int, in
     )
 
 
-def colour_thumbnails(img: Image.Image, grid: int, crops: Iterable[float]) -> np.ndarray:
+def draft_content_box(
+    draft_size: tuple[int, int], full_size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """The part of a JPEG draft that shows the photo, in the draft's pixels (fractional).
+
+    JPEG DCT scaling by 1/s decodes whole 8x8 blocks, so a W-wide photo becomes ceil(W / s)
+    pixels whose last column is partly the encoder's edge padding: the photo itself spans
+    W / s of them (what Pillow's ``draft`` returns as its box). Hashing and thumbnailing that
+    box rather than the whole draft keeps a photo and its mirror image, or two copies of
+    different sizes, aligned to a fraction of a draft pixel; with the whole draft the mirror
+    of a 64 px draft drifted by up to half a pixel, which was most of its colour distance.
+    Not a draft (no scale s maps ``full_size`` to ``draft_size``): the whole image.
+    (An EXIF-mirrored JPEG has its padding on the other side; that rare case keeps the
+    sub-pixel drift.)
+    """
+    (width, height), (full_width, full_height) = draft_size, full_size
+    for scale in (2, 4, 8):
+        if -(-full_width // scale) == width and -(-full_height // scale) == height:
+            return (0.0, 0.0, full_width / scale, full_height / scale)
+    return (0.0, 0.0, float(width), float(height))
+
+
+def colour_thumbnails(
+    img: Image.Image,
+    grid: int,
+    crops: Iterable[float],
+    box: tuple[float, float, float, float] | None = None,
+) -> np.ndarray:
     """Mean-RGB thumbnails (``grid`` x ``grid`` cells) of ``img`` cut by each of ``crops``.
 
-    Shape (len(crops), grid, grid, 3), uint8. The crop is the fraction removed from every side;
-    the BOX filter averages exactly the pixels under each cell. The mirror image's thumbnail is
-    this one flipped left to right (the crops are symmetric), so it is not stored.
+    Shape (len(crops), grid, grid, 3), uint8. The crop is the fraction removed from every side
+    of ``box`` (default: the whole image); the BOX filter averages the pixels under each cell.
+    The mirror image's thumbnail is this one flipped left to right (the crops are symmetric),
+    so it is not stored.
     """
-    width, height = img.size
+    left, top, right, bottom = box or (0.0, 0.0, float(img.width), float(img.height))
+    width, height = right - left, bottom - top
     thumbs = [
         np.asarray(
             img.resize(
                 (grid, grid),
                 Image.Resampling.BOX,
-                box=(width * crop, height * crop, width * (1 - crop), height * (1 - crop)),
+                box=(
+                    left + width * crop,
+                    top + height * crop,
+                    right - width * crop,
+                    bottom - height * crop,
+                ),
             ),
             dtype=np.uint8,
         )
@@ -279,28 +395,40 @@ class _HashTask:
 
 
 def _hash_chunk(tasks: list[_HashTask], config: DedupConfig) -> list[dict[str, object]]:
-    """Worker: hash a chunk of images; undecodable ones get null hashes."""
+    """Worker: hash a chunk of images; undecodable ones get null hashes.
+
+    phash is computed for the whole chunk at once (``phash_batch``); the other imagehash
+    functions image by image.
+    """
     draft = (config.decode_draft_px, config.decode_draft_px)
-    rows = []
+    batched = config.hash_method == "phash"
+    rows: list[dict[str, object]] = []
+    phash_rows: list[dict[str, object]] = []
+    phash_inputs: list[np.ndarray] = []
     for task in tasks:
         row: dict[str, object] = {"sha256": task.sha256, "n_bytes": len(task.data)}
+        rows.append(row)
         try:
             # The size is the full-resolution, EXIF-oriented one: "most pixels" must compare
             # the originals, not the drafts JPEG decoding shrank by powers of two.
             img, width, height = decode_with_size(task.data, draft_size=draft)
-            hash_value, flipped = image_hashes(img, config.hash_method, config.hash_size)
-            thumbnails = colour_thumbnails(img, config.colour_grid, config.colour_crops)
-            row.update(
-                hash=hash_value,
-                hash_flipped=flipped,
-                thumbnails=thumbnails.tobytes(),
-                width=width,
-                height=height,
-                decodable=True,
-            )
         except ImageDecodeError:
             row.update(hash=0, hash_flipped=0, thumbnails=b"", width=0, height=0, decodable=False)
-        rows.append(row)
+            continue
+        box = draft_content_box(img.size, (width, height))
+        if batched:
+            phash_inputs.append(phash_pixels(img, config.hash_size, box))
+            phash_rows.append(row)
+        else:
+            row["hash"], row["hash_flipped"] = image_hashes(
+                img, config.hash_method, config.hash_size
+            )
+        thumbnails = colour_thumbnails(img, config.colour_grid, config.colour_crops, box)
+        row.update(thumbnails=thumbnails.tobytes(), width=width, height=height, decodable=True)
+    if phash_inputs:
+        hashes, flipped = phash_batch(np.stack(phash_inputs))
+        for row, hash_value, flipped_value in zip(phash_rows, hashes, flipped, strict=True):
+            row.update(hash=int(hash_value), hash_flipped=int(flipped_value))
     return rows
 
 
@@ -318,65 +446,212 @@ def _band_layout(n_bands: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
     return layout
 
 
-def _pairs_with_equal_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All index pairs (i < j) with ``keys[i] == keys[j]``, vectorised per offset in the group.
+#: Cost model of the search, per hash and table (key, sort) and per candidate pair (distance
+#: check), in the same unit; measured here: ~70 ns and ~7 ns.
+_COST_PER_HASH_TABLE = 10.0
+_COST_PER_CANDIDATE = 1.0
+#: Parts whose covering would need more tables than this are not considered.
+_MAX_TABLES_PER_PART = 1024
 
-    After a stable sort, a group of equal keys is a run; pairing each position with the one
-    ``d`` places later for d = 1, 2, ... (only where both lie in the same run) enumerates every
-    pair exactly once, and the active set shrinks as d outgrows the small runs, so the total
-    work is the number of pairs.
+
+def _covering_masks(shift: int, width: int, tolerance: int) -> list[int]:
+    """Bit masks inside one part such that two hashes differing in at most ``tolerance`` of
+    the part's bits agree exactly on at least one mask (Pagh's covering LSH, SODA 2016).
+
+    Each bit position i of the part gets a nonzero vector m(i) of GF(2)^(tolerance + 1); mask v
+    (one per nonzero v) holds the positions with <m(i), v> = 1. The <= tolerance positions
+    where two hashes differ span at most ``tolerance`` dimensions, so some nonzero v is
+    orthogonal to all of them and its mask avoids them all: no false negative, by
+    construction. The vectors are spread so that every mask holds about half the part (all
+    nonzero vectors in turn when the part is wide enough; else first those with the lowest
+    coordinate set, which every v but that coordinate's splits evenly). tolerance 0 is the
+    classic multi-index band: one mask, the whole part.
     """
-    order = np.argsort(keys, kind="stable")
-    sorted_keys = keys[order]
-    n = len(keys)
-    if n < 2:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    run_lengths = np.diff(np.r_[starts, n])
-    run_end = np.repeat(starts + run_lengths, run_lengths)  # exclusive end of each position's run
-    left_parts, right_parts = [], []
-    active = np.flatnonzero(run_end - np.arange(n) > 1)  # positions with a later run member
-    d = 1
-    while len(active):
-        partner = active + d
-        within = partner < run_end[active]
-        active, partner = active[within], partner[within]
-        left_parts.append(order[active])
-        right_parts.append(order[partner])
-        d += 1
-    if not left_parts:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    left = np.concatenate(left_parts)
-    right = np.concatenate(right_parts)
-    return np.minimum(left, right), np.maximum(left, right)
+    dims = tolerance + 1
+    nonzero = list(range(1, 2**dims))
+    if width < len(nonzero):
+        nonzero = [u for u in nonzero if u & 1] + [u for u in nonzero if not u & 1]
+    vectors = [nonzero[k % len(nonzero)] for k in range(width)]
+    masks = []
+    for v in range(1, 2**dims):
+        mask = 0
+        for k, u in enumerate(vectors):
+            if (u & v).bit_count() % 2:
+                mask |= 1 << (shift + k)
+        masks.append(mask)
+    return masks
+
+
+def _plan_masks(threshold: int, bits: int, n_parts: int) -> list[int] | None:
+    """The masks of ``n_parts`` parts (see ``search_masks``); None if a part needs too many."""
+    spare = threshold - n_parts + 1  # sum of the parts' tolerances
+    if spare < 0 or n_parts > bits:
+        raise ValueError(f"{n_parts} parts cannot cover threshold {threshold} on {bits} bits")
+    base, extra = divmod(spare, n_parts)
+    layout = _band_layout(n_parts, bits)  # wider parts first: they take the extra tolerance
+    tolerances = [base + (1 if k < extra else 0) for k in range(n_parts)]
+    if any(2 ** (t + 1) - 1 > _MAX_TABLES_PER_PART for t in tolerances):
+        return None
+    return [
+        mask
+        for (shift, width), tolerance in zip(layout, tolerances, strict=True)
+        for mask in _covering_masks(shift, width, tolerance)
+    ]
+
+
+@functools.cache
+def search_masks(threshold: int, bits: int, n_hashes: int) -> tuple[int, ...]:
+    """The tables of the exact search: bit masks such that any two hashes within ``threshold``
+    bits of each other agree exactly on at least one mask.
+
+    The hash is split into P parts; by the general pigeonhole principle, two hashes within
+    ``threshold`` differ in at most t_j bits of some part j whenever the t_j sum to
+    ``threshold - P + 1``, and each part is covered for its t_j by ``_covering_masks``. P =
+    threshold + 1 is classic multi-index hashing (every t_j = 0, each part one table); fewer
+    parts give more tables but longer keys. Longer keys matter as the count grows: with
+    threshold 10 and 64 bits, the 11 bands of 5-6 bits put any two of 10^6 random hashes in
+    a common bucket with probability ~1/5, about 10^11 candidate pairs, while 2 parts of 32
+    bits (t = 5 and 4) give 94 tables of 16-bit keys and ~7 * 10^8 candidates. P is chosen
+    per call by the cost model above for ``n_hashes`` uniformly random hashes (real hashes
+    cluster, which adds candidates to every plan alike).
+    """
+    best: tuple[float, tuple[int, ...]] | None = None
+    pairs = n_hashes * (n_hashes - 1) / 2
+    for n_parts in range(1, min(threshold + 1, bits) + 1):
+        masks = _plan_masks(threshold, bits, n_parts)
+        if masks is None or not all(masks):
+            continue
+        candidates = sum(pairs * 2.0 ** -mask.bit_count() for mask in masks)
+        cost = len(masks) * n_hashes * _COST_PER_HASH_TABLE + candidates * _COST_PER_CANDIDATE
+        if best is None or cost < best[0]:
+            best = (cost, tuple(masks))
+    assert best is not None  # n_parts = threshold + 1 (tolerance 0) always qualifies
+    return best[1]
 
 
 def _popcount(values: np.ndarray) -> np.ndarray:
     return np.bitwise_count(values).astype(np.int64)
 
 
-def _within_threshold(
-    hashes: np.ndarray, threshold: int, bits: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs (i < j) of ``hashes`` within ``threshold`` bits, by multi-index hashing.
+#: Odd 64-bit multiplier (2^64 / golden ratio): its top bits hash a masked key.
+_KEY_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 
-    Split the hash into ``threshold + 1`` bands: two hashes differing in at most ``threshold``
-    bits cannot differ in every band (pigeonhole), so each such pair shares at least one band
-    value exactly. Candidates are pairs equal on some band; they are verified with a popcount.
+
+#: Runs of equal keys up to this long are checked all pairs at once (all runs of one length
+#: together); longer runs, rare unless many photos share a hash, pair position by position.
+_BLOCK_RUN_MAX = 64
+#: Candidate pairs checked per numpy call (bounds the memory to ~50 MB).
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def _close_pairs_in_table(
+    hashes: np.ndarray, mask: int, threshold: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pairs (i < j) of ``hashes`` equal on ``mask`` and within ``threshold`` bits, and how
+    many candidate pairs were checked.
+
+    Hashes with equal masked bits must end up next to each other. Sorting one uint64 per hash
+    (a hash of the masked bits in the high bits, the index in the low bits) is several times
+    faster than an argsort; two different keys that share the hashed bits only add candidates,
+    and every candidate is checked on the full hash, so the result stays exact. Equal keys form
+    runs, and every pair inside a run is a candidate: runs of the same length L are stacked and
+    all their L(L-1)/2 pairs checked at once (a few numpy calls per length and no index array
+    per candidate: ~5x less CPU than pairing positions one offset at a time).
     """
-    n_bands = min(threshold + 1, bits)
-    seen: list[np.ndarray] = []
-    for shift, width in _band_layout(n_bands, bits):
-        keys = (hashes >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        i, j = _pairs_with_equal_keys(keys)
-        distance = _popcount(hashes[i] ^ hashes[j])
-        close = distance <= threshold
-        # Encode each pair as one int64 to deduplicate pairs found in several bands.
-        seen.append(i[close] * len(hashes) + j[close])
-    codes = np.unique(np.concatenate(seen)) if seen else np.empty(0, dtype=np.int64)
-    i, j = np.divmod(codes, len(hashes))
+    n = len(hashes)
+    index_bits = max(1, (n - 1).bit_length())
+    keys = (hashes & np.uint64(mask)) * _KEY_MULTIPLIER
+    packed = (keys >> np.uint64(index_bits)) << np.uint64(index_bits)  # top key bits
+    packed = np.sort(packed | np.arange(n, dtype=np.uint64))
+    order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
+    sorted_keys = packed >> np.uint64(index_bits)
+    sorted_hashes = hashes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    left_parts, right_parts = [], []
+    n_candidates = 0
+    for length in np.unique(lengths[lengths > 1]).tolist():
+        run_starts = starts[lengths == length]
+        n_candidates += len(run_starts) * length * (length - 1) // 2
+        if length > _BLOCK_RUN_MAX:
+            left, right = _close_pairs_in_long_runs(sorted_hashes, run_starts, length, threshold)
+            left_parts.append(order[left])
+            right_parts.append(order[right])
+            continue
+        first_of_pair, second_of_pair = np.triu_indices(length, k=1)
+        offsets = np.arange(length)
+        step = max(1, _BLOCK_ELEMENTS // len(first_of_pair))
+        for first in range(0, len(run_starts), step):
+            block_starts = run_starts[first : first + step]
+            block = sorted_hashes[block_starts[:, None] + offsets]  # (runs, L)
+            xor = np.take(block, first_of_pair, axis=1)  # (runs, L(L-1)/2): each pair once
+            xor ^= np.take(block, second_of_pair, axis=1)
+            close = np.bitwise_count(xor) <= threshold
+            # Close pairs are rare: look for them only in the runs that hold one.
+            hit = np.flatnonzero(close.any(axis=1))
+            run, pair = np.nonzero(close[hit])
+            run_start = block_starts[hit[run]]
+            left_parts.append(order[run_start + first_of_pair[pair]])
+            right_parts.append(order[run_start + second_of_pair[pair]])
+    if not left_parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, n_candidates
+    left = np.concatenate(left_parts)
+    right = np.concatenate(right_parts)
+    return np.minimum(left, right), np.maximum(left, right), n_candidates
+
+
+def _close_pairs_in_long_runs(
+    sorted_hashes: np.ndarray, run_starts: np.ndarray, length: int, threshold: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Close pairs (sorted positions) inside runs of ``length``, one partner offset at a time
+    (memory proportional to the runs, not to their squared length)."""
+    positions = (run_starts[:, None] + np.arange(length)).ravel()
+    run_end = np.repeat(run_starts + length, length)
+    left_parts, right_parts = [], []
+    for d in range(1, length):
+        active = run_end - positions > d
+        left, right = positions[active], positions[active] + d
+        close = np.bitwise_count(sorted_hashes[left] ^ sorted_hashes[right]) <= threshold
+        left_parts.append(left[close])
+        right_parts.append(right[close])
+    return np.concatenate(left_parts), np.concatenate(right_parts)
+
+
+@dataclass
+class SearchStats:
+    """What one search did: tables (masks) sorted and candidate pairs checked."""
+
+    tables: int = 0
+    candidates: int = 0
+
+
+def _within_threshold(
+    hashes: np.ndarray,
+    threshold: int,
+    bits: int,
+    masks: Iterable[int] | None = None,
+    stats: SearchStats | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (i < j) of ``hashes`` within ``threshold`` bits, and their distances.
+
+    Candidates are the pairs equal on some mask of ``search_masks`` (or ``masks``), checked
+    with a popcount; exact, as every close pair shares at least one mask's bits.
+    """
+    n = len(hashes)
+    if n < 2:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    masks = search_masks(threshold, bits, n) if masks is None else masks
+    found = []
+    for mask in masks:
+        i, j, n_candidates = _close_pairs_in_table(hashes, mask, threshold)
+        found.append(i * n + j)  # one int64 per pair, to drop pairs found in several tables
+        if stats is not None:
+            stats.tables += 1
+            stats.candidates += n_candidates
+    codes = np.unique(np.concatenate(found))
+    i, j = np.divmod(codes, n)
     return i, j, _popcount(hashes[i] ^ hashes[j])
 
 
@@ -385,24 +660,27 @@ def find_near_duplicates(
     threshold: int,
     flipped_hashes: np.ndarray | None = None,
     bits: int = HASH_BITS,
+    stats: SearchStats | None = None,
 ) -> pd.DataFrame:
     """Pairs of hashes within ``threshold`` Hamming distance: columns ``i < j, distance``.
 
     With ``flipped_hashes`` (the hashes of the mirror images), a pair also matches when one
     photo is close to the other's mirror image; ``distance`` is the smaller of the two.
-    Sub-quadratic for small thresholds (see ``_within_threshold``); equal to brute force.
+    Exact (equal to brute force) and close to n log n for random hashes: see
+    ``search_masks``; bench/dedup_scale.py times it up to 10^6 hashes. ``stats``, when given,
+    is filled with the number of tables and candidate pairs.
     """
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
     n = len(hashes)
     if flipped_hashes is None:
-        i, j, distance = _within_threshold(hashes, threshold, bits)
+        i, j, distance = _within_threshold(hashes, threshold, bits, stats=stats)
     else:
         flipped_hashes = np.ascontiguousarray(flipped_hashes, dtype=np.uint64)
         if flipped_hashes.shape != hashes.shape:
             raise ValueError("flipped_hashes must have the same shape as hashes")
         # Search originals and mirrors together; a stacked index k >= n is the mirror of k - n.
         a, b, distance = _within_threshold(
-            np.concatenate([hashes, flipped_hashes]), threshold, bits
+            np.concatenate([hashes, flipped_hashes]), threshold, bits, stats=stats
         )
         mirror_a, mirror_b = a >= n, b >= n
         a, b = a % n, b % n
@@ -570,6 +848,29 @@ def iter_raw_bytes(
                     yield path.name, sha256, data
 
 
+def _map_in_threads(
+    fn: Callable[[list[_HashTask]], list[dict[str, object]]],
+    chunks: Iterator[list[_HashTask]],
+    workers: int,
+) -> Iterator[list[dict[str, object]]]:
+    """``map(fn, chunks)`` in ``workers`` threads, in order, at most 2 * workers chunks ahead.
+
+    For inputs too small to pay for a process pool: JPEG decoding and Pillow's resizes release
+    the GIL, so a second thread still overlaps much of the work, at no start-up cost.
+    """
+    if workers <= 1:
+        yield from map(fn, chunks)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque[Future[list[dict[str, object]]]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(fn, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _chunks(items: Iterator[_HashTask], size: int) -> Iterator[list[_HashTask]]:
     chunk: list[_HashTask] = []
     for item in items:
@@ -643,9 +944,14 @@ def _hash_new_images(
                 shard_names=set(shard_of.loc[todo]),
             )
         )
-        workers = config.workers if total > config.chunk_size else 1
+        processes = max(1, min(config.workers, total // config.min_images_per_worker))
         worker = functools.partial(_hash_chunk, config=config)
-        for chunk_rows in map_in_processes(worker, _chunks(tasks, config.chunk_size), workers):
+        chunks = _chunks(tasks, config.chunk_size)
+        if processes > 1:
+            results = map_in_processes(worker, chunks, processes)
+        else:
+            results = _map_in_threads(worker, chunks, config.workers)
+        for chunk_rows in results:
             rows.extend(chunk_rows)
             if on_progress:
                 on_progress(len(rows), total)
@@ -883,4 +1189,6 @@ def write_contact_sheet(
                 sheet.paste(thumb, (offset_x, offset_y))
             label = "kept" if member.kept else f"{member.kind} d={member.distance}"
             draw.text((left + 2, top + cell), label, fill="black")
-    return atomic_save_image(path, sheet)
+    # zlib level 1: a third of the default level's time for a few percent more bytes on a
+    # sheet that is looked at, not archived.
+    return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG", compress_level=1))

