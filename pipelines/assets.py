@@ -35,6 +35,11 @@ from pipelines.versioning import (
 
 #: Asset group shown in the UI.
 GROUP = "carmodels"
+#: Concurrency pools (one slot each, see dagster_home/dagster.yaml): training, evaluation and
+#: restoration never share a GPU, and no two runs scrape at once, so the per-host limits and
+#: request rates of one scraping step hold for the whole instance.
+GPU_POOL = "gpu"
+SCRAPE_POOL = "scrape"
 #: Declarative automation of the steps after training: run as soon as what they read changes
 #: (and nothing upstream is still running or missing). Evaluated only while the automation
 #: sensor runs (`pipelines.sensors.automation_sensor`, on with CARMODELS_AUTOMATION=on).
@@ -79,7 +84,7 @@ class ListingManifestConfig(dg.Config):
     allow_private_networks: bool = False
 
 
-@dg.asset(group_name=GROUP, code_version="1", kinds={"python", "parquet"})
+@dg.asset(group_name=GROUP, code_version="1", kinds={"python", "parquet"}, pool=SCRAPE_POOL)
 def listing_manifest(
     context: dg.AssetExecutionContext,
     config: ListingManifestConfig,
@@ -160,6 +165,7 @@ class RawImagesConfig(CachedConfig):
     deps=[listing_manifest],
     kinds={"python", "parquet"},
     retry_policy=dg.RetryPolicy(max_retries=2, delay=10),
+    pool=SCRAPE_POOL,
 )
 def raw_images(
     context: dg.AssetExecutionContext,
@@ -390,7 +396,7 @@ DEMO_CHECKPOINT_EVERY = 10
 DEMO_SAMPLE_EVERY = 4
 
 
-@dg.asset(group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool="gpu")
+@dg.asset(group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool=GPU_POOL)
 def train_dcgan(
     context: dg.AssetExecutionContext,
     config: TrainDcganConfig,
@@ -491,7 +497,7 @@ class EvaluateDcganConfig(CachedConfig):
     code_version="1",
     deps=[train_dcgan],
     kinds={"pytorch"},
-    pool="gpu",
+    pool=GPU_POOL,
     # Whenever a new generator is trained (by the schedule, a sensor or by hand), evaluate it.
     automation_condition=FOLLOW_UPSTREAM,
 )

@@ -11,7 +11,7 @@ import dagster as dg
 from carmodels import generate, promotion, restoration_eval, restore
 from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
 from carmodels.versioning import files_version
-from pipelines.assets import FOLLOW_UPSTREAM
+from pipelines.assets import FOLLOW_UPSTREAM, GPU_POOL
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.resources import StorageResource
 from pipelines.versioning import CachedConfig, input_fingerprint, unchanged_result, versioned_result
@@ -58,7 +58,7 @@ class DesignSamplesConfig(CachedConfig):
     code_version="1",
     deps=[GENERATOR_ASSET],
     kinds={"pytorch"},
-    pool="gpu",
+    pool=GPU_POOL,
     automation_condition=FOLLOW_UPSTREAM,
 )
 def design_samples(
@@ -138,7 +138,7 @@ class RestorationExamplesConfig(CachedConfig):
     code_version="1",
     deps=[GENERATOR_ASSET, "car_shards"],
     kinds={"pytorch"},
-    pool="gpu",
+    pool=GPU_POOL,
     automation_condition=FOLLOW_UPSTREAM,
 )
 def restoration_examples(

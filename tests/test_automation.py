@@ -156,3 +156,14 @@ def test_steps_after_training_follow_a_new_generator_declaratively() -> None:
             defs=defs, instance=instance, cursor=trained.cursor
         )
         assert _requested(again) == set()
+
+
+def test_gpu_and_scraping_steps_sit_in_one_slot_pools() -> None:
+    assets = defs.resolve_asset_graph()
+    pools = {key.path[-1]: assets.get(key).pools for key in assets.get_all_asset_keys()}
+    for name in ("train_dcgan", "evaluate_dcgan", "design_samples", "restoration_examples"):
+        assert pools[name] == {"gpu"}, name
+    for name in ("listing_manifest", "raw_images"):
+        assert pools[name] == {"scrape"}, name
+    instance_config = Path(__file__).resolve().parents[1] / "dagster_home" / "dagster.yaml"
+    assert "default_limit: 1" in instance_config.read_text()
