@@ -12,22 +12,28 @@ hits both alike:
 * **carmodels**: :class:`carmodels.train.TrainStep`, the step ``carmodels train`` runs, on
   the same images decoded once into a uint8 tensor (as the trainer holds its shards).
 
-After a warm-up, each round times ``--steps`` steps of each; the summary uses the medians
-over rounds and prints the spread. Last line::
+After a warm-up, each round times ``--steps`` steps of each, the two sides taking turns to
+go first (ABBA), so that a load that rises or falls during the run hits both alike. Each side's
+rate is its images over its seconds summed over all rounds; the per-round ratios are printed
+for their spread. On a machine shared with other jobs run it two or three times. Last line::
 
     train: carmodels X img/s, seed loop Y img/s, ratio R
 
-Usage: ``python bench/train.py [--images DIR] [--batch-size 32] [--rounds 3] [--steps 2]``
+Usage: ``python bench/train.py [--images DIR] [--batch-size 32] [--rounds 8] [--steps 1]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -40,8 +46,9 @@ from carmodels.models import (  # noqa: E402
     build_generator,
     count_flops_per_image,
     get_preset,
+    set_cpu_gemm,
 )
-from carmodels.train import TrainStep, epoch_batches, epoch_permutation  # noqa: E402
+from carmodels.train import TrainConfig, TrainStep, epoch_batches, epoch_permutation  # noqa: E402
 
 DEFAULT_IMAGES = Path("/work/shared/data/cars-sample/images")
 IMAGE_SIZE = 128
@@ -85,8 +92,11 @@ class SeedLoop:
     def __init__(self, batches: Iterator[torch.Tensor]) -> None:
         preset = get_preset(PRESET)
         torch.manual_seed(0)
-        self.net_g = build_generator(preset.spec)
-        self.net_d = nn.Sequential(build_discriminator(preset.spec), nn.Sigmoid())
+        # The 2019 layers: torch's own convolutions, not carmodels' matrix-multiply path.
+        self.net_g = set_cpu_gemm(build_generator(preset.spec), False)
+        self.net_d = nn.Sequential(
+            set_cpu_gemm(build_discriminator(preset.spec), False), nn.Sigmoid()
+        )
         self.criterion = nn.BCELoss()
         betas = (preset.beta1, preset.beta2)
         self.opt_g = torch.optim.Adam(self.net_g.parameters(), lr=preset.lr_g, betas=betas)
@@ -133,7 +143,7 @@ class CarmodelsLoop:
             amp_dtype=None,  # no native bf16 on most CPUs: see docs/BENCHMARKS.md
             channels_last=True,
             compile=False,
-            ema_decay=0.999,
+            ema_decay=TrainConfig().ema_decay,  # the trainer's default
             seed=0,
         )
         self.images, self.batch_size = images, batch_size
@@ -162,13 +172,14 @@ def decode_once(dataset: object) -> torch.Tensor:
     return torch.stack(tensors).add_(1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def timed(loop: SeedLoop | CarmodelsLoop, steps: int) -> float:
+def timed(loop: SeedLoop | CarmodelsLoop, steps: int) -> tuple[int, float]:
+    """Images trained and seconds taken by ``steps`` steps."""
     start, images = time.perf_counter(), 0
     for _ in range(steps):
         images += loop.step()
     if isinstance(loop, CarmodelsLoop):
         loop.finish()
-    return images / (time.perf_counter() - start)
+    return images, time.perf_counter() - start
 
 
 def spread(rates: list[float]) -> str:
@@ -180,9 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="folder of photos")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each loop")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per loop and round")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per loop and round")
     parser.add_argument("--max-images", type=int, default=512, help="photos decoded for both")
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
     if not args.images.is_dir():
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = torch.utils.data.DataLoader(
             subset, batch_size=args.batch_size, shuffle=True, num_workers=2, drop_last=True
         )
+        n_used = len(subset)
         seed = SeedLoop(endless(loader))
         carmodels = CarmodelsLoop(decode_once(subset), args.batch_size)
 
@@ -217,24 +230,57 @@ def main(argv: list[str] | None = None) -> int:
         )
         for loop in (seed, carmodels):
             timed(loop, args.warmup)
-        seed_rates, carmodels_rates = [], []
+        rounds: list[dict[str, tuple[int, float]]] = []
         for round_index in range(1, args.rounds + 1):
-            seed_rates.append(timed(seed, args.steps))
-            carmodels_rates.append(timed(carmodels, args.steps))
+            order = [("seed", seed), ("carmodels", carmodels)]
+            if round_index % 2 == 0:
+                order.reverse()
+            rounds.append({name: timed(loop, args.steps) for name, loop in order})
+            rates = {name: n / seconds for name, (n, seconds) in rounds[-1].items()}
             print(
-                f"round {round_index}: seed loop {seed_rates[-1]:.1f} img/s, "
-                f"carmodels {carmodels_rates[-1]:.1f} img/s",
+                f"round {round_index} ({order[0][0]} first): seed loop {rates['seed']:.1f} "
+                f"img/s, carmodels {rates['carmodels']:.1f} img/s",
                 flush=True,
             )
         del loader
 
+    def total_rate(name: str) -> float:
+        return sum(r[name][0] for r in rounds) / sum(r[name][1] for r in rounds)
+
+    def per_round(name: str) -> list[float]:
+        return [r[name][0] / r[name][1] for r in rounds]
+
     gflop = count_flops_per_image(PRESET) / 1e9
-    ours, theirs = statistics.median(carmodels_rates), statistics.median(seed_rates)
-    ratios = [c / s for c, s in zip(carmodels_rates, seed_rates, strict=True)]
-    print(f"seed loop img/s: {spread(seed_rates)}")
-    print(f"carmodels img/s: {spread(carmodels_rates)} ({ours * gflop:.0f} GFLOP/s)")
-    print(f"per-round ratio: {spread(ratios)}")
+    ours, theirs = total_rate("carmodels"), total_rate("seed")
+    ratios = [c / s for c, s in zip(per_round("carmodels"), per_round("seed"), strict=True)]
     ratio = ours / theirs
+    print(f"seed loop img/s per round: {spread(per_round('seed'))}")
+    print(f"carmodels img/s per round: {spread(per_round('carmodels'))}")
+    print(f"per-round ratio: {spread(ratios)}")
+    if args.json:
+        report = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "load_average": list(os.getloadavg()),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "n_photos": n_used,
+            "gflop_per_image": gflop,
+            "rounds": [
+                {name: {"images": n, "seconds": sec} for name, (n, sec) in r.items()}
+                for r in rounds
+            ],
+            "carmodels_images_per_s": ours,
+            "seed_loop_images_per_s": theirs,
+            "carmodels_gflop_per_s": ours * gflop,
+            "ratio": ratio,
+            "per_round_ratios": ratios,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"carmodels: {ours * gflop:.0f} GFLOP/s")
     print(f"train: carmodels {ours:.1f} img/s, seed loop {theirs:.1f} img/s, ratio {ratio:.2f}")
     return 0
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from carmodels import models
 from carmodels.models import (
     PRESETS,
     ModelSpec,
@@ -15,6 +16,7 @@ from carmodels.models import (
     build_generator,
     count_flops_per_image,
     forward_flops,
+    set_cpu_gemm,
     spec_for,
 )
 
@@ -135,3 +137,86 @@ def test_bad_specs_are_rejected() -> None:
         ModelSpec(g_activation="gelu")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="Unknown model preset"):
         build_generator("huge")
+
+
+# The CPU matrix-multiply path (carmodels.models.Conv2d / ConvTranspose2d): same maths as
+# torch's convolutions, checked in float64 against them for the geometries the models use and
+# a few others (odd sizes, taps falling outside the image, no padding, stride 1).
+GEOMETRIES = [(4, 2, 1), (4, 1, 0), (3, 1, 1), (4, 2, 0), (3, 2, 1)]
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+@pytest.mark.parametrize("kernel,stride,padding", GEOMETRIES)
+@pytest.mark.parametrize("size", [1, 4, 5, 8])
+def test_gemm_convolution_equals_torch(
+    transposed: bool, kernel: int, stride: int, padding: int, size: int
+) -> None:
+    if not transposed and size + 2 * padding < kernel:
+        pytest.skip("input smaller than the kernel")
+    torch.manual_seed(size)
+    torch_cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+    function = models._ConvTransposeGemm if transposed else models._ConvGemm
+    for channels_last, bias in [(True, True), (False, False)]:
+        reference = torch_cls(6, 5, kernel, stride, padding, bias=bias).double()
+        x = torch.randn(3, 6, size, size, dtype=torch.float64)
+        weight = reference.weight.detach().clone()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        weight.requires_grad_(True)
+        b = reference.bias.detach().clone().requires_grad_(True) if bias else None
+        x_ref, x_gemm = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        expected = reference(x_ref)
+        # The output is modified in place afterwards, as the SELU that follows does.
+        got = function.apply(x_gemm, weight, b, stride, padding)
+        assert got.shape == expected.shape
+        assert not got._is_view()
+        grad = torch.randn_like(expected)
+        torch.selu(expected).backward(grad)
+        torch.selu_(got).backward(grad)
+        torch.testing.assert_close(got, torch.selu(expected))
+        torch.testing.assert_close(x_gemm.grad, x_ref.grad)
+        torch.testing.assert_close(weight.grad, reference.weight.grad)
+        if bias:
+            torch.testing.assert_close(b.grad, reference.bias.grad)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "dcgan"])
+def test_models_take_the_gemm_path_on_small_maps_and_agree_with_torch(preset: str) -> None:
+    spec = spec_for(preset, 32)
+    torch.manual_seed(0)
+    generator, discriminator = build_generator(spec), build_discriminator(spec)
+    z = torch.randn(4, spec.nz)
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for model in (generator, discriminator):
+            model.zero_grad(set_to_none=True)
+        logits = discriminator(generator(z))
+        logits.sum().backward()
+        grads = [p.grad.clone() for m in (generator, discriminator) for p in m.parameters()]
+        return logits.detach(), grads
+
+    assert generator.project[0](z[:, :, None, None]).grad_fn.name() == "_ConvTransposeGemmBackward"
+    assert discriminator.classify(torch.randn(2, spec.base_channels * 4, 4, 4)).grad_fn.name() == (
+        "_ConvGemmBackward"
+    )
+    logits_gemm, grads_gemm = run()
+    set_cpu_gemm(generator, False)
+    set_cpu_gemm(discriminator, False)
+    assert discriminator.classify(torch.randn(2, spec.base_channels * 4, 4, 4)).grad_fn.name() == (
+        "ConvolutionBackward0"
+    )
+    logits_torch, grads_torch = run()
+    torch.testing.assert_close(logits_gemm, logits_torch, rtol=1e-4, atol=1e-5)
+    for got, expected in zip(grads_gemm, grads_torch, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_gemm_layers_keep_torch_state_dicts() -> None:
+    """Checkpoints written before the GEMM layers (plain nn layers) load unchanged."""
+    generator = build_generator("tiny")
+    plain = nn.ConvTranspose2d(100, 64, 4, 1, 0)
+    assert generator.project[0].state_dict().keys() == plain.state_dict().keys()
+    assert isinstance(generator.project[0], nn.ConvTranspose2d)
+    with pytest.raises(ValueError, match="square, ungrouped"):
+        models.Conv2d(4, 4, 3, groups=2)
