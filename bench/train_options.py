@@ -18,8 +18,8 @@ moving average (decay 0.999), and both are scored.
 
 The photos go through carmodels' own stages (raw shard -> ``deduplicate`` -> ``build_shards``
 at 64 px, 20% val), in a temporary folder. Everything runs on one thread (``--threads``) so
-that other work on the machine is not starved; a run of 30 epochs takes about 5 minutes on
-one core of a 2-core AMD EPYC.
+that other work on the machine is not starved (``--jobs 2`` trains two runs at once); a run of
+30 epochs took 8-10 minutes on one core of a loaded 2-core AMD EPYC.
 
 Comparisons are paired by seed. An option counts as better (or worse) only when it is better
 (worse) for every seed and its mean difference exceeds the run-to-run noise of a score,
