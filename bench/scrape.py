@@ -60,7 +60,7 @@ manifest, out, concurrency, pool = sys.argv[1], sys.argv[2], int(sys.argv[3]), s
 config = ScrapeConfig(
     concurrency=concurrency, per_host_limit=concurrency, allow_private_networks=True,
     thumbnail_size={THUMBNAIL_SIZE}, keep_image_bytes=False, max_retries=0, shard_size=5000,
-    decode_pool=pool,
+    decode_pool=pool, fetch_processes=int(sys.argv[5]),
 )
 if __name__ == "__main__":
     result = download_images(pd.read_csv(manifest), out, config)
@@ -149,14 +149,23 @@ def _children_cpu_s() -> float:
 
 
 def run_carmodels(
-    manifest: Path, out: Path, concurrency: int, pool: str
+    manifest: Path, out: Path, concurrency: int, pool: str, processes: int
 ) -> tuple[float, int, float]:
     """``(wall seconds, ok thumbnails, CPU seconds)`` of one carmodels run."""
     shutil.rmtree(out, ignore_errors=True)
     cpu = _children_cpu_s()
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, "-c", CARMODELS_WORKER, str(manifest), str(out), str(concurrency), pool],
+        [
+            sys.executable,
+            "-c",
+            CARMODELS_WORKER,
+            str(manifest),
+            str(out),
+            str(concurrency),
+            pool,
+            str(processes),
+        ],  # fmt: skip
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
@@ -231,6 +240,10 @@ def find_img2dataset(given: str | None) -> str | None:
 # --------------------------------------------------------------------------- main
 
 
+def _variant_name(pool: str, processes: int) -> str:
+    return f"{pool} pool, {processes or 'auto'} fetch processes"
+
+
 def _spread(rates: list[float]) -> str:
     if len(rates) == 1:
         return f"{rates[0]:.0f}"
@@ -247,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img2dataset", help="img2dataset executable")
     parser.add_argument(
         "--pools", default=ScrapeConfig.decode_pool, help="carmodels decode pools: thread,process"
+    )
+    parser.add_argument(
+        "--fetch-processes",
+        default=str(ScrapeConfig.fetch_processes),
+        help="carmodels fetch process counts, e.g. 0,1,2 (0: automatic, the default)",
     )
     parser.add_argument("--skip-decode-pools", action="store_true")
     parser.add_argument("--skip-img2dataset", action="store_true")
@@ -299,8 +317,12 @@ def main(argv: list[str] | None = None) -> int:
 
         binary = None if args.skip_img2dataset else find_img2dataset(args.img2dataset)
         thread_counts = [int(t) for t in args.i2d_threads.split(",")]
-        pools = args.pools.split(",")
-        by_pool: dict[str, list[tuple[float, int]]] = {pool: [] for pool in pools}
+        variants = [
+            (pool, int(processes))
+            for pool in args.pools.split(",")
+            for processes in args.fetch_processes.split(",")
+        ]
+        by_variant: dict[tuple[str, int], list[tuple[float, int]]] = {v: [] for v in variants}
         theirs: dict[int, list[tuple[float, int]]] = {t: [] for t in thread_counts}
 
         def note(tool: str, elapsed: float, ok: int, cpu: float, repeat: int) -> None:
@@ -315,12 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
 
         for repeat in range(args.repeats):
-            for pool in pools:
+            for pool, processes in variants:
                 elapsed, ok, cpu = run_carmodels(
-                    manifest, work / "carmodels", args.concurrency, pool
+                    manifest, work / "carmodels", args.concurrency, pool, processes
                 )
-                by_pool[pool].append((ok / elapsed, ok))
-                note(f"carmodels, {pool} pool", elapsed, ok, cpu, repeat)
+                by_variant[pool, processes].append((ok / elapsed, ok))
+                note(f"carmodels, {_variant_name(pool, processes)}", elapsed, ok, cpu, repeat)
             if binary is None:
                 continue
             for threads in thread_counts:
@@ -332,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.join(10)
 
-    for pool, runs in by_pool.items():
-        print(f"carmodels {pool} pool img/s: {_spread([r for r, _ in runs])}")
-    # The headline is the library's default pool, whatever else was measured.
-    ours = by_pool.get(ScrapeConfig.decode_pool) or next(iter(by_pool.values()))
+    for (pool, processes), runs in by_variant.items():
+        name = _variant_name(pool, processes)
+        print(f"carmodels {name} img/s: {_spread([r for r, _ in runs])}")
+    # The headline is the library's defaults, whatever else was measured.
+    default = (ScrapeConfig.decode_pool, ScrapeConfig.fetch_processes)
+    ours = by_variant.get(default) or next(iter(by_variant.values()))
     our_rate = statistics.median(r for r, _ in ours)
     our_ok = min(ok for _, ok in ours)
     record["load_average_at_end"] = os.getloadavg()

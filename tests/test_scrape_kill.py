@@ -34,14 +34,34 @@ DOWNLOADER = textwrap.dedent(
     from carmodels.scrape import download_images
     from tests.test_scrape import FAST
     manifest, out = sys.argv[1], sys.argv[2]
-    download_images(pd.read_parquet(manifest), out, replace(FAST, shard_size={shard_size}))
+    config = replace(FAST, shard_size={shard_size}, fetch_processes={processes})
+    download_images(pd.read_parquet(manifest), out, config)
     """
 )
 
 
+def _children(pid: int) -> set[int]:
+    """Direct child processes of ``pid`` (Linux)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.update(int(child) for child in text)
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_sigkill_midway_then_rerun_leaves_every_url_exactly_once(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2], ids=["one-process", "fetch-processes"])
+def test_sigkill_midway_then_rerun_leaves_every_url_exactly_once(tmp_path, processes):
     server = ScrapeTestServer()
     server.image_delay_s = 0.02  # 8 workers: about 400 URLs/s, so the run lasts seconds
     server.start()
@@ -56,7 +76,7 @@ def test_sigkill_midway_then_rerun_leaves_every_url_exactly_once(tmp_path):
             [
                 sys.executable,
                 "-c",
-                DOWNLOADER.format(shard_size=SHARD_SIZE),
+                DOWNLOADER.format(shard_size=SHARD_SIZE, processes=processes),
                 str(manifest_path),
                 str(out),
             ],
@@ -68,9 +88,16 @@ def test_sigkill_midway_then_rerun_leaves_every_url_exactly_once(tmp_path):
             assert process.poll() is None, "the download ended before it could be killed"
             assert time.monotonic() < deadline, "the download made no progress"
             time.sleep(0.01)
+        fetchers = _children(process.pid)
+        assert len(fetchers) >= processes - 1  # the fetch processes, when there are any
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         assert process.returncode == -signal.SIGKILL
+        # Fetch processes notice their parent is gone and exit: none fetches on unobserved.
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in fetchers):
+            assert time.monotonic() < deadline, "a fetch process outlived its killed parent"
+            time.sleep(0.05)
 
         written = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in raw_shard_paths(out)}
         rows_before = sum(pq.read_metadata(p).num_rows for p in written)

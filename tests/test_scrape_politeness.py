@@ -140,7 +140,7 @@ def test_rows_are_flushed_by_age_in_slow_runs(fresh_server, tmp_path):
 
 
 def test_shard_write_has_a_deadline(fresh_server, tmp_path, monkeypatch):
-    def hung_write(self, path, table):
+    def hung_write(self, path, columns):
         time.sleep(1.0)  # as if the disk stopped answering
 
     monkeypatch.setattr(scrape_raw.RawShardWriter, "write_batch", hung_write)

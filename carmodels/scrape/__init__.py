@@ -3,47 +3,52 @@
 ``read_manifest`` / ``crawl_listings`` produce the listing table (one row per image URL),
 ``download_images`` fetches it into ``raw-NNNNN.parquet`` shards and ``read_raw`` reads them
 back (latest row per URL).
+
+The names below are imported on first use (PEP 562), so that a fetch process, which needs
+only :mod:`carmodels.scrape.fetch`, starts without pandas and pyarrow.
 """
 
-from carmodels.scrape.crawl import (
-    DEFAULT_MAX_PAGES,
-    acrawl_listings,
-    crawl_listings,
-    parse_listing_page,
-)
-from carmodels.scrape.download import (
-    ScrapeConfig,
-    ScrapeResult,
-    ShardWriteTimeout,
-    adownload_images,
-    download_images,
-)
-from carmodels.scrape.manifest import manifest_summary, read_manifest, write_manifest
-from carmodels.scrape.net import DEFAULT_USER_AGENT, is_public_address
-from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, is_transient, read_raw
-from carmodels.scrape.robots import opts_out_of_ai
-from carmodels.scrape.validate import inspect_image, sniff_image_format
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MAX_PAGES",
-    "DEFAULT_USER_AGENT",
-    "RAW_COLUMNS",
-    "RAW_SHARD_GLOB",
-    "ScrapeConfig",
-    "ScrapeResult",
-    "ShardWriteTimeout",
-    "acrawl_listings",
-    "adownload_images",
-    "crawl_listings",
-    "download_images",
-    "inspect_image",
-    "is_public_address",
-    "is_transient",
-    "manifest_summary",
-    "opts_out_of_ai",
-    "parse_listing_page",
-    "read_manifest",
-    "read_raw",
-    "write_manifest",
-    "sniff_image_format",
-]
+import importlib
+from typing import Any
+
+#: Public name → the submodule defining it.
+_EXPORTS = {
+    "DEFAULT_MAX_PAGES": "crawl",
+    "acrawl_listings": "crawl",
+    "crawl_listings": "crawl",
+    "parse_listing_page": "crawl",
+    "ScrapeConfig": "fetch",
+    "is_transient": "fetch",
+    "ScrapeResult": "download",
+    "ShardWriteTimeout": "download",
+    "adownload_images": "download",
+    "download_images": "download",
+    "manifest_summary": "manifest",
+    "read_manifest": "manifest",
+    "write_manifest": "manifest",
+    "DEFAULT_USER_AGENT": "net",
+    "is_public_address": "net",
+    "RAW_COLUMNS": "raw",
+    "RAW_SHARD_GLOB": "raw",
+    "read_raw": "raw",
+    "opts_out_of_ai": "robots",
+    "inspect_image": "validate",
+    "sniff_image_format": "validate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -11,7 +11,6 @@ import warnings
 from dataclasses import dataclass
 from io import BytesIO
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -95,9 +94,8 @@ def inspect_image(data: bytes, max_pixels: int, thumbnail_size: int = 0) -> Imag
     )
 
 
-#: Modes whose pixels go straight to OpenCV as RGB (after a cheap ``L`` → ``RGB``); others
-#: (alpha, palette, CMYK) take :func:`carmodels.imaging.to_square`, which composites
-#: transparency on white.
+#: Modes resized directly (after a cheap ``L`` → ``RGB``); others (alpha, palette, CMYK)
+#: take :func:`carmodels.imaging.to_square`, which composites transparency on white.
 _FAST_MODES = frozenset({"RGB", "L"})
 #: EXIF orientation tag (values 2-8 mean the pixels are stored mirrored or rotated).
 _ORIENTATION_TAG = 0x0112
@@ -106,10 +104,12 @@ _ORIENTATION_TAG = 0x0112
 def _thumbnail(image: Image.Image, size: int) -> bytes:
     """``size x size x 3`` RGB bytes of ``image`` letterboxed like the car shards.
 
-    RGB and grey photos (nearly every JPEG) are resized with OpenCV's ``INTER_AREA`` (an
-    exact area average, antialiased like Pillow's LANCZOS for the 1-2x reductions left after
-    DCT scaling, at a third of its cost, measured in docs/BENCHMARKS.md) and padded in place;
-    anything else goes through :func:`carmodels.imaging.to_square` itself.
+    RGB and grey photos (nearly every JPEG) stay inside Pillow from decode to bytes: the
+    resize (antialiased bicubic for the 1-2x reductions left after DCT scaling: closer to the
+    car shards' full-resolution LANCZOS than an area average, docs/BENCHMARKS.md), the
+    edge-mean bars and the paste run in C with the GIL released, so the decode threads leave
+    the event loop's thread alone; a round trip through NumPy copies the pixels under the
+    GIL. Anything else goes through :func:`carmodels.imaging.to_square` itself.
     """
     # exif_transpose copies the image even when there is nothing to turn: ask first.
     turned = image.getexif().get(_ORIENTATION_TAG, 1) not in (1, None)
@@ -117,32 +117,35 @@ def _thumbnail(image: Image.Image, size: int) -> bytes:
     if oriented.mode not in _FAST_MODES:
         square = to_square(oriented, size, "letterbox")
         return np.ascontiguousarray(square, dtype=np.uint8).tobytes()
-    pixels = np.asarray(oriented.convert("RGB") if oriented.mode == "L" else oriented)
-    height, width = pixels.shape[:2]
+    content = oriented.convert("RGB") if oriented.mode == "L" else oriented
+    width, height = content.size
     # The car shards' rounding (carmodels.imaging._fit): long side to `size`, short side >= 1.
     scale = size / max(width, height)
     new_width = min(size, max(1, round(width * scale)))
     new_height = min(size, max(1, round(height * scale)))
     if (new_width, new_height) != (width, height):
         shrinking = new_width <= width and new_height <= height
-        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
-        pixels = cv2.resize(pixels, (new_width, new_height), interpolation=interpolation)
+        resample = Image.Resampling.BICUBIC if shrinking else Image.Resampling.LANCZOS
+        content = content.resize((new_width, new_height), resample)
     if new_width == new_height == size:
-        return np.ascontiguousarray(pixels).tobytes()
-    out = np.empty((size, size, 3), np.uint8)
+        return content.tobytes()
+    square = Image.new("RGB", (size, size))
     top, left = (size - new_height) // 2, (size - new_width) // 2
     edge = LETTERBOX_EDGE_PX
     if new_height < size:  # wide photo: bars above and below
-        out[:top] = _edge_colour(pixels[:edge])
-        out[top + new_height :] = _edge_colour(pixels[-edge:])
+        square.paste(_edge_colour(content, (0, 0, new_width, edge)), (0, 0, size, top))
+        bottom = (0, new_height - edge, new_width, new_height)
+        square.paste(_edge_colour(content, bottom), (0, top + new_height, size, size))
     if new_width < size:  # tall photo: bars left and right
-        out[:, :left] = _edge_colour(pixels[:, :edge])
-        out[:, left + new_width :] = _edge_colour(pixels[:, -edge:])
-    out[top : top + new_height, left : left + new_width] = pixels
-    return out.tobytes()
+        square.paste(_edge_colour(content, (0, 0, edge, new_height)), (0, 0, left, size))
+        right = (new_width - edge, 0, new_width, new_height)
+        square.paste(_edge_colour(content, right), (left + new_width, 0, size, size))
+    square.paste(content, (left, top))
+    return square.tobytes()
 
 
-def _edge_colour(strip: np.ndarray) -> tuple[int, int, int]:
-    """Mean RGB of ``strip``, rounded half to even like ``carmodels.imaging``'s ``np.rint``."""
-    red, green, blue, _ = cv2.mean(np.ascontiguousarray(strip))
-    return round(red), round(green), round(blue)
+def _edge_colour(image: Image.Image, box: tuple[int, int, int, int]) -> tuple[int, int, int]:
+    """Mean RGB of ``image`` inside ``box`` (clipped to the image), by a 1x1 box reduction."""
+    left, top, right, bottom = box
+    box = (max(0, left), max(0, top), min(image.width, right), min(image.height, bottom))
+    return image.resize((1, 1), Image.Resampling.BOX, box=box).getpixel((0, 0))
