@@ -5,10 +5,10 @@ One process tops out near 1.3 of this machine's 2 cores however many decode thre
 writer all hold the one GIL. For large manifests the downloader therefore starts
 ``fetch_processes`` workers, each with its own event loop (uvloop), aiohttp session and
 robots.txt cache, decoding on its own thread (``decode_pool="inline"``), and importing
-neither pandas nor pyarrow so that it starts in under a second. The parent keeps everything else (the manifest queue, the shard writer,
-counts, progress), so shards, resumption and crash-safety are those of the one-process
-downloader: :class:`RemoteFetcher` has the in-process fetcher's ``fetch`` and hands each URL
-to the least busy process.
+neither pandas nor pyarrow so that it starts in under a second. The parent keeps everything
+else (the manifest queue, the shard writer, counts, progress), so shards, resumption and
+crash-safety are those of the one-process downloader: :class:`RemoteFetcher` has the
+in-process fetcher's ``fetch`` and hands each URL to the least busy process.
 
 Limits are split so that their sums hold: each of K processes gets a 1/K share of
 ``concurrency`` and ``per_host_limit`` (K is lowered until every share is at least 1) and of
