@@ -95,7 +95,12 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
         allow_private_networks=args.allow_private_networks,
         retry_failed=args.retry_failed,
         revalidate=args.revalidate,
-        **_given(concurrency=args.concurrency),
+        **_given(
+            concurrency=args.concurrency,
+            per_host_limit=args.per_host_limit,
+            per_host_rate=args.per_host_rate,
+            fetch_processes=args.fetch_processes,
+        ),
     )
     with _progress_bar("download", "img") as on_progress:
         result = scrape.download_images(manifest, out, config, on_progress=on_progress)
@@ -367,7 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url-column", help="manifest column holding image URLs")
     p.add_argument("--filter", help="pandas query to keep rows, e.g. \"`image-type` != 'sample'\"")
     p.add_argument("--max-pages", type=int, help="listing pages to follow (default 50)")
-    p.add_argument("--concurrency", type=int, help="simultaneous downloads (default 64)")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        help="simultaneous downloads (default 64)",
+    )
+    p.add_argument(
+        "--per-host-limit",
+        type=int,
+        help="simultaneous downloads per host (default 16)",
+    )
+    p.add_argument(
+        "--per-host-rate", type=float, help="requests per second per host at most (default: no cap)"
+    )
+    p.add_argument(
+        "--fetch-processes",
+        type=int,
+        help="processes fetching and decoding (default: one per core for large runs)",
+    )
     p.add_argument("--retry-failed", action="store_true", help="refetch transient failures")
     p.add_argument(
         "--revalidate", action="store_true", help="re-ask for ok URLs with ETag/Last-Modified"

@@ -156,6 +156,8 @@ class RawImagesConfig(CachedConfig):
     revalidate: bool = False
     respect_robots: bool = scrape.ScrapeConfig.respect_robots
     per_host_rate: float = scrape.ScrapeConfig.per_host_rate
+    max_crawl_delay_s: float = scrape.ScrapeConfig.max_crawl_delay_s
+    fetch_processes: int = scrape.ScrapeConfig.fetch_processes
     allow_private_networks: bool = False
 
 
@@ -199,6 +201,8 @@ def raw_images(
         revalidate=config.revalidate,
         respect_robots=config.respect_robots,
         per_host_rate=config.per_host_rate,
+        max_crawl_delay_s=config.max_crawl_delay_s,
+        fetch_processes=config.fetch_processes,
         allow_private_networks=config.allow_private_networks or settings.is_demo,
     )
     on_progress = _progress_logger(context, "downloaded")

@@ -24,6 +24,17 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     assert f"usage: carmodels {command}" in capsys.readouterr().out
 
 
+def test_scrape_help_states_the_library_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    from carmodels.scrape import ScrapeConfig
+
+    with pytest.raises(SystemExit):
+        main(["scrape", "--help"])
+    # The CLI states these without importing the downloader (fast --help): keep them in step.
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"simultaneous downloads (default {ScrapeConfig.concurrency})" in help_text
+    assert f"simultaneous downloads per host (default {ScrapeConfig.per_host_limit})" in help_text
+
+
 def test_parser_lists_every_command() -> None:
     help_text = build_parser().format_help()
     for command in COMMANDS:
