@@ -151,7 +151,9 @@ def decode_with_size(
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.load()  # decode now, so truncated files fail here and not later
-            img = ImageOps.exif_transpose(img)
+            # exif_transpose copies even an upright image: ask the tag first (10% of a decode).
+            if orientation not in (None, 1):
+                img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
     except ImageDecodeError:
         raise

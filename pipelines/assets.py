@@ -28,8 +28,9 @@ from pipelines.metadata import counts_table, frame_preview, image_preview, previ
 from pipelines.resources import PipelineSettings, StorageResource
 from pipelines.versioning import (
     CachedConfig,
-    input_fingerprint,
-    unchanged_result,
+    Requires,
+    require_upstream,
+    start_step,
     versioned_result,
 )
 
@@ -44,30 +45,14 @@ SCRAPE_POOL = "scrape"
 #: (and nothing upstream is still running or missing). Evaluated only while the automation
 #: sensor runs (`pipelines.sensors.automation_sensor`, on with CARMODELS_AUTOMATION=on).
 FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
+#: Outputs whose presence under the storage root says a step's result is still there.
+SHARDS_SUMMARY = f"{SHARDS_DIR}/summary.json"
+LATEST_CHECKPOINT = f"{TRAIN_DIR}/{train.CHECKPOINT_DIR}/{train.LATEST_NAME}"
+EVAL_METRICS = f"{EVAL_DIR}/metrics.json"
 
 
 def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
     return rate_logger(context.log.info, what)
-
-
-def require_upstream(
-    path: Path | str, upstream: str, what: str, exists: bool | None = None
-) -> None:
-    """Fail with a message that names the upstream asset to materialise.
-
-    ``exists`` overrides the local check (a remote root answers for itself, see
-    `StorageResource.exists`); ``path`` is then the address shown in the message.
-    """
-    if not (Path(path).exists() if exists is None else exists):
-        raise dg.Failure(
-            description=(
-                f"{what} not found at {path}: the upstream asset `{upstream}` has not been "
-                f"materialised with this storage root. Materialise it first, e.g. "
-                f"`dagster asset materialize --select '*{upstream}'`, or materialise this "
-                f"asset together with its upstream (`--select '*<this asset>'`)."
-            ),
-            allow_retries=False,
-        )
 
 
 # --------------------------------------------------------------------------- listing_manifest
@@ -176,21 +161,16 @@ def raw_images(
     settings: PipelineSettings,
 ) -> dg.MaterializeResult:
     """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome."""
-    require_upstream(
-        storage.uri(MANIFEST_DIR),
-        "listing_manifest",
-        "The listing manifest",
-        exists=storage.exists(MANIFEST_DIR),
-    )
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=Requires("listing_manifest", MANIFEST_DIR, "The listing manifest"),
         upstream=["listing_manifest"],
         settings={**config.fingerprint_settings(), "profile": settings.profile},
-        storage_uri=storage.uri(),
+        force=config.force,
+        output=RAW_DIR,
     )
-    if skipped := unchanged_result(
-        context, fingerprint, force=config.force, output_present=storage.exists(RAW_DIR)
-    ):
+    if skipped:
         return skipped
     scrape_config = scrape.ScrapeConfig(
         concurrency=config.concurrency,
@@ -251,18 +231,16 @@ def unique_images(
     context: dg.AssetExecutionContext, config: UniqueImagesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
-    require_upstream(
-        storage.uri(RAW_DIR), "raw_images", "Raw image shards", exists=storage.exists(RAW_DIR)
-    )
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=Requires("raw_images", RAW_DIR, "Raw image shards"),
         upstream=["raw_images"],
         settings=config.fingerprint_settings(),
-        storage_uri=storage.uri(),
+        force=config.force,
+        output=UNIQUE_DIR,
     )
-    if skipped := unchanged_result(
-        context, fingerprint, force=config.force, output_present=storage.exists(UNIQUE_DIR)
-    ):
+    if skipped:
         return skipped
     with storage.working_copy(pull=[RAW_DIR], push=[UNIQUE_DIR]) as layout:
         result = dedup.deduplicate(
@@ -310,24 +288,16 @@ def car_shards(
     context: dg.AssetExecutionContext, config: CarShardsConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
-    require_upstream(
-        storage.uri(UNIQUE_DIR),
-        "unique_images",
-        "The de-duplicated image index",
-        exists=storage.exists(UNIQUE_DIR),
-    )
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=Requires("unique_images", UNIQUE_DIR, "The de-duplicated image index"),
         upstream=["unique_images", "raw_images"],
         settings=config.fingerprint_settings(),
-        storage_uri=storage.uri(),
-    )
-    if skipped := unchanged_result(
-        context,
-        fingerprint,
         force=config.force,
-        output_present=storage.exists(f"{SHARDS_DIR}/summary.json"),
-    ):
+        output=SHARDS_SUMMARY,
+    )
+    if skipped:
         return skipped
     with storage.working_copy(pull=[UNIQUE_DIR, RAW_DIR], push=[SHARDS_DIR]) as layout:
         result = shards.build_shards(
@@ -409,12 +379,7 @@ def train_dcgan(
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """A DCGAN trained on the shards' train split: checkpoints and per-epoch sample grids."""
-    require_upstream(
-        storage.uri(f"{SHARDS_DIR}/summary.json"),
-        "car_shards",
-        "The training shards",
-        exists=storage.exists(f"{SHARDS_DIR}/summary.json"),
-    )
+    require_upstream(storage, Requires("car_shards", SHARDS_SUMMARY, "The training shards"))
     demo = settings.is_demo
     defaults = (
         train.TrainConfig(
@@ -442,18 +407,16 @@ def train_dcgan(
         seed=config.seed,
         device=settings.device,
     )
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=None,  # checked above, before the settings that need the shards' profile
         upstream=["car_shards"],
         settings={"train": asdict(train_config), "resume": config.resume},
-        storage_uri=storage.uri(),
-    )
-    if skipped := unchanged_result(
-        context,
-        fingerprint,
         force=config.force,
-        output_present=storage.exists(f"{TRAIN_DIR}/{train.CHECKPOINT_DIR}/{train.LATEST_NAME}"),
-    ):
+        output=LATEST_CHECKPOINT,
+    )
+    if skipped:
         return skipped
     context.log.info(f"training {train_config}")
     with storage.working_copy(pull=[SHARDS_DIR], push=[TRAIN_DIR]) as layout:
@@ -509,22 +472,16 @@ def evaluate_dcgan(
     context: dg.AssetExecutionContext, config: EvaluateDcganConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Sample grid, loss curves and metrics of the latest trained generator."""
-    latest = f"{TRAIN_DIR}/{train.CHECKPOINT_DIR}/{train.LATEST_NAME}"
-    require_upstream(
-        storage.uri(latest), "train_dcgan", "A trained checkpoint", exists=storage.exists(latest)
-    )
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=Requires("train_dcgan", LATEST_CHECKPOINT, "A trained checkpoint"),
         upstream=["train_dcgan", "car_shards"],
         settings=config.fingerprint_settings(),
-        storage_uri=storage.uri(),
-    )
-    if skipped := unchanged_result(
-        context,
-        fingerprint,
         force=config.force,
-        output_present=storage.exists(f"{EVAL_DIR}/metrics.json"),
-    ):
+        output=EVAL_METRICS,
+    )
+    if skipped:
         return skipped
     fid_config = replace(
         evaluate.FidConfig(),

@@ -14,7 +14,7 @@ from carmodels.versioning import files_version
 from pipelines.assets import FOLLOW_UPSTREAM, GPU_POOL
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.resources import StorageResource
-from pipelines.versioning import CachedConfig, input_fingerprint, unchanged_result, versioned_result
+from pipelines.versioning import CachedConfig, start_step, versioned_result
 
 GROUP = "carmodels"
 #: Folders under the storage root.
@@ -70,18 +70,16 @@ def design_samples(
             description=f"interpolate_seeds must hold two seeds, got {config.interpolate_seeds}",
             allow_retries=False,
         )
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=None,  # _generator_checkpoint says what to materialise when it is missing
         upstream=[GENERATOR_ASSET],
         settings=config.fingerprint_settings(),
-        storage_uri=storage.uri(),
-    )
-    if skipped := unchanged_result(
-        context,
-        fingerprint,
         force=config.force,
-        output_present=storage.exists(f"{DESIGNS_DIR}/{generate.GRID_FILE}"),
-    ):
+        output=f"{DESIGNS_DIR}/{generate.GRID_FILE}",
+    )
+    if skipped:
         return skipped
     with storage.working_copy(pull=[CHAMPION_DIR], push=[DESIGNS_DIR]) as layout:
         checkpoint = _generator_checkpoint(layout)
@@ -145,15 +143,16 @@ def restoration_examples(
     context: dg.AssetExecutionContext, config: RestorationExamplesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Inpainting, denoising and upscaling of validation photos, scored against baselines."""
-    fingerprint = input_fingerprint(
+    fingerprint, skipped = start_step(
         context,
+        storage,
+        requires=None,  # _generator_checkpoint says what to materialise when it is missing
         upstream=[GENERATOR_ASSET, "car_shards"],
         settings=config.fingerprint_settings(),
-        storage_uri=storage.uri(),
+        force=config.force,
+        output=RESTORATION_DIR,
     )
-    if skipped := unchanged_result(
-        context, fingerprint, force=config.force, output_present=storage.exists(RESTORATION_DIR)
-    ):
+    if skipped:
         return skipped
     eval_config = restoration_eval.RestorationEvalConfig(
         n_images=config.n_images,

@@ -18,9 +18,10 @@ from carmodels import promotion
 from carmodels.fid import sha256_of
 from carmodels.layout import CHAMPION_DIR, EVAL_DIR, TRAIN_DIR, DataLayout
 from carmodels.versioning import files_version
-from pipelines.assets import FOLLOW_UPSTREAM, GROUP, evaluate_dcgan, require_upstream
+from pipelines.assets import EVAL_METRICS, FOLLOW_UPSTREAM, GROUP, evaluate_dcgan
 from pipelines.metadata import image_preview
 from pipelines.resources import StorageResource
+from pipelines.versioning import Requires, require_upstream
 
 BEATS_CHAMPION_CHECK = "candidate_beats_champion"
 
@@ -50,10 +51,7 @@ def champion_generator(
     context: dg.AssetExecutionContext, config: ChampionGeneratorConfig, storage: StorageResource
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """The generator in use: replaced only when a newly evaluated one beats it."""
-    metrics = f"{EVAL_DIR}/metrics.json"
-    require_upstream(
-        storage.uri(metrics), "evaluate_dcgan", "The evaluation metrics", storage.exists(metrics)
-    )
+    require_upstream(storage, Requires("evaluate_dcgan", EVAL_METRICS, "The evaluation metrics"))
     with storage.working_copy(pull=[EVAL_DIR, TRAIN_DIR], push=[CHAMPION_DIR]) as layout:
         outcome = _decide_and_promote(context, config, layout)
     yield from outcome

@@ -14,10 +14,15 @@ records a materialisation with the previous data version and metadata (``skipped
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dagster as dg
 
 from carmodels.versioning import json_version
+
+if TYPE_CHECKING:
+    from pipelines.resources import StorageResource
 
 #: Metadata key holding the fingerprint of the inputs a materialisation was computed from.
 FINGERPRINT_KEY = "input_fingerprint"
@@ -116,3 +121,57 @@ def versioned_result(
         },
         data_version=dg.DataVersion(data_version),
     )
+
+
+@dataclass(frozen=True)
+class Requires:
+    """An upstream output a step cannot run without: ``path`` under the storage root, written
+    by the asset ``asset``, described as ``what`` in the error when it is missing."""
+
+    asset: str
+    path: str
+    what: str
+
+
+def require_upstream(storage: StorageResource, requires: Requires) -> None:
+    """Fail with a message that names the upstream asset to materialise first."""
+    if not storage.exists(requires.path):
+        raise dg.Failure(
+            description=(
+                f"{requires.what} not found at {storage.uri(requires.path)}: the upstream asset "
+                f"`{requires.asset}` has not been materialised with this storage root. "
+                f"Materialise it first, e.g. `dagster asset materialize --select "
+                f"'*{requires.asset}'`, or materialise this asset together with its upstream "
+                "(`--select '*<this asset>'`)."
+            ),
+            allow_retries=False,
+        )
+
+
+def start_step(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    *,
+    requires: Requires | None,
+    upstream: Sequence[str],
+    settings: Mapping[str, object],
+    force: bool,
+    output: str,
+) -> tuple[str, dg.MaterializeResult | None]:
+    """Every step's prologue: check its input exists, fingerprint what decides its output,
+    and find whether the previous result still stands.
+
+    Returns ``(fingerprint, skipped)``: when ``skipped`` is not None the step returns it and
+    does nothing else; otherwise it does its work and records ``fingerprint`` with
+    :func:`versioned_result`. ``output`` is the path (under the storage root) whose presence
+    says the previous output is still there.
+    """
+    if requires is not None:
+        require_upstream(storage, requires)
+    fingerprint = input_fingerprint(
+        context, upstream=upstream, settings=settings, storage_uri=storage.uri()
+    )
+    skipped = unchanged_result(
+        context, fingerprint, force=force, output_present=storage.exists(output)
+    )
+    return fingerprint, skipped
