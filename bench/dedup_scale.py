@@ -23,19 +23,19 @@ mirror-image hashes, i.e. n hashes searched together.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import write_report  # noqa: E402
 
 from carmodels.dedup import DedupConfig, SearchStats, find_near_duplicates  # noqa: E402
 
@@ -143,15 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     if args.json:
-        report = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average": os.getloadavg(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "results": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.json, args, results=results)
     return 0
 
 

@@ -28,16 +28,13 @@ import argparse
 import csv
 import gc
 import hashlib
-import json
 import os
-import platform
 import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +43,9 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import write_report  # noqa: E402
 
 from carmodels.imaging import decode_image, to_square  # noqa: E402
 from carmodels.io import atomic_write_parquet  # noqa: E402
@@ -181,18 +181,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     if args.json:
-        report = {
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-            "load_average": os.getloadavg(),
-            "args": {k: str(v) for k, v in vars(args).items()},
-            "source": source,
-            "shard_mb": size_mb,
-            "peak_rss_gb": peak_gb,
-            "results": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(
+            args.json,
+            args,
+            source=source,
+            shard_mb=size_mb,
+            peak_rss_gb=peak_gb,
+            results=results,
+        )
     load, stream = results["load_images"], results["iter_images"]
     print(
         f"load: load_images {load['images']} images in {load['median_s']:.2f} s "

@@ -10,7 +10,7 @@ means including "redness" (tail lights sit at the rear). Two logistic regression
 - View: side or three-quarter against front or rear, on the mirror-symmetric part
   ``f(x) + f(mirror x)``, so both facings of a car get the same answer.
 
-Trained on the hand labels in ``tests/data/facing_labels.csv`` (355 photos of
+Trained on the hand labels in ``tests/data/facing_labels.csv`` (473 photos of
 ``cars-sample``) by ``bench/facing.py``, which also measures the accuracy by 5-fold
 cross-validation (see docs/BENCHMARKS.md) and writes ``carmodels/data/facing_model.npz``.
 """

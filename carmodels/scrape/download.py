@@ -7,7 +7,8 @@ Three parts, as in img2dataset:
   conditional requests when revalidating; in this process, or spread over fetch processes
   (:mod:`carmodels.scrape.processes`) for large runs.
 * **validator** (:func:`carmodels.scrape.validate.inspect_image`): magic bytes, then a full
-  Pillow decode (and an optional thumbnail) in a thread pool, away from the event loop.
+  Pillow decode (and an optional thumbnail), in a thread pool beside this process's event
+  loop, or in each fetch process, never on the loop that feeds the shard writer.
 * **shard writer** (:class:`carmodels.scrape.raw.RawShardWriter`): rows stream into atomic
   ``raw-NNNNN.parquet`` shards of bounded rows, bytes and age, each write under a deadline.
   The shards are the fetch log: one row per URL and outcome.
