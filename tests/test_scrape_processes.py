@@ -16,6 +16,7 @@ from carmodels.scrape.processes import (
     PROCESSES_MIN_URLS,
     FetchProcessFailed,
     fetch_process_count,
+    usable_cores,
     worker_configs,
 )
 from tests.test_scrape import FAST, ScrapeTestServer, manifest_for
@@ -73,7 +74,7 @@ def test_worker_configs_split_every_limit_exactly():
 
 
 def test_fetch_process_count():
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     auto = ScrapeConfig(concurrency=64, per_host_limit=64)
     assert fetch_process_count(auto, PROCESSES_MIN_URLS - 1) == 1, "small runs stay in process"
     assert fetch_process_count(auto, PROCESSES_MIN_URLS) == min(cores, 64)
