@@ -73,7 +73,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from carmodels.dedup import CLUSTERS_FILE, DedupConfig, deduplicate  # noqa: E402
-from carmodels.scrape.raw import raw_schema, shard_path  # noqa: E402
+from carmodels.scrape.raw import (  # noqa: E402
+    RAW_SHARD_COMPRESSION,
+    RAW_SHARD_COMPRESSION_LEVEL,
+    raw_schema,
+    shard_path,
+)
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "cars-sample"
 KINDS = ("q60", "resize80", "crop3", "mirror")
@@ -264,7 +269,9 @@ def run_carmodels(
     pq.write_table(
         pa.Table.from_pylist(rows, schema=raw_schema([])),
         shard_path(raw_dir, 0),
-        compression="zstd",
+        # As the downloader writes its raw shards.
+        compression=RAW_SHARD_COMPRESSION,
+        compression_level=RAW_SHARD_COMPRESSION_LEVEL,
     )
     deduplicate(raw_dir, out_dir, DedupConfig(workers=workers))
     elapsed, cpu = time.perf_counter() - started, cpu_seconds() - started_cpu
