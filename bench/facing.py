@@ -5,7 +5,9 @@ Usage: ``python bench/facing.py [--images DIR] [--labels CSV] [--folds 5] [--wri
 The labels (``tests/data/facing_labels.csv``: image, view in left/right/front/rear) were made
 by looking at 480 photos drawn at random from ``../shared/data/cars-sample`` in two rounds
 (7 too unclear to call were left out). "left" means the front of the car points to the left
-of the image, for side and three-quarter views alike.
+of the image, for side and three-quarter views alike, whichever side of the car the camera
+sees; every label was checked a second time against that rule (38 corrected, see
+docs/BENCHMARKS.md, "Facing labels audited").
 
 The script computes the features of every labelled photo as the shard builder sees it (the
 letterboxed content without its bars), scores the model by k-fold cross-validation (each photo

@@ -56,7 +56,8 @@ def test_unknown_labels_are_refused() -> None:
 @pytest.mark.slow
 @requires_cars_sample
 def test_cross_validated_accuracy_on_hand_labels() -> None:
-    """The figure in docs/BENCHMARKS.md, recomputed: far above the silhouette heuristic."""
+    """The figure in docs/BENCHMARKS.md, recomputed: the issue's 90% goal on side and
+    three-quarter views, far above the silhouette heuristic."""
     out = subprocess.run(
         [
             sys.executable,
@@ -73,6 +74,6 @@ def test_cross_validated_accuracy_on_hand_labels() -> None:
     model_accuracy = float(last.split("model ")[1].split()[0])
     heuristic_accuracy = float(last.split("heuristic ")[1].split()[0])
     view_accuracy = float(last.split("view ")[1].split()[0])
-    assert model_accuracy >= 0.8, out
+    assert model_accuracy >= 0.9, out
     assert view_accuracy >= 0.9, out
     assert model_accuracy > heuristic_accuracy + 0.15, out
