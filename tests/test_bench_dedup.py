@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,3 +89,12 @@ def test_dedup_scale_bench_finds_every_planted_pair(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert "found 20/20 planted" in lines[1] and "(= brute force)" in lines[1]
     assert "found 40/40 planted" in lines[2] and "growth n^" in lines[2]
+
+
+def test_runs_are_compared_by_their_median(capsys):
+    bench = load_bench("dedup")
+    assert bench.median_run([(3.0, 4.0), (1.0, 2.0), (2.0, 3.5)]) == (2.0, 3.5)
+    assert bench.median_run([(1.0, 1.0), (2.0, 2.0)]) == (2.0, 2.0)  # upper middle
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
