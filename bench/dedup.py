@@ -500,12 +500,12 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     result["cpu_ratio"] = best["cpu_seconds"] / ours_cpu_s
     result["speed_ratio_with_shard_write"] = best["seconds"] / with_shard_s
     print(
-        f"speed ratio counting the raw shard's writing on carmodels' side: "
-        f"{result['speed_ratio_with_shard_write']:.2f} ({with_shard_s:.2f} s)"
-    )
-    print(
         f"CPU seconds (user + system, all processes): carmodels {ours_cpu_s:.2f}, imagededup "
         f"{best['cpu_seconds']:.2f}, ratio {result['cpu_ratio']:.2f}"
+    )
+    print(
+        f"speed ratio counting the raw shard's writing on carmodels' side: "
+        f"{result['speed_ratio_with_shard_write']:.2f} ({with_shard_s:.2f} s)"
     )
     _write_json(args.json, result)
     print(

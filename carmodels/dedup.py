@@ -1140,6 +1140,7 @@ _KEPT_COLOUR = (40, 170, 60)
 _DROPPED_COLOUR = (210, 50, 50)
 _BORDER_PX = 4
 _LABEL_PX = 14
+_CAPTION_PX = 90
 
 
 def write_contact_sheet(
@@ -1169,7 +1170,7 @@ def write_contact_sheet(
 
     cell = config.thumbnail_px + 2 * _BORDER_PX
     row_height = cell + _LABEL_PX
-    caption_width = 90
+    caption_width = _CAPTION_PX
     shown_per_cluster = shown["cluster_id"].value_counts()
     cluster_sizes = members["cluster_id"].value_counts()
     # As wide as the longest row shown: clusters of two get a narrow sheet, not a mostly

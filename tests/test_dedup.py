@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
+import carmodels.dedup as dedup_module
 from carmodels.dedup import (
     HASHES_FILE,
     DedupConfig,
@@ -290,7 +291,10 @@ def test_deduplicate_clusters_and_keeps_biggest(raw_dir: Path, tmp_path: Path):
     assert clusters["distance"].max() <= DedupConfig.threshold
 
     sheet = Image.open(result.contact_sheet_path)
-    assert sheet.width >= 4 * 96 and sheet.height >= 96
+    # One row (the cluster of four), as wide as its four members and no wider.
+    cell = DedupConfig.thumbnail_px + 2 * dedup_module._BORDER_PX
+    assert sheet.width == dedup_module._CAPTION_PX + 4 * cell
+    assert sheet.height == cell + dedup_module._LABEL_PX
 
 
 def test_mirrored_copy_needs_flip_aware(raw_dir: Path, tmp_path: Path):
