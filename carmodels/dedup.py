@@ -1170,14 +1170,13 @@ def write_contact_sheet(
 
     cell = config.thumbnail_px + 2 * _BORDER_PX
     row_height = cell + _LABEL_PX
-    caption_width = _CAPTION_PX
     shown_per_cluster = shown["cluster_id"].value_counts()
     cluster_sizes = members["cluster_id"].value_counts()
     # As wide as the longest row shown: clusters of two get a narrow sheet, not a mostly
     # white one (which also took 4x longer to PNG-encode).
     sheet = Image.new(
         "RGB",
-        (caption_width + cell * int(shown_per_cluster.max()), row_height * len(shown_per_cluster)),
+        (_CAPTION_PX + cell * int(shown_per_cluster.max()), row_height * len(shown_per_cluster)),
         "white",
     )
     draw = ImageDraw.Draw(sheet)
@@ -1186,7 +1185,7 @@ def write_contact_sheet(
         size = int(cluster_sizes[cluster_id])
         draw.text((4, top + cell // 2 - 10), f"cluster {cluster_id}\n{size} images", fill="black")
         for column, member in enumerate(group.itertuples()):
-            left = caption_width + column * cell
+            left = _CAPTION_PX + column * cell
             colour = _KEPT_COLOUR if member.kept else _DROPPED_COLOUR
             draw.rectangle([left, top, left + cell - 1, top + cell - 1], fill=colour)
             thumb = thumbs.get(member.sha256)
