@@ -41,20 +41,28 @@ DOWNLOADER = textwrap.dedent(
 
 
 def _children(pid: int) -> set[int]:
-    """Direct child processes of ``pid`` (Linux)."""
+    """Direct child processes of ``pid`` (Linux), by the parent id in each ``/proc/N/stat``.
+
+    Not ``/proc/pid/task/*/children``: a thread that ends while those files are read takes
+    its file with it, and its children move to a sibling thread that may already be read.
+    """
     children: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        children.update(int(child) for child in text)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the process ended after the listing
+        if int(fields[1]) == pid:  # fields: state, ppid, ...
+            children.add(int(stat.parent.name))
     return children
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):  # gone, possibly reaped in between
         return False
-    stat = Path(f"/proc/{pid}/stat").read_text()
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
