@@ -6,9 +6,9 @@ mirrored. Exact copies share a sha256; the others are found with a 64-bit percep
 
 1. Index the raw shards (no bytes): per URL the latest fetch wins; ``outcome == "ok"`` rows are
    the images.
-2. Hash each distinct sha256 once (from a 64 px JPEG draft; in a process pool when there are
-   thousands), reading image bytes batch by batch, and keep a tiny RGB thumbnail of it
-   (``colour_thumbnails``). Hashes and thumbnails are cached
+2. Hash each distinct sha256 once (from a 64 px JPEG draft, ``decode_draft``; in threads, or
+   a process pool when there are thousands), reading image bytes batch by batch, and keep a
+   tiny RGB thumbnail of it (``colour_thumbnails``). Hashes and thumbnails are cached
    in ``hashes.parquet`` keyed by sha256, so a later run over grown raw shards hashes only
    the new photos.
 3. Candidate pairs by an exact multi-index search (``find_near_duplicates``, tables chosen by
@@ -23,6 +23,7 @@ mirrored. Exact copies share a sha256; the others are found with a 64-bit percep
 from __future__ import annotations
 
 import functools
+import io
 import os
 import time
 from collections import deque
@@ -40,8 +41,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageOps
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
 
-from carmodels.imaging import ImageDecodeError, decode_image, decode_with_size, map_in_processes
+from carmodels.imaging import ImageDecodeError, decode_draft, decode_image, map_in_processes
 from carmodels.io import atomic_write, atomic_write_parquet
 from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, THUMBNAIL_FIELD
 
@@ -74,7 +76,7 @@ CONTACT_SHEET_FILE = "clusters.png"
 _HASH_SPEC_KEY = b"carmodels.hash_spec"
 #: Layout version of ``hashes.parquet``; part of the spec, so a cache written by an older
 #: version (v1 had no thumbnails) is hashed again rather than misread.
-HASH_CACHE_VERSION = 2
+HASH_CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -97,9 +99,11 @@ class DedupConfig:
     #: demo catalog, 300 listings: 58 false candidates at 6, all studio shots). With it, 10
     #: keeps every planted pair and no false one (see ``max_colour_distance``); 12 gains only
     #: the heavy crops and costs ~2x the search time (candidates grow fast past 10).
-    #: Re-measured with the 64 px draft (``decode_draft_px``, bench/dedup.py's 150 copies):
-    #: q60, 80% resize and mirror within 2 bits, 1.5%-a-side crops within 8; 72 false
-    #: candidates at 10 (71 with 256 px), all rejected by the colour check (min 29.8).
+    #: Re-measured with the 64 px draft and exact-box resampling (``phash_pixels``) by
+    #: bench/dedup_margins.py, one copy of each kind of all 1,500 photos: q60, 80% resize
+    #: and mirror within 4 bits (p99 2); 1.5%-a-side crops 99.7% within 10 (p99 10); 3% a
+    #: side 84.9%; all four combined 99.7%. 59 false candidates at 10 among the originals,
+    #: all rejected by the colour check (min 29.5).
     threshold: int = 10
     #: Also compare each photo with the mirror image of the others, so a mirrored repost
     #: counts as a duplicate.
@@ -126,16 +130,18 @@ class DedupConfig:
     #: planted pairs; 34 and 390 hash candidates rejected); cars-sample + 900 planted copies
     #: of 150 photos (the kinds above, 1.5% and 3% a side crops): 1.0 / 1.0 (the 3%-a-side
     #: crops beyond 6.5 still join their cluster through the other copies). Hash alone at 10:
-    #: precision 0.85; at 6: recall 0.979 (1.5%-a-side crops 0.96). With the 64 px draft
-    #: (bench/dedup.py): copies max 5.2 (1.5%-a-side crops; q60 2.3, mirror 2.3, resize 1.1),
-    #: false candidates min 29.8; demo-catalog and studio-shot tests unchanged.
+    #: precision 0.85; at 6: recall 0.979 (1.5%-a-side crops 0.96). With the 64 px draft and
+    #: area-weighted cells over the exact photo box (bench/dedup_margins.py, every photo):
+    #: copies max 5.6 (all four kinds combined; 1.5%-a-side crops 4.5, 3% a side 4.3, q60
+    #: 2.2, resize 1.7, mirror 1.3; Pillow's BOX cells had crops at 7.0 and mirrors at 3.9),
+    #: false candidates min 29.5; demo-catalog and studio-shot tests unchanged.
     max_colour_distance: float = 6.5
     #: Candidate pairs verified per numpy batch (bounds memory: a few KB per pair).
     verify_batch_pairs: int = 65536
     #: Processes (threads below ``min_images_per_worker``) hashing images.
     workers: int = 2
     #: New images per worker process below which fewer processes are started (none: hashing
-    #: in ``workers`` threads of this process instead). A photo costs ~1.7 ms to decode and
+    #: in ``workers`` threads of this process instead). A photo costs ~1 ms to decode and
     #: hash here, while a worker pool costs 2-5 s to start (forkserver, then each worker
     #: imports carmodels, pandas, pyarrow and aiohttp): on the 1,650 files of bench/dedup.py,
     #: on the loaded 2-core machine, the pool's first result came after 4.9 s and all after
@@ -147,7 +153,8 @@ class DedupConfig:
     read_batch_rows: int = 256
     #: JPEGs are decoded at a reduced scale (DCT scaling) at least this large: phash works on
     #: 32 px and the colour cells on 8, and decoding, resizing and hashing a 64 px draft took
-    #: ~1.7 ms a photo against ~11 ms at 256 px (cars-sample). 32 px was faster still but
+    #: ~1.7 ms a photo against ~11 ms at 256 px (cars-sample; ~1 ms since decoding went
+    #: through OpenCV and resampling through matrix products). 32 px was faster still but
     #: blurred crops apart (1.5%-a-side crop colour distance up to 10, over the 6.5 limit);
     #: 64 px keeps them within 5.2, see above.
     decode_draft_px: int = 64
@@ -271,28 +278,98 @@ def _dct_rows(size: int, rows: int) -> np.ndarray:
     return 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * size))
 
 
-def phash_pixels(
-    img: Image.Image, hash_size: int = 8, box: tuple[float, float, float, float] | None = None
-) -> np.ndarray:
-    """The grey ``4 * hash_size`` square that imagehash's phash transforms (uint8).
+Box = tuple[float, float, float, float]
 
-    ``box`` (left, upper, right, lower; fractional) takes only that part of ``img``, such as
-    the ``draft_content_box``.
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    """uint8 luma (ITU-R 601 weights, rounded: what Pillow's ``convert("L")`` gives)."""
+    import cv2  # lazy: modules that only read dedup's outputs need not load OpenCV
+
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+
+
+#: Lanczos window half-width, in output pixels (Pillow's and imagehash's filter).
+_LANCZOS_SUPPORT = 3.0
+
+
+def _lanczos(x: np.ndarray) -> np.ndarray:
+    """sinc(x) sinc(x / 3) on |x| < 3, else 0."""
+    return np.where(np.abs(x) < _LANCZOS_SUPPORT, np.sinc(x) * np.sinc(x / _LANCZOS_SUPPORT), 0.0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lanczos_weights(n_in: int, start: float, stop: float, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix resampling the span [start, stop) of n_in pixels to n_out with
+    Pillow's antialiased Lanczos filter (its ``precompute_coeffs``, in floating point)."""
+    scale = (stop - start) / n_out
+    stretch = max(scale, 1.0)  # widen the filter when shrinking: antialiasing
+    centres = start + (np.arange(n_out) + 0.5) * scale
+    support = _LANCZOS_SUPPORT * stretch
+    first = np.maximum((centres - support + 0.5).astype(np.int64), 0)
+    last = np.minimum((centres + support + 0.5).astype(np.int64), n_in)
+    # Only the taps under each output pixel's window are evaluated (~1/5 of a row).
+    taps = first[:, None] + np.arange(int(2 * support) + 2)
+    weights = _lanczos((taps + 0.5 - centres[:, None]) / stretch)
+    weights[taps >= last[:, None]] = 0.0
+    weights /= weights.sum(axis=1, keepdims=True)
+    dense = np.zeros((n_out, n_in + taps.shape[1]), dtype=np.float32)
+    dense[np.arange(n_out)[:, None], taps] = weights
+    return dense[:, :n_in]
+
+
+@functools.lru_cache(maxsize=4096)
+def _area_weights(
+    n_in: int, start: float, stop: float, n_out: int, crops: tuple[float, ...]
+) -> np.ndarray:
+    """(crops, n_out, n_in) matrices averaging, for each crop c, the span [start, stop) less
+    c of its length at either end into n_out equal cells, each pixel weighed by the share of
+    it inside the cell."""
+    length = stop - start
+    cut = np.asarray(crops)[:, None] * length  # (crops, 1)
+    edges = start + cut + np.arange(n_out + 1) * ((length - 2 * cut) / n_out)  # (crops, n+1)
+    x = np.arange(n_in)
+    overlap = np.minimum(edges[:, 1:, None], x + 1.0) - np.maximum(edges[:, :-1, None], x)
+    weights = np.clip(overlap, 0.0, None)
+    return (weights / weights.sum(axis=2, keepdims=True)).astype(np.float32)
+
+
+def _whole(rgb: np.ndarray, box: Box | None) -> Box:
+    return box if box is not None else (0.0, 0.0, float(rgb.shape[1]), float(rgb.shape[0]))
+
+
+def phash_pixels(rgb: np.ndarray, hash_size: int = 8, box: Box | None = None) -> np.ndarray:
+    """The grey ``4 * hash_size`` square that imagehash's phash transforms (uint8), of RGB
+    pixels or of their part ``box`` (left, upper, right, lower; fractional), such as
+    ``Draft.box``.
+
+    What imagehash does (``convert("L")``, then Pillow's Lanczos resize), with the resize as
+    two small matrix products in floating point: within two grey levels of Pillow's result
+    (which rounds between its two passes; tested) for a fraction of its CPU, most of it
+    outside the GIL, where Pillow's resize of a small image is mostly Python. Mirroring the
+    pixels and the box mirrors the square exactly.
     """
     size = 4 * hash_size
-    return np.asarray(img.convert("L").resize((size, size), Image.Resampling.LANCZOS, box=box))
+    left, top, right, bottom = _whole(rgb, box)
+    rows, columns = rgb.shape[:2]
+    grey = _grey(rgb).astype(np.float32)
+    square = (
+        _lanczos_weights(rows, top, bottom, size)
+        @ grey
+        @ _lanczos_weights(columns, left, right, size).T
+    )
+    return np.clip(np.rint(square), 0, 255).astype(np.uint8)
 
 
 def phash_batch(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """imagehash's phash of each of ``pixels`` (N x 4h x 4h grey) and of its mirror image.
 
     Returns two uint64 arrays, bits in imagehash's order (first bit most significant), bit for
-    bit what ``phash(img, h)`` and ``phash(ImageOps.mirror(img), h)`` give (tested): DCT-II
-    along both axes, low h x h block above its median. Only that block is computed, for the
-    whole batch in two matrix products (imagehash: a full 2D transform per call), and the
-    mirror image's block is this one with the odd horizontal frequencies negated (mirroring
-    a sequence multiplies its k-th DCT-II coefficient by (-1)^k), so mirror images are never
-    resized or transformed.
+    bit what ``phash(Image.fromarray(p), h)`` and ``phash(ImageOps.mirror(...), h)`` give
+    (tested): DCT-II along both axes, low h x h block above its median. Only that block is
+    computed, for the whole batch in two matrix products (imagehash: a full 2D transform per
+    call), and the mirror image's block is this one with the odd horizontal frequencies
+    negated (mirroring a sequence multiplies its k-th DCT-II coefficient by (-1)^k), so
+    mirror images are never resized or transformed.
     """
     n, size, _ = pixels.shape
     hash_size = size // 4
@@ -308,23 +385,23 @@ def phash_batch(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hashes[0], hashes[1]
 
 
-def phash_pair(
-    img: Image.Image, hash_size: int = 8, box: tuple[float, float, float, float] | None = None
-) -> tuple[int, int]:
-    """imagehash's ``phash(img, hash_size)`` and ``phash(mirror of img)`` (see ``phash_batch``)."""
-    hashes, flipped = phash_batch(phash_pixels(img, hash_size, box)[None])
+def phash_pair(rgb: np.ndarray, hash_size: int = 8, box: Box | None = None) -> tuple[int, int]:
+    """phash of RGB pixels (or their part ``box``) and of their mirror image (see
+    ``phash_pixels``, ``phash_batch``)."""
+    hashes, flipped = phash_batch(phash_pixels(rgb, hash_size, box)[None])
     return int(hashes[0]), int(flipped[0])
 
 
-def image_hashes(img: Image.Image, method: str, hash_size: int) -> tuple[int, int]:
-    """(hash, hash of the mirror image) of a decoded image."""
+def image_hashes(rgb: np.ndarray, method: str, hash_size: int) -> tuple[int, int]:
+    """(hash, hash of the mirror image) of RGB pixels (H x W x 3 uint8)."""
     if method == "phash":
-        return phash_pair(img, hash_size)
+        return phash_pair(rgb, hash_size)
     # Imported here so that modules which only read dedup's outputs (shards, the trainer on a
     # GPU machine) do not need imagehash installed.
     import imagehash
 
     function = getattr(imagehash, method)
+    img = Image.fromarray(np.ascontiguousarray(rgb))
     mirror = ImageOps.mirror(img)
     return (
         _imagehash_to_int(function(img, hash_size)),
@@ -332,60 +409,26 @@ def image_hashes(img: Image.Image, method: str, hash_size: int) -> tuple[int, in
     )
 
 
-def draft_content_box(
-    draft_size: tuple[int, int], full_size: tuple[int, int]
-) -> tuple[float, float, float, float]:
-    """The part of a JPEG draft that shows the photo, in the draft's pixels (fractional).
-
-    JPEG DCT scaling by 1/s decodes whole 8x8 blocks, so a W-wide photo becomes ceil(W / s)
-    pixels whose last column is partly the encoder's edge padding: the photo itself spans
-    W / s of them (what Pillow's ``draft`` returns as its box). Hashing and thumbnailing that
-    box rather than the whole draft keeps a photo and its mirror image, or two copies of
-    different sizes, aligned to a fraction of a draft pixel; with the whole draft the mirror
-    of a 64 px draft drifted by up to half a pixel, which was most of its colour distance.
-    Not a draft (no scale s maps ``full_size`` to ``draft_size``): the whole image.
-    (An EXIF-mirrored JPEG has its padding on the other side; that rare case keeps the
-    sub-pixel drift.)
-    """
-    (width, height), (full_width, full_height) = draft_size, full_size
-    for scale in (2, 4, 8):
-        if -(-full_width // scale) == width and -(-full_height // scale) == height:
-            return (0.0, 0.0, full_width / scale, full_height / scale)
-    return (0.0, 0.0, float(width), float(height))
-
-
 def colour_thumbnails(
-    img: Image.Image,
-    grid: int,
-    crops: Iterable[float],
-    box: tuple[float, float, float, float] | None = None,
+    rgb: np.ndarray, grid: int, crops: Iterable[float], box: Box | None = None
 ) -> np.ndarray:
-    """Mean-RGB thumbnails (``grid`` x ``grid`` cells) of ``img`` cut by each of ``crops``.
+    """Mean-RGB thumbnails (``grid`` x ``grid`` cells) of RGB pixels cut by each of ``crops``.
 
     Shape (len(crops), grid, grid, 3), uint8. The crop is the fraction removed from every side
-    of ``box`` (default: the whole image); the BOX filter averages the pixels under each cell.
-    The mirror image's thumbnail is this one flipped left to right (the crops are symmetric),
-    so it is not stored.
+    of ``box`` (default: the whole image); each cell is the mean colour under it, every pixel
+    weighed by the share of it inside the cell (fractional edges count exactly, which keeps
+    a photo and its mirror image aligned). The mirror image's thumbnail is this one flipped
+    left to right (the crops are symmetric), so it is not stored.
     """
-    left, top, right, bottom = box or (0.0, 0.0, float(img.width), float(img.height))
-    width, height = right - left, bottom - top
-    thumbs = [
-        np.asarray(
-            img.resize(
-                (grid, grid),
-                Image.Resampling.BOX,
-                box=(
-                    left + width * crop,
-                    top + height * crop,
-                    right - width * crop,
-                    bottom - height * crop,
-                ),
-            ),
-            dtype=np.uint8,
-        )
-        for crop in crops
-    ]
-    return np.stack(thumbs)
+    left, top, right, bottom = _whole(rgb, box)
+    rows, columns = rgb.shape[:2]
+    crops = tuple(crops)
+    row_weights = _area_weights(rows, top, bottom, grid, crops).reshape(-1, rows)
+    column_weights = _area_weights(columns, left, right, grid, crops)  # (crops, grid, columns)
+    per_row = row_weights @ rgb.reshape(rows, columns * 3).astype(np.float32)
+    per_row = per_row.reshape(len(crops), grid, columns, 3)
+    cells = column_weights[:, None] @ per_row  # (crops, grid rows, grid columns, RGB)
+    return np.rint(cells).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -400,7 +443,6 @@ def _hash_chunk(tasks: list[_HashTask], config: DedupConfig) -> list[dict[str, o
     phash is computed for the whole chunk at once (``phash_batch``); the other imagehash
     functions image by image.
     """
-    draft = (config.decode_draft_px, config.decode_draft_px)
     batched = config.hash_method == "phash"
     rows: list[dict[str, object]] = []
     phash_rows: list[dict[str, object]] = []
@@ -411,25 +453,36 @@ def _hash_chunk(tasks: list[_HashTask], config: DedupConfig) -> list[dict[str, o
         try:
             # The size is the full-resolution, EXIF-oriented one: "most pixels" must compare
             # the originals, not the drafts JPEG decoding shrank by powers of two.
-            img, width, height = decode_with_size(task.data, draft_size=draft)
+            draft = decode_draft(task.data, config.decode_draft_px)
         except ImageDecodeError:
             row.update(hash=0, hash_flipped=0, thumbnails=b"", width=0, height=0, decodable=False)
             continue
-        box = draft_content_box(img.size, (width, height))
         if batched:
-            phash_inputs.append(phash_pixels(img, config.hash_size, box))
+            phash_inputs.append(phash_pixels(draft.pixels, config.hash_size, draft.box))
             phash_rows.append(row)
         else:
             row["hash"], row["hash_flipped"] = image_hashes(
-                img, config.hash_method, config.hash_size
+                draft.pixels, config.hash_method, config.hash_size
             )
-        thumbnails = colour_thumbnails(img, config.colour_grid, config.colour_crops, box)
-        row.update(thumbnails=thumbnails.tobytes(), width=width, height=height, decodable=True)
+        thumbnails = colour_thumbnails(
+            draft.pixels, config.colour_grid, config.colour_crops, draft.box
+        )
+        row.update(
+            thumbnails=thumbnails.tobytes(), width=draft.width, height=draft.height, decodable=True
+        )
     if phash_inputs:
         hashes, flipped = phash_batch(np.stack(phash_inputs))
         for row, hash_value, flipped_value in zip(phash_rows, hashes, flipped, strict=True):
             row.update(hash=int(hash_value), hash_flipped=int(flipped_value))
     return rows
+
+
+def _hash_chunk_one_blas_thread(
+    tasks: list[_HashTask], config: DedupConfig
+) -> list[dict[str, object]]:
+    """``_hash_chunk`` in a worker process, its BLAS held to one thread like the parent's."""
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _hash_chunk(tasks, config)
 
 
 # --------------------------------------------------------------------------- near-neighbour search
@@ -950,14 +1003,22 @@ def _hash_new_images(
         processes = max(1, min(config.workers, total // config.min_images_per_worker))
         worker = functools.partial(_hash_chunk, config=config)
         chunks = _chunks(tasks, config.chunk_size)
-        if processes > 1:
-            results = map_in_processes(worker, chunks, processes)
-        else:
-            results = _map_in_threads(worker, chunks, config.workers)
-        for chunk_rows in results:
-            rows.extend(chunk_rows)
-            if on_progress:
-                on_progress(len(rows), total)
+        # Resampling weights are cached per photo size within a run, not across runs: a run
+        # costs what it costs in a fresh process, and the cache does not outlive it.
+        _lanczos_weights.cache_clear()
+        _area_weights.cache_clear()
+        # The hashing threads (or processes) are the parallelism: a BLAS thread pool behind
+        # each of their small matrix products only adds hand-offs (2x the CPU, measured).
+        with threadpool_limits(limits=1, user_api="blas"):
+            if processes > 1:
+                in_process = functools.partial(_hash_chunk_one_blas_thread, config=config)
+                results = map_in_processes(in_process, chunks, processes)
+            else:
+                results = _map_in_threads(worker, chunks, config.workers)
+            for chunk_rows in results:
+                rows.extend(chunk_rows)
+                if on_progress:
+                    on_progress(len(rows), total)
     new = pd.DataFrame(rows, columns=_HASH_SCHEMA.names)
     if len(new):
         new = new.astype(
@@ -1143,6 +1204,23 @@ _LABEL_PX = 14
 _CAPTION_PX = 90
 
 
+def _contact_thumbnail(data: bytes, side: int) -> Image.Image | None:
+    """The photo shrunk to fit ``side`` x ``side``; None if it does not decode.
+
+    JPEGs decode at the smallest DCT scale that still covers the thumbnail: a wide listing
+    photo (640 x 270) asked for a square draft of twice the side was decoded at full size.
+    """
+    try:
+        width, height = Image.open(io.BytesIO(data)).size  # header only; EXIF turns both alike
+        longest = max(width, height, 1)
+        draft = (max(1, side * width // longest), max(1, side * height // longest))
+        thumb = decode_image(data, draft_size=draft)
+    except (ImageDecodeError, OSError):
+        return None
+    thumb.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return thumb
+
+
 def write_contact_sheet(
     raw_dir: Path, members: pd.DataFrame, path: Path, config: DedupConfig
 ) -> Path:
@@ -1156,17 +1234,14 @@ def write_contact_sheet(
         .groupby("cluster_id", sort=True)
         .head(config.contact_sheet_members)
     )
-    thumbs: dict[str, Image.Image] = {}
-    draft = (config.thumbnail_px * 2, config.thumbnail_px * 2)
-    for _, sha256, data in iter_raw_bytes(
+    shown_bytes = iter_raw_bytes(
         raw_dir, set(shown["sha256"]), config.read_batch_rows, set(shown["raw_shard"])
-    ):
-        try:
-            thumb = decode_image(data, draft_size=draft)
-        except ImageDecodeError:
-            continue
-        thumb.thumbnail((config.thumbnail_px, config.thumbnail_px), Image.Resampling.LANCZOS)
-        thumbs[sha256] = thumb
+    )
+    with ThreadPoolExecutor(max_workers=config.workers) as pool:
+        decoded = pool.map(
+            lambda item: (item[1], _contact_thumbnail(item[2], config.thumbnail_px)), shown_bytes
+        )
+        thumbs = {sha256: thumb for sha256, thumb in decoded if thumb is not None}
 
     cell = config.thumbnail_px + 2 * _BORDER_PX
     row_height = cell + _LABEL_PX

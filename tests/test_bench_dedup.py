@@ -1,5 +1,6 @@
-"""Smoke tests of bench/dedup.py and bench/dedup_scale.py on tiny inputs (their figures are in
-docs/BENCHMARKS.md; these check that the scripts run, score and report as documented)."""
+"""Smoke tests of bench/dedup.py, bench/dedup_scale.py and bench/dedup_margins.py on tiny
+inputs (their figures are in docs/BENCHMARKS.md; these check that the scripts run, score and
+report as documented)."""
 
 from __future__ import annotations
 
@@ -89,6 +90,22 @@ def test_dedup_scale_bench_finds_every_planted_pair(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert "found 20/20 planted" in lines[1] and "(= brute force)" in lines[1]
     assert "found 40/40 planted" in lines[2] and "growth n^" in lines[2]
+
+
+def test_dedup_margins_bench_reports_every_copy_kind(tmp_path: Path, capsys):
+    bench = load_bench("dedup_margins")
+    folder = photo_folder(tmp_path / "photos", 12)
+    assert bench.main(["--images", str(folder), "--limit", "10"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("10 photos of")
+    by_kind = {line.split()[0]: line for line in lines[1:-1]}
+    assert set(by_kind) == set(bench.KINDS)
+    # Re-encoding and mirroring keep unrelated smooth photos' copies within both checks.
+    for kind in ("q60", "resize80", "mirror"):
+        assert "found (both checks) 1.000" in by_kind[kind]
+    assert lines[-1].startswith("hash candidates among the originals:")
+    with pytest.raises(SystemExit, match="manifest.csv not found"):
+        bench.main(["--images", str(tmp_path / "nowhere")])
 
 
 def test_runs_are_compared_by_their_median(capsys):

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from carmodels.imaging import (
     ImageDecodeError,
     ImagingConfig,
     NormalisedImage,
     Rejection,
+    decode_draft,
     decode_image,
+    decode_with_size,
     estimate_facing,
     normalise,
     to_square,
@@ -98,6 +101,82 @@ def test_draft_decoding_shrinks_big_jpegs():
     big = side_view_car(1600, 1200)
     decoded = decode_image(encode(big), draft_size=(256, 256))
     assert 256 <= min(decoded.size) < 1200
+
+
+def noisy_photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Detail at every scale, so that any difference in decoding shows in the pixels."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8))
+    smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+    grain = rng.integers(-20, 21, (height, width, 3))
+    return Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(640, 271), (530, 259), (1600, 1200), (97, 61), (64, 700)])
+def test_decode_draft_gives_pillows_draft_pixels(size: tuple[int, int]):
+    """OpenCV's fast path and Pillow (taken for a JPEG with bytes after its end marker) decode
+    the same draft as Pillow's ``draft``, at its scale; the box is the photo inside it."""
+    data = encode(noisy_photo(*size), quality=90)
+    fast = decode_draft(data, 64)
+    slow = decode_draft(data + b"\x00trailer", 64)
+    assert (fast.width, fast.height) == size
+    np.testing.assert_array_equal(fast.pixels, slow.pixels)
+    pillow, *_ = decode_with_size(data, draft_size=(64, 64))
+    np.testing.assert_array_equal(fast.pixels, np.asarray(pillow))
+    scale = -(-size[0] // pillow.width)
+    assert fast.box == (0.0, 0.0, size[0] / scale, size[1] / scale)
+    if min(size) >= 128:  # a smaller scale would still have kept both sides >= 64
+        assert min(fast.pixels.shape[:2]) >= 64 and scale > 1
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_draft_applies_exif_orientation_like_pillow(orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    # 530 x 259 at 1/4 is 132.5 x 64.75 px in a 133 x 65 draft: padding right and below.
+    data = encode(noisy_photo(530, 259, seed=orientation), exif=exif.tobytes())
+    draft = decode_draft(data, 64)
+    upright = Image.open(io.BytesIO(data))
+    upright.draft("RGB", (64, 64))
+    upright = ImageOps.exif_transpose(upright)
+    np.testing.assert_array_equal(draft.pixels, np.asarray(upright))
+    assert (draft.width, draft.height) == ((259, 530) if orientation >= 5 else (530, 259))
+    # The box follows the photo: where the padding ends up depends on the orientation.
+    stored = np.zeros((65, 133), dtype=bool)
+    stored[:64, :132] = True  # whole photo pixels; the 65th row / 133rd column are partial
+    turned = Image.fromarray(stored)
+    if orientation > 1:
+        turned = turned.transpose(
+            {
+                2: Image.Transpose.FLIP_LEFT_RIGHT,
+                3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270,
+                7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90,
+            }[orientation]
+        )
+    rows, columns = np.nonzero(np.asarray(turned))
+    left, top, right, bottom = draft.box
+    # The first whole pixel of the photo is the first one the box covers entirely.
+    assert (math.ceil(left), math.ceil(top)) == (columns.min(), rows.min())
+    assert right - left == pytest.approx(64.75 if orientation >= 5 else 132.5)
+    assert bottom - top == pytest.approx(132.5 if orientation >= 5 else 64.75)
+
+
+def test_decode_draft_rejects_broken_bytes_and_reads_other_formats():
+    whole = encode(noisy_photo(300, 200))
+    for broken in (whole[: len(whole) // 2], b"not an image", whole[:400] + b"\xff\xd9"):
+        with pytest.raises(ImageDecodeError):
+            decode_draft(broken, 64)
+    rgba = Image.new("RGBA", (50, 40), (0, 0, 0, 0))
+    draft = decode_draft(encode(rgba, "PNG"), 64)
+    assert draft.pixels.shape == (40, 50, 3) and (draft.width, draft.height) == (50, 40)
+    assert draft.box == (0.0, 0.0, 50.0, 40.0)
+    assert tuple(draft.pixels[0, 0]) == (255, 255, 255)  # transparency becomes white
+    grey = decode_draft(encode(noisy_photo(300, 200).convert("L")), 64).pixels
+    assert grey.shape == (200 // 2, 300 // 2, 3)  # greyscale JPEGs take Pillow's path, as RGB
 
 
 @pytest.mark.parametrize("framing", ["letterbox", "crop"])
