@@ -392,16 +392,21 @@ def phash_pair(rgb: np.ndarray, hash_size: int = 8, box: Box | None = None) -> t
     return int(hashes[0]), int(flipped[0])
 
 
-def image_hashes(rgb: np.ndarray, method: str, hash_size: int) -> tuple[int, int]:
-    """(hash, hash of the mirror image) of RGB pixels (H x W x 3 uint8)."""
+def image_hashes(
+    rgb: np.ndarray, method: str, hash_size: int, box: Box | None = None
+) -> tuple[int, int]:
+    """(hash, hash of the mirror image) of RGB pixels (H x W x 3 uint8) or of their part
+    ``box`` (to the nearest pixel for the imagehash functions other than phash)."""
     if method == "phash":
-        return phash_pair(rgb, hash_size)
+        return phash_pair(rgb, hash_size, box)
     # Imported here so that modules which only read dedup's outputs (shards, the trainer on a
     # GPU machine) do not need imagehash installed.
     import imagehash
 
     function = getattr(imagehash, method)
     img = Image.fromarray(np.ascontiguousarray(rgb))
+    if box is not None:
+        img = img.crop(tuple(round(edge) for edge in box))
     mirror = ImageOps.mirror(img)
     return (
         _imagehash_to_int(function(img, hash_size)),
@@ -462,7 +467,7 @@ def _hash_chunk(tasks: list[_HashTask], config: DedupConfig) -> list[dict[str, o
             phash_rows.append(row)
         else:
             row["hash"], row["hash_flipped"] = image_hashes(
-                draft.pixels, config.hash_method, config.hash_size
+                draft.pixels, config.hash_method, config.hash_size, draft.box
             )
         thumbnails = colour_thumbnails(
             draft.pixels, config.colour_grid, config.colour_crops, draft.box
