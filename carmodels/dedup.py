@@ -43,7 +43,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
-from carmodels.imaging import ImageDecodeError, decode_draft, decode_image, map_in_processes
+from carmodels.imaging import (
+    Box,
+    ImageDecodeError,
+    decode_draft,
+    decode_image,
+    map_in_processes,
+)
 from carmodels.io import atomic_write, atomic_write_parquet
 from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, THUMBNAIL_FIELD
 
@@ -276,9 +282,6 @@ def _dct_rows(size: int, rows: int) -> np.ndarray:
     n = np.arange(size)
     k = np.arange(rows)[:, None]
     return 2.0 * np.cos(np.pi * k * (2 * n + 1) / (2 * size))
-
-
-Box = tuple[float, float, float, float]
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:

@@ -206,6 +206,10 @@ _ORIENT: dict[int, tuple[bool, bool, bool]] = {
 }
 
 
+#: A part of an image: (left, upper, right, lower) in pixels, fractional.
+Box = tuple[float, float, float, float]
+
+
 @dataclass(frozen=True)
 class Draft:
     """A photo decoded small (see ``decode_draft``)."""
@@ -215,7 +219,7 @@ class Draft:
     #: The photo inside ``pixels`` (left, upper, right, lower; fractional): a JPEG draft's last
     #: row and column can be mostly the encoder's padding (a 530 px wide photo at 1/4 is
     #: 132.5 px wide in a 133 px draft).
-    box: tuple[float, float, float, float]
+    box: Box
     #: Size of the upright full-resolution photo.
     width: int
     height: int
@@ -639,6 +643,7 @@ __all__ = [
     "ImagingConfig",
     "NormalisedImage",
     "Rejection",
+    "Box",
     "Draft",
     "decode_draft",
     "decode_image",
