@@ -69,7 +69,7 @@ def brute_force(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]]:
     return found
 
 
-def run_size(n: int, threshold: int, flip: bool, seed: int) -> dict:
+def run_size(n: int, threshold: int, flip: bool, seed: int, workers: int) -> dict:
     if flip:
         # n hashes searched: n / 2 photos and their mirror images (random, like the photos).
         hashes, planted = planted_hashes(n // 2, threshold, seed)
@@ -79,7 +79,7 @@ def run_size(n: int, threshold: int, flip: bool, seed: int) -> dict:
         mirrors = None
     stats = SearchStats()
     started, started_cpu = time.perf_counter(), time.process_time()
-    pairs = find_near_duplicates(hashes, threshold, mirrors, stats=stats)
+    pairs = find_near_duplicates(hashes, threshold, mirrors, stats=stats, workers=workers)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - started_cpu
     got = set(zip(pairs["i"].tolist(), pairs["j"].tolist(), strict=True))
     found = sum((int(a), int(b)) in got for a, b in planted)
@@ -109,20 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=int, default=DedupConfig.threshold)
     parser.add_argument("--flip", action="store_true", help="half photos, half mirror hashes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DedupConfig.workers,
+        help="threads scanning the tables (default: DedupConfig.workers, as deduplicate does)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     if any(n < 200 for n in sizes):
         parser.error("--sizes: each size must be at least 200 hashes")
+    if args.workers < 1:
+        parser.error("--workers: must be at least 1")
 
     print(
         f"find_near_duplicates, threshold {args.threshold}, random 64-bit hashes"
-        f"{' (half mirror images)' if args.flip else ''}, {os.cpu_count()} CPU cores, "
+        f"{' (half mirror images)' if args.flip else ''}, {args.workers} thread(s), "
+        f"{os.cpu_count()} CPU cores, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     results = []
     for n in sizes:
-        result = run_size(n, args.threshold, args.flip, args.seed)
+        result = run_size(n, args.threshold, args.flip, args.seed, args.workers)
         growth = ""
         if results:
             previous = results[-1]

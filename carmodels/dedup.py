@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,9 @@ from carmodels.scrape.raw import RAW_COLUMNS, RAW_SHARD_GLOB, THUMBNAIL_FIELD
 
 if TYPE_CHECKING:
     import imagehash
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
 
 #: Raw shard file pattern and non-metadata columns: the scraper's, so the two never drift.
 RAW_GLOB = RAW_SHARD_GLOB
@@ -144,7 +147,8 @@ class DedupConfig:
     max_colour_distance: float = 6.5
     #: Candidate pairs verified per numpy batch (bounds memory: a few KB per pair).
     verify_batch_pairs: int = 65536
-    #: Processes (threads below ``min_images_per_worker``) hashing images.
+    #: Processes (threads below ``min_images_per_worker``) hashing images, and threads
+    #: scanning the near-neighbour search's tables.
     workers: int = 2
     #: New images per worker process below which fewer processes are started (none: hashing
     #: in ``workers`` threads of this process instead). A photo costs ~1 ms to decode and
@@ -507,10 +511,12 @@ def _band_layout(n_bands: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:
     return layout
 
 
-#: Cost model of the search, per hash and table (key, sort) and per candidate pair (distance
-#: check), in the same unit; measured here: ~70 ns and ~7 ns.
-_COST_PER_HASH_TABLE = 10.0
-_COST_PER_CANDIDATE = 1.0
+#: Cost model of the search, per hash and table (key, sort, gathers) and per candidate pair
+#: (distance check, and locating the close ones: shorter keys make candidates closer), in
+#: the same unit. Fitted to timings of every plan at 10^3 to 3 * 10^5 random hashes
+#: (threshold 10): with these weights the model picks the fastest plan at each size.
+_COST_PER_HASH_TABLE = 1.0
+_COST_PER_CANDIDATE = 2.0
 #: Parts whose covering would need more tables than this are not considered.
 _MAX_TABLES_PER_PART = 1024
 
@@ -601,8 +607,9 @@ _KEY_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)
 #: Runs of equal keys up to this long are checked all pairs at once (all runs of one length
 #: together); longer runs, rare unless many photos share a hash, pair position by position.
 _BLOCK_RUN_MAX = 64
-#: Candidate pairs checked per numpy call (bounds the memory to ~50 MB).
-_BLOCK_ELEMENTS = 1 << 22
+#: Hashes per numpy call when checking runs: small enough that a call's operands stay in the
+#: CPU's L2 cache (~0.5 MB), which makes the check ~2x faster than one call per run length.
+_BLOCK_ELEMENTS = 1 << 15
 
 
 def _close_pairs_in_table(
@@ -615,19 +622,21 @@ def _close_pairs_in_table(
     (a hash of the masked bits in the high bits, the index in the low bits) is several times
     faster than an argsort; two different keys that share the hashed bits only add candidates,
     and every candidate is checked on the full hash, so the result stays exact. Equal keys form
-    runs, and every pair inside a run is a candidate: runs of the same length L are stacked and
-    all their L(L-1)/2 pairs checked at once (a few numpy calls per length and no index array
-    per candidate: ~5x less CPU than pairing positions one offset at a time).
+    runs, and every pair inside a run is a candidate (``_close_pairs_in_runs``).
     """
     n = len(hashes)
-    index_bits = max(1, (n - 1).bit_length())
-    keys = (hashes & np.uint64(mask)) * _KEY_MULTIPLIER
-    packed = (keys >> np.uint64(index_bits)) << np.uint64(index_bits)  # top key bits
-    packed = np.sort(packed | np.arange(n, dtype=np.uint64))
-    order = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-    sorted_keys = packed >> np.uint64(index_bits)
+    index_bits = np.uint64(max(1, (n - 1).bit_length()))
+    # In place: at 10^6 hashes each pass over the keys costs about as much as the sort.
+    packed = np.bitwise_and(hashes, np.uint64(mask))
+    packed *= _KEY_MULTIPLIER
+    packed >>= index_bits  # keep the top key bits, make room for the index
+    packed <<= index_bits
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & ((np.uint64(1) << index_bits) - np.uint64(1))).astype(np.int64)
+    packed >>= index_bits  # the sorted keys
     sorted_hashes = hashes[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    starts = np.flatnonzero(np.r_[True, packed[1:] != packed[:-1]])
     lengths = np.diff(np.r_[starts, n])
     left_parts, right_parts = [], []
     n_candidates = 0
@@ -636,30 +645,51 @@ def _close_pairs_in_table(
         n_candidates += len(run_starts) * length * (length - 1) // 2
         if length > _BLOCK_RUN_MAX:
             left, right = _close_pairs_in_long_runs(sorted_hashes, run_starts, length, threshold)
-            left_parts.append(order[left])
-            right_parts.append(order[right])
-            continue
-        first_of_pair, second_of_pair = np.triu_indices(length, k=1)
-        offsets = np.arange(length)
-        step = max(1, _BLOCK_ELEMENTS // len(first_of_pair))
-        for first in range(0, len(run_starts), step):
-            block_starts = run_starts[first : first + step]
-            block = sorted_hashes[block_starts[:, None] + offsets]  # (runs, L)
-            xor = np.take(block, first_of_pair, axis=1)  # (runs, L(L-1)/2): each pair once
-            xor ^= np.take(block, second_of_pair, axis=1)
-            close = np.bitwise_count(xor) <= threshold
-            # Close pairs are rare: look for them only in the runs that hold one.
-            hit = np.flatnonzero(close.any(axis=1))
-            run, pair = np.nonzero(close[hit])
-            run_start = block_starts[hit[run]]
-            left_parts.append(order[run_start + first_of_pair[pair]])
-            right_parts.append(order[run_start + second_of_pair[pair]])
+        else:
+            left, right = _close_pairs_in_runs(sorted_hashes, run_starts, length, threshold)
+        left_parts.append(order[left])
+        right_parts.append(order[right])
     if not left_parts:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, n_candidates
     left = np.concatenate(left_parts)
     right = np.concatenate(right_parts)
     return np.minimum(left, right), np.maximum(left, right), n_candidates
+
+
+def _close_pairs_in_runs(
+    sorted_hashes: np.ndarray, run_starts: np.ndarray, length: int, threshold: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Close pairs (sorted positions) inside runs that all have ``length`` hashes.
+
+    The runs are laid out as columns (``length`` rows, one column per run) and member k is
+    checked against member (k + d) mod ``length`` for d = 1 .. length // 2: every pair exactly
+    once (at d = length / 2 only the first half of the rows, which the second half repeats).
+    Each step is two numpy calls over a contiguous block, with no index array per candidate;
+    close pairs are rare, so they are looked for only in a step whose minimum is close.
+    """
+    half = length // 2
+    rows = np.r_[np.arange(length), np.arange(half)]  # row k + d of a column: member (k + d) % L
+    columns = max(1, _BLOCK_ELEMENTS // length)
+    left_parts, right_parts = [], []
+    for first in range(0, len(run_starts), columns):
+        block_starts = run_starts[first : first + columns]
+        cyclic = sorted_hashes[rows[:, None] + block_starts]  # (length + half, runs)
+        xor = np.empty((length, len(block_starts)), dtype=np.uint64)
+        bit_counts = np.empty(xor.shape, dtype=np.uint8)
+        for d in range(1, half + 1):
+            k = length if 2 * d < length else half
+            np.bitwise_xor(cyclic[d : d + k], cyclic[:k], out=xor[:k])
+            np.bitwise_count(xor[:k], out=bit_counts[:k])
+            if bit_counts[:k].min() > threshold:
+                continue
+            member, run = np.divmod(np.flatnonzero(bit_counts[:k] <= threshold), xor.shape[1])
+            left_parts.append(block_starts[run] + member)
+            right_parts.append(block_starts[run] + (member + d) % length)
+    if not left_parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    return np.concatenate(left_parts), np.concatenate(right_parts)
 
 
 def _close_pairs_in_long_runs(
@@ -679,6 +709,11 @@ def _close_pairs_in_long_runs(
     return np.concatenate(left_parts), np.concatenate(right_parts)
 
 
+#: Below this many hashes a table takes under a millisecond: threads would cost more than
+#: they overlap.
+_SEARCH_THREADS_MIN_HASHES = 20_000
+
+
 @dataclass
 class SearchStats:
     """What one search did: tables (masks) sorted and candidate pairs checked."""
@@ -693,11 +728,13 @@ def _within_threshold(
     bits: int,
     masks: Iterable[int] | None = None,
     stats: SearchStats | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pairs (i < j) of ``hashes`` within ``threshold`` bits, and their distances.
 
     Candidates are the pairs equal on some mask of ``search_masks`` (or ``masks``), checked
-    with a popcount; exact, as every close pair shares at least one mask's bits.
+    with a popcount; exact, as every close pair shares at least one mask's bits. Tables are
+    scanned in ``workers`` threads (the sort and the checks release the GIL).
     """
     n = len(hashes)
     if n < 2:
@@ -705,8 +742,11 @@ def _within_threshold(
         return empty, empty, empty
     masks = search_masks(threshold, bits, n) if masks is None else masks
     found = []
-    for mask in masks:
-        i, j, n_candidates = _close_pairs_in_table(hashes, mask, threshold)
+    threads = workers if n >= _SEARCH_THREADS_MIN_HASHES else 1
+    tables = _map_in_threads(
+        lambda mask: _close_pairs_in_table(hashes, mask, threshold), masks, threads
+    )
+    for i, j, n_candidates in tables:
         found.append(i * n + j)  # one int64 per pair, to drop pairs found in several tables
         if stats is not None:
             stats.tables += 1
@@ -722,6 +762,7 @@ def find_near_duplicates(
     flipped_hashes: np.ndarray | None = None,
     bits: int = HASH_BITS,
     stats: SearchStats | None = None,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Pairs of hashes within ``threshold`` Hamming distance: columns ``i < j, distance``.
 
@@ -729,19 +770,21 @@ def find_near_duplicates(
     photo is close to the other's mirror image; ``distance`` is the smaller of the two.
     Exact (equal to brute force) and close to n log n for random hashes: see
     ``search_masks``; bench/dedup_scale.py times it up to 10^6 hashes. ``stats``, when given,
-    is filled with the number of tables and candidate pairs.
+    is filled with the number of tables and candidate pairs. ``workers`` threads scan the
+    tables (from 20,000 hashes; ~1.6x faster with 2 at 10^6 hashes, where memory bandwidth
+    rather than the cores limits it).
     """
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
     n = len(hashes)
     if flipped_hashes is None:
-        i, j, distance = _within_threshold(hashes, threshold, bits, stats=stats)
+        i, j, distance = _within_threshold(hashes, threshold, bits, stats=stats, workers=workers)
     else:
         flipped_hashes = np.ascontiguousarray(flipped_hashes, dtype=np.uint64)
         if flipped_hashes.shape != hashes.shape:
             raise ValueError("flipped_hashes must have the same shape as hashes")
         # Search originals and mirrors together; a stacked index k >= n is the mirror of k - n.
         a, b, distance = _within_threshold(
-            np.concatenate([hashes, flipped_hashes]), threshold, bits, stats=stats
+            np.concatenate([hashes, flipped_hashes]), threshold, bits, stats=stats, workers=workers
         )
         mirror_a, mirror_b = a >= n, b >= n
         a, b = a % n, b % n
@@ -913,20 +956,19 @@ def iter_raw_bytes(
 
 
 def _map_in_threads(
-    fn: Callable[[list[_HashTask]], list[dict[str, object]]],
-    chunks: Iterator[list[_HashTask]],
-    workers: int,
-) -> Iterator[list[dict[str, object]]]:
+    fn: Callable[[_Item], _Result], chunks: Iterable[_Item], workers: int
+) -> Iterator[_Result]:
     """``map(fn, chunks)`` in ``workers`` threads, in order, at most 2 * workers chunks ahead.
 
-    For inputs too small to pay for a process pool: JPEG decoding and Pillow's resizes release
-    the GIL, so a second thread still overlaps much of the work, at no start-up cost.
+    For work whose numpy and decoding calls release the GIL (hashing inputs too small to pay
+    for a process pool, the search's tables), so a second thread overlaps most of it at no
+    start-up cost.
     """
     if workers <= 1:
         yield from map(fn, chunks)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: deque[Future[list[dict[str, object]]]] = deque()
+        pending: deque[Future[_Result]] = deque()
         for chunk in chunks:
             pending.append(pool.submit(fn, chunk))
             if len(pending) >= 2 * workers:
@@ -1117,6 +1159,7 @@ def deduplicate(
         config.threshold,
         distinct["hash_flipped"].to_numpy(np.uint64) if config.flip_aware else None,
         bits=config.hash_bits,
+        workers=config.workers,
     )
     if config.verify_colour:
         pairs = verify_pairs(pairs, stack_thumbnails(distinct["thumbnails"], config), config)

@@ -19,6 +19,7 @@ import carmodels.dedup as dedup_module
 from carmodels.dedup import (
     HASHES_FILE,
     DedupConfig,
+    SearchStats,
     _covering_masks,
     _plan_masks,
     _within_threshold,
@@ -261,6 +262,43 @@ def test_search_with_many_equal_hashes_equals_brute_force():
     found = find_near_duplicates(hashes, 10)
     got = set(map(tuple, found[["i", "j", "distance"]].to_numpy().tolist()))
     assert got == brute_force_pairs(hashes, 10, None)
+
+
+def test_search_checks_every_pair_of_runs_of_every_length():
+    """A narrow mask puts ~16 hashes in each run (lengths 6 to 30, odd and even), and a wide
+    threshold makes many of their pairs close: every pair inside a run, at every cyclic
+    offset, must be found exactly once."""
+    rng = np.random.default_rng(11)
+    hashes = rng.integers(0, 2**64, size=4_000, dtype=np.uint64)
+    mask, threshold = 0xFF, 26
+    i, j, distance = _within_threshold(hashes, threshold, 64, [mask])
+    got = list(zip(i.tolist(), j.tolist(), distance.tolist(), strict=True))
+    assert len(got) == len(set(got))
+    expected = {
+        (a, b, d)
+        for a, b, d in brute_force_pairs(hashes, threshold, None)
+        if (int(hashes[a]) ^ int(hashes[b])) & mask == 0
+    }
+    assert set(got) == expected
+    assert len(expected) > 1_000
+    lengths = np.unique(hashes & np.uint64(mask), return_counts=True)[1]
+    assert {6, 7, 28, 30} <= set(lengths.tolist())  # the runs this test is about
+
+
+def test_search_in_threads_equals_one_thread():
+    rng = np.random.default_rng(12)
+    n = 30_000  # above the size at which tables are scanned in threads
+    hashes = rng.integers(0, 2**64, size=n, dtype=np.uint64)
+    for k in range(300):
+        bits = rng.choice(64, size=k % 12, replace=False)
+        hashes[rng.integers(n)] = hashes[rng.integers(n)] ^ np.uint64(
+            sum(1 << int(b) for b in bits)
+        )
+    one, two = SearchStats(), SearchStats()
+    alone = find_near_duplicates(hashes, 10, stats=one)
+    threaded = find_near_duplicates(hashes, 10, stats=two, workers=2)
+    pd.testing.assert_frame_equal(alone, threaded)
+    assert one == two and len(alone) >= 250
 
 
 def test_search_uses_longer_keys_for_more_hashes():
