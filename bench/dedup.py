@@ -25,10 +25,11 @@ Predicted pairs: carmodels' clusters (every pair of members, as the clusters are
 imagededup's ``find_duplicates`` pairs (it does not chain them). Precision = true predicted
 pairs / predicted pairs; recall = true predicted pairs / truth pairs.
 
-Timing, warm page cache, both tools with 2 workers; each tool runs
-``--repeats`` times (default 3: its first run in the interpreter cold, the others warm) and the
-run of median wall time is the one compared, as single runs on this 2-core machine varied by
-a quarter from one to the next:
+Timing, warm page cache, both tools with 2 workers, in ``--repeats`` rounds (default 5): a
+round is one run of each tool, back to back, the one going first alternating. Each round gives
+a speed ratio and the headline is their median: on this shared 2-core machine single runs
+varied by a quarter from one to the next, and the two tools' runs drifted apart when all of
+one's ran before all of the other's. Each tool's first run is its interpreter's cold run:
 
 - carmodels: ``deduplicate`` on a raw shard (the downloader's output, what the pipeline
   deduplicates), written before each run from the files with the downloader's own
@@ -88,6 +89,9 @@ KINDS = ("q60", "resize80", "crop3", "mirror")
 GENUINE_MAX_MAD = 6.0
 DEFAULT_THRESHOLDS = "4,6,8,10,12"
 
+#: imagededup's side, in an interpreter of its own that stays up for the whole benchmark:
+#: each "encode" line on stdin times one ``encode_images``; "search" sweeps the thresholds
+#: over the last encodings and ends it. One JSON line answers each command.
 IMAGEDEDUP_WORKER = """
 import json, resource, sys, time
 from imagededup.methods import PHash
@@ -96,25 +100,29 @@ def cpu():
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 folder, thresholds, workers = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-repeats = int(sys.argv[4])
 phash = PHash(verbose=False)
-encode_runs = []
-for _ in range(repeats):
-    started, started_cpu = time.perf_counter(), cpu()
-    encodings = phash.encode_images(image_dir=folder, num_enc_workers=workers)
-    encode_runs.append((time.perf_counter() - started, cpu() - started_cpu))
-runs = []
-for threshold in thresholds:
-    started, started_cpu = time.perf_counter(), cpu()
-    found = phash.find_duplicates(
-        encoding_map=encodings, max_distance_threshold=threshold, num_dist_workers=workers
-    )
-    search_s, search_cpu_s = time.perf_counter() - started, cpu() - started_cpu
-    pairs = sorted({tuple(sorted((a, b))) for a, bs in found.items() for b in bs})
-    runs.append(
-        {"threshold": threshold, "search_s": search_s, "search_cpu_s": search_cpu_s, "pairs": pairs}
-    )
-print(json.dumps({"encode_runs": encode_runs, "runs": runs}))
+encodings = None
+for command in sys.stdin:
+    if command.strip() == "encode":
+        started, started_cpu = time.perf_counter(), cpu()
+        encodings = phash.encode_images(image_dir=folder, num_enc_workers=workers)
+        answer = {"seconds": time.perf_counter() - started, "cpu_seconds": cpu() - started_cpu}
+        print(json.dumps(answer), flush=True)
+        continue
+    runs = []
+    for threshold in thresholds:
+        started, started_cpu = time.perf_counter(), cpu()
+        found = phash.find_duplicates(
+            encoding_map=encodings, max_distance_threshold=threshold, num_dist_workers=workers
+        )
+        search_s, search_cpu_s = time.perf_counter() - started, cpu() - started_cpu
+        pairs = sorted({tuple(sorted((a, b))) for a, bs in found.items() for b in bs})
+        runs.append(
+            {"threshold": threshold, "search_s": search_s, "search_cpu_s": search_cpu_s,
+             "pairs": pairs}
+        )
+    print(json.dumps({"runs": runs}), flush=True)
+    break
 """
 
 
@@ -294,30 +302,57 @@ def run_carmodels(folder: Path, files: list[str], work: Path, workers: int) -> C
     return CarmodelsRun(shard_s, shard_cpu_s, dedup_s, dedup_cpu_s, predicted)
 
 
-def run_imagededup(
-    python: str, folder: Path, thresholds: list[int], workers: int, repeats: int
-) -> dict:
-    """imagededup in a fresh interpreter: ``repeats`` encodings (wall and CPU seconds of
-    each), then the threshold sweep on the last one."""
-    completed = subprocess.run(
-        [
-            python,
-            "-c",
-            IMAGEDEDUP_WORKER,
-            str(folder),
-            json.dumps(thresholds),
-            str(workers),
-            str(repeats),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if completed.returncode != 0:
-        raise SystemExit(
-            f"imagededup run with {python} failed (is imagededup installed there? see this "
-            f"script's docstring):\n{completed.stderr[-2000:]}"
+class ImagededupSession:
+    """imagededup in a fresh interpreter (``IMAGEDEDUP_WORKER``), driven one encoding at a
+    time so that its runs interleave with carmodels' runs."""
+
+    def __init__(self, python: str, folder: Path, thresholds: list[int], workers: int) -> None:
+        self.python = python
+        # A file, not a pipe: a full pipe would block it. Closed by search() or close().
+        self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+        command = [python, "-c", IMAGEDEDUP_WORKER, str(folder), json.dumps(thresholds)]
+        self._process = subprocess.Popen(
+            [*command, str(workers)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
         )
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+    def _ask(self, command: str) -> dict:
+        assert self._process.stdin is not None and self._process.stdout is not None
+        try:
+            self._process.stdin.write(command + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: reported below
+        for line in self._process.stdout:  # imagededup or its libraries may print too
+            if line.startswith("{"):
+                return json.loads(line)
+        self._process.wait()
+        self._stderr.seek(0)
+        raise SystemExit(
+            f"imagededup run with {self.python} failed (is imagededup installed there? see "
+            f"this script's docstring):\n{self._stderr.read()[-2000:]}"
+        )
+
+    def encode(self) -> tuple[float, float]:
+        """One timed ``encode_images``: wall and CPU seconds."""
+        answer = self._ask("encode")
+        return answer["seconds"], answer["cpu_seconds"]
+
+    def search(self) -> list[dict]:
+        """The threshold sweep over the last encodings; the session ends."""
+        runs = self._ask("search")["runs"]
+        self._process.wait()
+        self._stderr.close()
+        return runs
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
 
 
 def has_imagededup(python: str) -> bool:
@@ -348,8 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeats",
         type=int,
-        default=3,
-        help="timed runs of each tool (the first cold, the others warm); medians are compared",
+        default=5,
+        help="rounds of one timed run of each tool (the first cold, the others warm); the "
+        "median of the rounds' speed ratios is the headline",
     )
     parser.add_argument("--skip-imagededup", action="store_true", help="carmodels alone")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -382,10 +418,30 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         f"{os.getloadavg()[0]:.1f}"
     )
 
-    runs = [
-        run_carmodels(planted.folder, planted.files, work, args.workers)
-        for _ in range(args.repeats)
-    ]
+    thresholds = [int(t) for t in args.thresholds.split(",")]
+    session = None
+    if args.skip_imagededup:
+        pass
+    elif has_imagededup(args.imagededup_python):
+        session = ImagededupSession(
+            args.imagededup_python, planted.folder, thresholds, args.workers
+        )
+    else:
+        print(f"imagededup not importable with {args.imagededup_python}: carmodels alone")
+    # Rounds: one run of each tool, back to back (which goes first alternates), so that both
+    # see the same state of this shared machine; each round gives one speed ratio.
+    runs, encode_runs = [], []
+    try:
+        for round_index in range(args.repeats):
+            if session is not None and round_index % 2:
+                encode_runs.append(session.encode())
+            runs.append(run_carmodels(planted.folder, planted.files, work, args.workers))
+            if session is not None and not round_index % 2:
+                encode_runs.append(session.encode())
+        theirs = None if session is None else {"encode_runs": encode_runs, "runs": session.search()}
+    finally:
+        if session is not None:
+            session.close()
     if any(run.pairs != runs[0].pairs for run in runs):
         raise SystemExit("carmodels found different pairs in repeated runs: not deterministic")
     ours = set(runs[0].pairs)
@@ -395,16 +451,6 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     ]
     ours_s, ours_cpu_s = median_run(our_runs)
     with_shard_s, with_shard_cpu_s = median_run(with_shard_runs)
-    thresholds = [int(t) for t in args.thresholds.split(",")]
-    theirs = None
-    if args.skip_imagededup:
-        pass
-    elif has_imagededup(args.imagededup_python):
-        theirs = run_imagededup(
-            args.imagededup_python, planted.folder, thresholds, args.workers, args.repeats
-        )
-    else:
-        print(f"imagededup not importable with {args.imagededup_python}: carmodels alone")
 
     # Genuine duplicates among the originals: checked only where a tool proposed a pair.
     proposed = set(ours)
@@ -489,7 +535,16 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             f"recall by kind: {_kinds_text(kinds)}"
         )
     best = max(scored, key=lambda s: (s["f1"], -s["threshold"]))
-    ratio = best["seconds"] / ours_s
+    round_ratios = [
+        (encode + best["search_s"]) / ours
+        for (encode, _), (ours, _) in zip(theirs["encode_runs"], our_runs, strict=True)
+    ]
+    ratio = float(np.median(round_ratios))
+    print(
+        "speed ratio of each round (imagededup encode + search / carmodels): "
+        + ", ".join(f"{r:.2f}" for r in round_ratios)
+        + f"; median {ratio:.2f} (ratio of the median times: {best['seconds'] / ours_s:.2f})"
+    )
     result["imagededup"] = {
         "encode_s": encode_s,
         "encode_runs": theirs["encode_runs"],
@@ -497,6 +552,7 @@ def _run(args: argparse.Namespace, work: Path) -> int:
         "best": best,
     }
     result["speed_ratio"] = ratio
+    result["round_speed_ratios"] = round_ratios
     result["cpu_ratio"] = best["cpu_seconds"] / ours_cpu_s
     result["speed_ratio_with_shard_write"] = best["seconds"] / with_shard_s
     print(

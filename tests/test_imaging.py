@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
+from carmodels import imaging
 from carmodels.imaging import (
     ImageDecodeError,
     ImagingConfig,
     NormalisedImage,
     Rejection,
+    _plain_jpeg_size,
     decode_draft,
     decode_image,
     decode_with_size,
@@ -163,6 +165,59 @@ def test_decode_draft_applies_exif_orientation_like_pillow(orientation: int):
     assert (math.ceil(left), math.ceil(top)) == (columns.min(), rows.min())
     assert right - left == pytest.approx(64.75 if orientation >= 5 else 132.5)
     assert bottom - top == pytest.approx(132.5 if orientation >= 5 else 64.75)
+
+
+def test_plain_jpeg_size_reads_only_what_pillow_would_add_nothing_to():
+    photo = noisy_photo(530, 259)
+    assert _plain_jpeg_size(encode(photo)) == (530, 259)
+    assert _plain_jpeg_size(encode(photo, progressive=True)) == (530, 259)
+    assert _plain_jpeg_size(encode(photo, comment=b"listing 12")) == (530, 259)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for other in (
+        encode(photo, exif=exif.tobytes()),  # an orientation to apply: Pillow reads it
+        encode(photo, xmp=b"<x:xmpmeta/>"),  # XMP can carry an orientation too
+        encode(photo.convert("L")),  # one component
+        encode(photo.convert("CMYK")),  # four, and Adobe's colour transform
+        encode(photo, "PNG"),
+        encode(photo)[:150],  # the header ends before the scan starts
+        b"\xff\xd8\xff",
+    ):
+        assert _plain_jpeg_size(other) is None
+
+
+@pytest.mark.parametrize("size", [(640, 271), (1600, 1200), (97, 61), (64, 700), (700, 64)])
+@pytest.mark.parametrize("progressive", [False, True])
+def test_decode_draft_skipping_pillow_gives_the_same_draft(
+    size: tuple[int, int], progressive: bool, monkeypatch
+):
+    data = encode(noisy_photo(*size), quality=90, progressive=progressive)
+    plain = decode_draft(data, 64)
+    monkeypatch.setattr(imaging, "_plain_jpeg_size", lambda data: None)
+    through_pillow = decode_draft(data, 64)
+    np.testing.assert_array_equal(plain.pixels, through_pillow.pixels)
+    assert (plain.box, plain.width, plain.height) == (
+        through_pillow.box,
+        through_pillow.width,
+        through_pillow.height,
+    )
+
+
+@pytest.mark.skipif(not SAMPLE_IMAGES.is_dir(), reason="needs ../shared/data/cars-sample")
+def test_decode_draft_skipping_pillow_on_real_photos(monkeypatch):
+    paths = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:150]
+    blobs = [path.read_bytes() for path in paths]
+    assert all(_plain_jpeg_size(blob) is not None for blob in blobs)  # listing-style JPEGs
+    plain = [decode_draft(blob, 64) for blob in blobs]
+    monkeypatch.setattr(imaging, "_plain_jpeg_size", lambda data: None)
+    for blob, draft in zip(blobs, plain, strict=True):
+        through_pillow = decode_draft(blob, 64)
+        np.testing.assert_array_equal(draft.pixels, through_pillow.pixels)
+        assert (draft.box, draft.width, draft.height) == (
+            through_pillow.box,
+            through_pillow.width,
+            through_pillow.height,
+        )
 
 
 def test_decode_draft_rejects_broken_bytes_and_reads_other_formats():
