@@ -244,8 +244,11 @@ def test_each_search_plan_equals_brute_force(n_parts: int):
     assert any(d == threshold for _, _, d in got)
 
 
-def test_search_with_many_equal_hashes_equals_brute_force():
-    """Runs of equal keys longer than the block limit take the position-by-position path."""
+@pytest.mark.parametrize("block_elements", [1 << 15, 16])
+def test_search_with_many_equal_hashes_equals_brute_force(block_elements: int, monkeypatch):
+    """Long runs of equal keys (80 equal hashes, 150 near them), also with blocks smaller
+    than one run."""
+    monkeypatch.setattr(dedup_module, "_BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(7)
     base = rng.integers(0, 2**64, dtype=np.uint64)
     flips = [
@@ -264,10 +267,12 @@ def test_search_with_many_equal_hashes_equals_brute_force():
     assert got == brute_force_pairs(hashes, 10, None)
 
 
-def test_search_checks_every_pair_of_runs_of_every_length():
+@pytest.mark.parametrize("block_elements", [1 << 15, 64])
+def test_search_checks_every_pair_of_runs_of_every_length(block_elements: int, monkeypatch):
     """A narrow mask puts ~16 hashes in each run (lengths 6 to 30, odd and even), and a wide
     threshold makes many of their pairs close: every pair inside a run, at every cyclic
-    offset, must be found exactly once."""
+    offset, must be found exactly once, whatever the blocks the runs are cut into."""
+    monkeypatch.setattr(dedup_module, "_BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(11)
     hashes = rng.integers(0, 2**64, size=4_000, dtype=np.uint64)
     mask, threshold = 0xFF, 26
