@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from carmodels import imaging
 from carmodels.imaging import (
+    Draft,
     ImageDecodeError,
     ImagingConfig,
     NormalisedImage,
@@ -186,6 +187,11 @@ def test_plain_jpeg_size_reads_only_what_pillow_would_add_nothing_to():
         assert _plain_jpeg_size(other) is None
 
 
+def assert_same_draft(draft: Draft, other: Draft) -> None:
+    np.testing.assert_array_equal(draft.pixels, other.pixels)
+    assert (draft.box, draft.width, draft.height) == (other.box, other.width, other.height)
+
+
 @pytest.mark.parametrize("size", [(640, 271), (1600, 1200), (97, 61), (64, 700), (700, 64)])
 @pytest.mark.parametrize("progressive", [False, True])
 def test_decode_draft_skipping_pillow_gives_the_same_draft(
@@ -195,12 +201,7 @@ def test_decode_draft_skipping_pillow_gives_the_same_draft(
     plain = decode_draft(data, 64)
     monkeypatch.setattr(imaging, "_plain_jpeg_size", lambda data: None)
     through_pillow = decode_draft(data, 64)
-    np.testing.assert_array_equal(plain.pixels, through_pillow.pixels)
-    assert (plain.box, plain.width, plain.height) == (
-        through_pillow.box,
-        through_pillow.width,
-        through_pillow.height,
-    )
+    assert_same_draft(plain, through_pillow)
 
 
 @pytest.mark.skipif(not SAMPLE_IMAGES.is_dir(), reason="needs ../shared/data/cars-sample")
@@ -211,13 +212,7 @@ def test_decode_draft_skipping_pillow_on_real_photos(monkeypatch):
     plain = [decode_draft(blob, 64) for blob in blobs]
     monkeypatch.setattr(imaging, "_plain_jpeg_size", lambda data: None)
     for blob, draft in zip(blobs, plain, strict=True):
-        through_pillow = decode_draft(blob, 64)
-        np.testing.assert_array_equal(draft.pixels, through_pillow.pixels)
-        assert (draft.box, draft.width, draft.height) == (
-            through_pillow.box,
-            through_pillow.width,
-            through_pillow.height,
-        )
+        assert_same_draft(draft, decode_draft(blob, 64))
 
 
 def test_decode_draft_rejects_broken_bytes_and_reads_other_formats():
