@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -69,6 +70,62 @@ def test_dedup_bench_scores_planted_copies(tmp_path: Path, capsys):
     # 8 copies, two of each kind (mirrored ones included: flip-aware is on by default).
     assert float(match[1]) == 1.0 and float(match[2]) == 1.0
     assert '"n_planted": 8' in json_path.read_text()
+
+
+#: A stand-in for an interpreter with imagededup: it answers bench/dedup.py's probe and speaks
+#: its worker's line protocol (each encoding "takes" 0.5 s, each search 0.25 s, and finds the
+#: pair of the first two files), so the rounds and the headline can be checked exactly.
+FAKE_IMAGEDEDUP = """#!{python}
+import json, os, sys
+if sys.argv[2] == "import imagededup.methods":
+    sys.exit(0)
+folder, thresholds = sys.argv[3], json.loads(sys.argv[4])
+names = sorted(os.listdir(folder))[:2]
+for command in sys.stdin:
+    if command.strip() == "encode":
+        print("some library chatter")
+        print(json.dumps({{"seconds": 0.5, "cpu_seconds": 0.9}}), flush=True)
+        continue
+    runs = [
+        {{"threshold": t, "search_s": 0.25, "search_cpu_s": 0.25, "pairs": [names]}}
+        for t in thresholds
+    ]
+    print(json.dumps({{"runs": runs}}), flush=True)
+    break
+"""
+
+
+def test_dedup_bench_rounds_against_imagededup(tmp_path: Path, capsys):
+    bench = load_bench("dedup")
+    folder = photo_folder(tmp_path / "photos", 12)
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_IMAGEDEDUP.format(python=sys.executable))
+    fake.chmod(0o755)
+    json_path = tmp_path / "result.json"
+    argv = ["--images", str(folder), "--fraction", "0.34", "--workers", "1", "--repeats", "3"]
+    argv += ["--thresholds", "6,8", "--imagededup-python", str(fake), "--json", str(json_path)]
+    assert bench.main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(json_path.read_text())
+    ours = [seconds for seconds, _ in result["carmodels"]["runs"]]
+    expected = [0.75 / seconds for seconds in ours]  # one ratio per round, in order
+    assert result["round_speed_ratios"] == pytest.approx(expected)
+    assert result["speed_ratio"] == pytest.approx(sorted(expected)[1])
+    assert result["imagededup"]["encode_runs"] == [[0.5, 0.9]] * 3
+    assert result["imagededup"]["best"]["threshold"] == 6  # equal F1: the lower threshold
+    assert last.endswith(f"speed ratio {result['speed_ratio']:.2f}")
+
+
+def test_dedup_bench_reports_a_broken_imagededup(tmp_path: Path):
+    bench = load_bench("dedup")
+    folder = photo_folder(tmp_path / "photos", 6)
+    fake = tmp_path / "fake-python"
+    probe_ok = "if sys.argv[2] == 'import imagededup.methods': sys.exit(0)"
+    fake.write_text(f"#!{sys.executable}\nimport sys\n{probe_ok}\nsys.exit('no GPU here')\n")
+    fake.chmod(0o755)
+    argv = ["--images", str(folder), "--workers", "1", "--repeats", "1"]
+    with pytest.raises(SystemExit, match="imagededup run with .* failed(?s:.*)no GPU here"):
+        bench.main([*argv, "--imagededup-python", str(fake)])
 
 
 def test_dedup_bench_skips_without_photos(tmp_path: Path, capsys):
