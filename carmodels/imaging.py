@@ -262,8 +262,8 @@ def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker == 0xDA:  # start of scan: the header is over
             return size
         length = int.from_bytes(data[position + 2 : position + 4], "big")
-        if marker in _JPEG_PILLOW_SEGMENTS or length < 2:
-            return None
+        if marker in _JPEG_PILLOW_SEGMENTS or length < 2 or position + 2 + length > end:
+            return None  # or a segment cut short
         if marker in _JPEG_SOF:
             if marker not in _JPEG_SOF_HUFFMAN or size is not None or length < 8:
                 return None

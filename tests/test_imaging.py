@@ -182,6 +182,7 @@ def test_plain_jpeg_size_reads_only_what_pillow_would_add_nothing_to():
         encode(photo.convert("CMYK")),  # four, and Adobe's colour transform
         encode(photo, "PNG"),
         encode(photo)[:150],  # the header ends before the scan starts
+        *(encode(photo)[:cut] for cut in range(150, 170)),  # ... or inside the frame header
         b"\xff\xd8\xff",
     ):
         assert _plain_jpeg_size(other) is None
