@@ -166,7 +166,7 @@ class DedupConfig:
     #: ~1.7 ms a photo against ~11 ms at 256 px (cars-sample; ~1 ms since decoding went
     #: through OpenCV and resampling through matrix products). 32 px was faster still but
     #: blurred crops apart (1.5%-a-side crop colour distance up to 10, over the 6.5 limit);
-    #: 64 px keeps them within 5.2, see above.
+    #: 64 px keeps them within 4.5, see above.
     decode_draft_px: int = 64
     #: Contact sheet: how many of the largest clusters, members per row, thumbnail side.
     contact_sheet_clusters: int = 12

@@ -278,9 +278,9 @@ def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 def _pillow_draft_scale(size: tuple[int, int], requested: tuple[int, int]) -> int:
     """The s at which Pillow's ``JpegImageFile.draft`` decodes a JPEG of ``size`` asked for
-    ``requested``: the largest of 8, 4, 2, 1 that fits in both sides' ratios."""
+    ``requested``: the largest DCT scale that fits in both sides' ratios."""
     ratio = min(size[0] // requested[0], size[1] // requested[1])
-    return next((scale for scale in (8, 4, 2) if ratio >= scale), 1)
+    return max((scale for scale in _JPEG_SCALES if scale <= ratio), default=1)
 
 
 def _draft_scale(draft_size: tuple[int, int], full_size: tuple[int, int]) -> int:

@@ -193,7 +193,9 @@ def assert_same_draft(draft: Draft, other: Draft) -> None:
     assert (draft.box, draft.width, draft.height) == (other.box, other.width, other.height)
 
 
-@pytest.mark.parametrize("size", [(640, 271), (1600, 1200), (97, 61), (64, 700), (700, 64)])
+@pytest.mark.parametrize(
+    "size", [(640, 271), (1600, 1200), (150, 140), (97, 61), (64, 700), (700, 64)]
+)
 @pytest.mark.parametrize("progressive", [False, True])
 def test_decode_draft_skipping_pillow_gives_the_same_draft(
     size: tuple[int, int], progressive: bool, monkeypatch
