@@ -3,11 +3,12 @@
 For each size n (default 10^4, 10^5, 10^6) draws n uniformly random 64-bit hashes and plants
 neighbours: for 1% of them (n / 100 disjoint pairs) one hash is replaced by a copy of another
 with 1 to ``--threshold`` bits flipped (uniformly many, at random positions). Then it times
-``find_near_duplicates(hashes, threshold)``, the entry point ``deduplicate`` calls (tables,
-candidate checks, deduplication of pairs, the result frame), and prints one line per size:
+``find_near_duplicates(hashes, threshold, workers=...)``, the entry point ``deduplicate``
+calls (tables, candidate checks, deduplication of pairs, the result frame), and prints one
+line per size:
 
-``n=1000000: 12.3 s (11.9 s CPU), 94 tables, 6.5e+08 candidates, found 10000/10000 planted +
-5085 other pairs, growth n^1.25 (CPU n^1.20; n log n: n^1.08)``
+``n=1000000: 3.27 s (5.88 s CPU), 94 tables, 6.49e+08 candidates, found 10000/10000 planted +
+5085 other pairs, growth n^1.07 (CPU n^1.09; n log n: n^1.08)``
 
 "growth" is the exponent k in time ~ n^k from the previous size, from wall time and from the
 process's CPU time (steadier on a shared machine); n log n would give
