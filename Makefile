@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 UI_PORT ?= 3000
 
-.PHONY: demo test test-fast ui bench lint clean-data
+.PHONY: demo test test-fast screenshot ui bench lint clean-data
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
+## Refresh docs/ui-asset-graph.png: the browser test materialises the demo graph in the UI and
+## saves its screenshot there (needs chromium; several minutes). Tests never write it otherwise.
+screenshot: $(STAMP)
+	CARMODELS_SCREENSHOT_OUT=$(CURDIR)/docs/ui-asset-graph.png $(BIN)/pytest tests/test_ui_browser.py
+
 ## The Dagster UI on http://127.0.0.1:$(UI_PORT)
 ui: $(STAMP)
 	$(BIN)/dagster dev -h 127.0.0.1 -p $(UI_PORT)
@@ -42,7 +47,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-## Delete pipeline outputs and Dagster run history (keeps dagster_home/dagster.yaml).
+## Delete pipeline outputs and Dagster run history (keeps the tracked files in dagster_home/).
 clean-data:
 	rm -rf data
-	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name dagster-postgres.yaml ! -name .gitkeep -exec rm -rf {} +
+	find dagster_home -mindepth 1 ! -name dagster.yaml ! -name dagster-postgres.yaml ! -name carmodels.yaml ! -name .gitkeep -exec rm -rf {} +

@@ -3,18 +3,25 @@
 Each subcommand calls the same library function as the matching Dagster asset. Paths default
 to the storage layout under ``--data`` (``$CARMODELS_DATA`` or ``./data``), so the stages chain
 without arguments: ``carmodels scrape --manifest m.csv && carmodels dedup && carmodels shard``.
+
+Bad input (a missing or damaged file, a path that cannot be written, a wrong option) ends a
+command with exit status 2 and one line on stderr, ``carmodels COMMAND: error: MESSAGE``, that
+names the input and the fix. A traceback means a bug; ``--debug`` shows one for any error.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
-from carmodels.layout import DataLayout
+from carmodels.errors import InputError, MissingInputError, one_line
+from carmodels.layout import DATA_ROOT_ENV, DataLayout, default_data_root_url
 
 
 @contextlib.contextmanager
@@ -47,14 +54,17 @@ def _checkpoint(args: argparse.Namespace, layout: DataLayout) -> Path:
 
     checkpoint = args.checkpoint or train.latest_checkpoint(layout.train_dir)
     if checkpoint is None:
-        raise SystemExit(
-            f"{args.command}: no checkpoint under {layout.train_dir}; pass --checkpoint or "
-            "train first."
+        raise MissingInputError(
+            f"no checkpoint under {layout.train_dir}; pass --checkpoint or run `carmodels "
+            "train` first."
         )
     return Path(checkpoint)
 
 
 def _print_counts(title: str, counts: dict[str, int]) -> None:
+    if not counts:
+        print(f"{title}: none")
+        return
     print(f"{title}:")
     for key, value in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         print(f"  {key:<28} {value}")
@@ -67,7 +77,7 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import scrape
 
     if bool(args.manifest) == bool(args.start_url):
-        raise SystemExit("scrape: give exactly one source: --manifest FILE or --start-url URL.")
+        raise InputError("give exactly one source: --manifest FILE or --start-url URL.")
     if args.manifest:
         manifest = scrape.read_manifest(
             args.manifest, url_column=args.url_column, row_filter=args.filter
@@ -79,6 +89,13 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
             **_given(max_pages=args.max_pages),
         )
     summary = scrape.manifest_summary(manifest)
+    if not args.manifest and not summary["distinct_urls"]:
+        # read_manifest refuses an empty manifest itself; a crawl that found nothing is as
+        # certainly a mistake (a wrong page, a site without schema.org listings).
+        raise InputError(
+            f"no image URLs found on {' '.join(args.start_url)}; check that the page lists "
+            "cars with schema.org JSON-LD, or pass --manifest FILE."
+        )
     if args.dry_run:
         rows_read = summary.get("rows_read", summary["rows"])
         print(f"{summary['distinct_urls']} distinct valid image URLs in {rows_read} rows")
@@ -90,6 +107,9 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
             print(f"    {host:<40} {count}")
         return 0
     out = Path(args.out) if args.out else layout.raw_dir
+    # First, so that an --out that cannot be created fails before the stored manifest under
+    # --data is replaced by this one.
+    out.mkdir(parents=True, exist_ok=True)
     scrape.write_manifest(manifest, layout.manifest_path)
     config = scrape.ScrapeConfig(
         allow_private_networks=args.allow_private_networks,
@@ -127,8 +147,10 @@ def cmd_dedup(args: argparse.Namespace, layout: DataLayout) -> int:
     print(
         f"{result.n_input} images -> {result.n_kept} kept "
         f"({result.n_exact_duplicates} exact, {result.n_near_duplicates} near duplicates "
-        f"in {result.n_clusters} clusters) -> {out}"
+        f"in {result.n_clusters} clusters; {result.n_undecodable} undecodable) -> {out}"
     )
+    if result.n_undecodable:
+        _print_counts("undecodable (dropped)", result.undecodable_by_reason)
     if result.contact_sheet_path:
         print(f"largest clusters: {result.contact_sheet_path}")
     return 0
@@ -154,6 +176,8 @@ def cmd_shard(args: argparse.Namespace, layout: DataLayout) -> int:
         f"(train {result.n_train}, val {result.n_val}) -> {out}"
     )
     _print_counts("rejected", result.rejects_by_reason)
+    if result.rejects_by_reason:
+        print(f"rejects listed in {result.summary_path.parent / shards.REJECTS_FILE}")
     print(f"preview: {result.preview_path}")
     return 0
 
@@ -181,6 +205,8 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     from carmodels.distributed import launch
 
     forwarded = ["--data", args.data] if args.data else []
+    if args.debug:
+        forwarded.insert(0, "--debug")
     forwarded.append("train")
     for dest, flag in _TRAIN_FORWARDED:
         value = getattr(args, dest)
@@ -347,12 +373,24 @@ def cmd_demo_server(args: argparse.Namespace, layout: DataLayout) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, like every other error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        # argparse prints the whole usage block first; with a dozen options it buries the one
+        # line that says what is wrong. ``--help`` still shows the usage.
+        self.exit(2, f"{self.prog}: error: {one_line(message)}; see `{self.prog} --help`\n")
+
+
+_DEBUG_HELP = "on an error, show the full traceback instead of one line"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from carmodels import __version__
     from carmodels.demo.catalog import DEFAULT_N_LISTINGS
     from carmodels.models import PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="carmodels",
         description="Car-listing photos to new car designs: scrape, dedup, shard, train, "
         "evaluate, generate. Paths default to the storage layout under --data.",
@@ -363,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="storage root for all stages (default: $CARMODELS_DATA or ./data)",
     )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("scrape", help="download listing images into raw Parquet shards")
@@ -537,21 +576,87 @@ def build_parser() -> argparse.ArgumentParser:
         "--listings", type=int, default=DEFAULT_N_LISTINGS, help="listings (default: 300)"
     )
     p.set_defaults(func=cmd_demo_server)
+    for command in sub.choices.values():
+        # Also accepted after the command (`carmodels dedup --debug`); SUPPRESS keeps an
+        # absent one from resetting `carmodels --debug dedup`.
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
+        )
     return parser
+
+
+def _layout(data: str | None) -> DataLayout:
+    """The storage layout under ``--data`` (else ``$CARMODELS_DATA`` or ``./data``).
+
+    A URL is parsed by `StorageRoot.parse`, so a mistyped one fails with its message; a remote
+    root is refused, as the commands read and write local files (Dagster syncs remote ones).
+    """
+    given = data if data is not None else default_data_root_url()
+    if "://" not in given:
+        return DataLayout(Path(given))
+    from carmodels.storage import StorageRoot  # only for URLs: fsspec is slow to import
+
+    source = "--data" if data is not None else f"${DATA_ROOT_ENV}"
+    root = StorageRoot.parse(given)
+    if root.is_remote:
+        raise InputError(
+            f"{source} {given} is a remote storage root; the CLI works on local folders: pass a "
+            "folder, or run the pipeline through Dagster, which syncs a remote root."
+        )
+    return DataLayout(root.local_root)
+
+
+#: What to do about an OSError, by errno, in the one-line message.
+_OS_ERROR_FIXES = {
+    errno.ENOTDIR: "a part of this path is a file, not a folder: pass another path",
+    errno.EEXIST: "a file is in the way: move it or pass another path",
+    errno.EISDIR: "this is a folder, a file was expected: pass a file",
+    errno.ENOENT: "check the path",
+    errno.EACCES: "no permission: fix the permissions or pass another path",
+    errno.EPERM: "no permission: fix the permissions or pass another path",
+    errno.EROFS: "the file system is read-only: pass a writable path",
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+}
+
+
+def _error_message(exc: Exception) -> str | None:
+    """The one line to print for ``exc``, or None when it is a bug that needs its traceback.
+
+    Input errors are meant for people; so is an OSError with a path (a folder under a regular
+    file, no permission, a full disk). Plain ValueErrors are how the library has always
+    rejected bad options (``ShardConfig(val_fraction=2)``), so they get one line too.
+    """
+    if isinstance(exc, InputError):
+        return one_line(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        path = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+        fix = _OS_ERROR_FIXES.get(exc.errno or 0)
+        return one_line(f"{path}: {exc.strerror or exc}" + (f"; {fix}" if fix else ""))
+    if isinstance(exc, OSError | ValueError):
+        # No path or no InputError: most likely bad input, but say where to look if not.
+        return one_line(f"{exc} (carmodels --debug ... shows where)")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    layout = DataLayout.at(args.data)
     try:
-        return int(args.func(args, layout) or 0)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"carmodels {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        if not exit_.code:
+            raise  # --help, --version: argparse is done, and says so by exiting
+        return exit_.code if isinstance(exit_.code, int) else 2
+    try:
+        return int(args.func(args, _layout(args.data)) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = _error_message(exc)
+        if message is None or args.debug:
+            raise
+        print(f"carmodels {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

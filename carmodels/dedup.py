@@ -22,6 +22,7 @@ mirrored. Exact copies share a sha256; the others are found with a 64-bit percep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -29,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -43,6 +44,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 
+from carmodels.errors import (
+    InputError,
+    MissingColumnError,
+    MissingInputError,
+    ShardsError,
+    one_line,
+)
 from carmodels.imaging import (
     Box,
     ImageDecodeError,
@@ -247,8 +255,13 @@ class DedupResult:
     #: None when there are no duplicate clusters to show.
     contact_sheet_path: Path | None
     elapsed_s: float
-    #: "ok" rows whose bytes Pillow cannot decode (left out of ``unique.parquet``).
+    #: "ok" rows left out of ``unique.parquet`` because they have no usable image: the sum of
+    #: ``undecodable_by_reason``.
     n_undecodable: int = 0
+    #: Why, per reason: ``decode_error`` (bytes that are not an image Pillow/OpenCV can
+    #: decode) and ``no_bytes`` (an ok row whose ``image_bytes`` are missing from the raw
+    #: shard). Only reasons that occurred are present.
+    undecodable_by_reason: dict[str, int] = field(default_factory=dict)
     #: Images hashed in this run (the rest came from ``hashes.parquet``).
     n_hashed: int = 0
 
@@ -850,9 +863,9 @@ def raw_shard_files(raw_dir: str | os.PathLike[str]) -> list[Path]:
     raw_dir = Path(raw_dir)
     files = sorted(raw_dir.glob(RAW_GLOB)) if raw_dir.is_dir() else []
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No {RAW_GLOB} files in {raw_dir}: materialise `raw_images` "
-            "(or run `carmodels download`) first."
+            "(or run `carmodels scrape`) first."
         )
     return files
 
@@ -866,16 +879,17 @@ def read_raw_index(raw_dir: str | os.PathLike[str]) -> pd.DataFrame:
     for path in raw_shard_files(raw_dir):
         # ParquetFile rather than pq.read_table: the latter imports pyarrow.dataset (0.1 s on
         # a first call) to read what is always one plain file here.
-        parquet = pq.ParquetFile(path)
-        schema = parquet.schema_arrow
-        missing = {"url", "outcome", "sha256", "fetched_at"} - set(schema.names)
-        if missing:
-            raise ValueError(
-                f"Raw shard {path} lacks columns {sorted(missing)}; was it written by "
-                "`carmodels download`?"
-            )
-        columns = [name for name in schema.names if name != "image_bytes"]
-        frame = parquet.read(columns=columns).to_pandas()
+        with _unreadable_raw_shard(path):
+            parquet = pq.ParquetFile(path)
+            schema = parquet.schema_arrow
+            missing = {"url", "outcome", "sha256", "fetched_at"} - set(schema.names)
+            if missing:
+                raise MissingColumnError(
+                    f"Raw shard {path} lacks columns {sorted(missing)}; was it written by "
+                    "`carmodels scrape`? Move it out of the folder."
+                )
+            columns = [name for name in schema.names if name != "image_bytes"]
+            frame = parquet.read(columns=columns).to_pandas()
         frame["raw_shard"] = path.name
         frames.append(frame)
     raw = pd.concat(frames, ignore_index=True)
@@ -886,9 +900,9 @@ def read_raw_index(raw_dir: str | os.PathLike[str]) -> pd.DataFrame:
     ok = raw[raw["outcome"] == "ok"]
     if ok["sha256"].isna().any():
         bad = ok[ok["sha256"].isna()].iloc[0]
-        raise ValueError(
-            f"Raw shard {bad['raw_shard']} has an ok row without sha256 ({bad['url']}); "
-            "re-run the download."
+        raise ShardsError(
+            f"Raw shard {Path(raw_dir) / bad['raw_shard']} has an ok row without sha256 "
+            f"({bad['url']}); move the shard away and run `carmodels scrape` again."
         )
     metadata = [c for c in ok.columns if c not in RAW_CORE_COLUMNS and c != "raw_shard"]
     out = ok[["url", "sha256", "raw_shard", "fetched_at", *metadata]].copy()
@@ -916,10 +930,7 @@ def iter_raw_bytes(
     for path in paths:
         if not remaining:
             return
-        parquet = pq.ParquetFile(path)
-        for batch in parquet.iter_batches(
-            batch_size=batch_rows, columns=["sha256", "outcome", "image_bytes"]
-        ):
+        for batch in _raw_batches(path, batch_rows, ["sha256", "outcome", "image_bytes"]):
             selected = pc.and_(
                 pc.equal(batch.column("outcome"), "ok"),
                 pc.is_in(batch.column("sha256"), value_set=wanted_array),
@@ -933,6 +944,25 @@ def iter_raw_bytes(
                 if sha256 in remaining and data is not None:
                     remaining.discard(sha256)
                     yield path.name, sha256, data
+
+
+@contextlib.contextmanager
+def _unreadable_raw_shard(path: Path) -> Iterator[None]:
+    """Turn pyarrow's complaint about a damaged raw shard into an error naming it and the fix."""
+    try:
+        yield
+    except pa.ArrowException as error:
+        raise ShardsError(
+            f"Raw shard {path} cannot be read ({one_line(error)}): it is truncated or not "
+            "Parquet; move it out of the folder and run `carmodels scrape` again to refetch "
+            "its images."
+        ) from error
+
+
+def _raw_batches(path: Path, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of a raw shard; a damaged page fails like a damaged footer."""
+    with _unreadable_raw_shard(path):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)
 
 
 def _map_in_threads(
@@ -991,7 +1021,10 @@ def _read_hash_cache(path: Path, config: DedupConfig) -> pd.DataFrame:
     empty = _HASH_SCHEMA.empty_table().to_pandas()
     if not path.exists():
         return empty
-    table = pq.ParquetFile(path).read()
+    try:
+        table = pq.ParquetFile(path).read()
+    except pa.ArrowException:
+        return empty  # a damaged cache only costs time: every image is hashed again
     spec = (table.schema.metadata or {}).get(_HASH_SPEC_KEY, b"").decode()
     if spec != config.hash_spec or set(table.schema.names) != set(_HASH_SCHEMA.names):
         return empty  # another hash function: every image is hashed again
@@ -1123,13 +1156,25 @@ def deduplicate(
     started = time.monotonic()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     index = read_raw_index(raw_dir)
+    if index.empty:
+        # Raised before anything is written, so an earlier unique.parquet stays as it was.
+        raise InputError(
+            f"The raw shards in {raw_dir} hold no successfully fetched image (outcome 'ok'); "
+            "run `carmodels scrape` again (its outcome counts say why the fetches failed)."
+        )
     cached = _read_hash_cache(out_dir / HASHES_FILE, config)
     hashes, n_hashed = _hash_new_images(raw_dir, index, cached, config, on_progress)
     _write_hash_cache(out_dir / HASHES_FILE, hashes, config)
 
     decodable = hashes[hashes["decodable"]].drop(columns="decodable")
     images = index.merge(decodable, on="sha256", how="inner", validate="many_to_one")
+    undecodable_by_reason = _undecodable_by_reason(index, hashes)
     n_undecodable = len(index) - len(images)
+    if images.empty:
+        raise InputError(
+            f"None of the {len(index)} fetched images in {raw_dir} decodes "
+            f"({undecodable_by_reason}); check what the scraped URLs serve."
+        )
     images = images.sort_values("url", kind="stable").reset_index(drop=True)
     images["pixels"] = images["width"].astype(np.int64) * images["height"].astype(np.int64)
 
@@ -1222,8 +1267,24 @@ def deduplicate(
         contact_sheet_path=contact_sheet_path,
         elapsed_s=time.monotonic() - started,
         n_undecodable=n_undecodable,
+        undecodable_by_reason=undecodable_by_reason,
         n_hashed=n_hashed,
     )
+
+
+def _undecodable_by_reason(index: pd.DataFrame, hashes: pd.DataFrame) -> dict[str, int]:
+    """Ok rows of ``index`` that are not images, by reason (see ``DedupResult``).
+
+    A sha256 hashed as not decodable is a ``decode_error``; one that never reached hashing had
+    no bytes to hash (``iter_raw_bytes`` skips null ``image_bytes``): ``no_bytes``.
+    """
+    decodable_by_sha = hashes.drop_duplicates("sha256").set_index("sha256")["decodable"]
+    decodable = index["sha256"].map(decodable_by_sha)
+    counts = {
+        "decode_error": int(decodable.eq(False).sum()),  # NaN (never hashed) is not False
+        "no_bytes": int(decodable.isna().sum()),
+    }
+    return {reason: n for reason, n in counts.items() if n}
 
 
 # --------------------------------------------------------------------------- contact sheet

@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from carmodels.classifier import ClassifierConfig, NotEnoughLabels, domain_metrics, train_classifier
-from carmodels.fid import FidConfig, compute_fid_kid
+from carmodels.errors import EmptySplitError, ShardsError
+from carmodels.fid import FidConfig, compute_fid_kid, sha256_of
 from carmodels.generate import sample_images, sample_noise
 from carmodels.io import atomic_write_json
 from carmodels.promotion import record_evaluation
-from carmodels.shards import iter_images, load_images
+from carmodels.shards import iter_images, load_images, shard_files
 from carmodels.train import (
     HISTORY_NAME,
     data_version_of,
@@ -246,7 +247,10 @@ def _scan_training_set(
             top_distances, top_images, distances[:n_generated], chunk
         )
     if n_train < 2:
-        raise ValueError(f"{shards_dir} has {n_train} training images; evaluation needs >= 2.")
+        raise ShardsError(
+            f"{shards_dir} has {n_train} training images; evaluation needs >= 2: rebuild the "
+            "shards with `carmodels shard` from more photos."
+        )
     mean = total / n_train
     covariance = (outer - n_train * np.outer(mean, mean)) / (n_train - 1)
     values, vectors = np.linalg.eigh(covariance)
@@ -266,7 +270,7 @@ def _validation_images(shards_dir: str | os.PathLike[str], image_size: int) -> t
     """All validation images at the model's size, or None when there is no val split."""
     try:
         images = load_images(shards_dir, split="val")
-    except ValueError:
+    except EmptySplitError:  # only that: a damaged or outdated folder must fail, not shrink
         return None
     return fit_image_size(images, image_size, str(shards_dir))
 
@@ -416,6 +420,9 @@ def evaluate(
     out = Path(out_dir)
     checkpoint_path = Path(checkpoint_path)
     shards_dir = Path(shards_dir)
+    # The shards folder is checked (and the checkpoint loaded) before anything is written to
+    # ``out``: a missing, damaged or outdated folder must not leave half an evaluation behind.
+    shard_files(shards_dir)
     device = resolve_device(config.device)
     generator, spec, meta = load_generator(checkpoint_path, device=str(device), ema=config.ema)
 
@@ -488,6 +495,8 @@ def evaluate(
             "fid_record": fid_record,
             "type_record": type_record,
             "checkpoint": str(checkpoint_path),
+            # Which bytes were evaluated: promotion refuses the file if it changed since.
+            "checkpoint_sha256": sha256_of(checkpoint_path),
             "weights": meta["weights"],
             "data_version": meta["data_version"],
             "eval_data_version": data_version_of(shards_dir),

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from carmodels.errors import InputError
 from carmodels.io import atomic_write
 from carmodels.train import load_generator, resolve_device, save_image_grid, tensor_to_pil
 
@@ -53,7 +54,7 @@ def sample_noise(n: int, nz: int, seed: int, truncation: float | None = None) ->
     if truncation is None:
         return z.normal_(generator=generator)
     if truncation <= 0:
-        raise ValueError(f"truncation must be positive (e.g. 0.7) or None, got {truncation}")
+        raise InputError(f"truncation must be positive (e.g. 0.7) or None, got {truncation}")
     return nn.init.trunc_normal_(z, a=-truncation, b=truncation, generator=generator)
 
 
@@ -87,7 +88,7 @@ def generate(
     ``out_dir`` defaults to ``generated/`` in the run folder that holds the checkpoint.
     """
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise InputError(f"n must be >= 1, got {n}")
     checkpoint_path = Path(checkpoint_path)
     out = Path(out_dir) if out_dir is not None else checkpoint_path.parent.parent / DEFAULT_SUBDIR
     generator, _, meta = load_generator(

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from carmodels.errors import InputError
+
 Activation = Literal["selu", "relu", "leakyrelu"]
 ACTIVATIONS: tuple[str, ...] = ("selu", "relu", "leakyrelu")
 
@@ -154,7 +156,7 @@ def get_preset(name: str) -> Preset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}"
         ) from None
 

@@ -3,7 +3,16 @@
 Every evaluation appends one row to a Parquet history table (``history.parquet``) that is
 plotted over time (``history.png``). The *champion* is the generator in use: a checkpoint
 copy plus ``champion.json`` describing it. A candidate replaces it only when it is better on
-the chosen metric; :func:`decide` says whether and why, :func:`promote` does it.
+the chosen metric; :func:`choose` says whether and why, :func:`promote` replaces it and
+:func:`keep` keeps it.
+
+Scores are compared only when both were measured on the same data (``eval_data_version``,
+the shards' content version that evaluation recorded): a champion scored on other data, or
+without the chosen metric, is first re-evaluated on the current shards with the candidate's
+settings (:func:`rescore_checkpoint`), and its record keeps the new scores. A candidate that
+cannot be compared (no such metric, its checkpoint gone) leaves the champion in place and the
+decision says why and what to change; only when there is no champion yet is a candidate
+without the metric crowned anyway, since some generator must be in use.
 
 Promotion is crash-safe: the checkpoint is copied under a content-addressed name first, then
 ``champion.json`` (the single commit point) is replaced atomically to point at it, and only
@@ -15,10 +24,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -31,6 +42,10 @@ from carmodels.io import (
     atomic_write_json,
     atomic_write_parquet,
 )
+from carmodels.versioning import VERSION_LENGTH
+
+if TYPE_CHECKING:  # carmodels.evaluate imports this module: it is imported where it is used
+    from carmodels.evaluate import EvalConfig
 
 HISTORY_FILE = "history.parquet"
 HISTORY_PLOT = "history.png"
@@ -64,15 +79,6 @@ class PromotionConfig:
             )
         if self.min_relative_improvement < 0:
             raise ValueError("PromotionConfig.min_relative_improvement must be >= 0")
-
-
-@dataclass
-class Decision:
-    promote: bool
-    reason: str
-    metric: str
-    candidate_value: float | None
-    champion_value: float | None
 
 
 # --------------------------------------------------------------------------- history
@@ -147,12 +153,60 @@ def record_evaluation(
 ) -> tuple[pd.DataFrame, Path | None]:
     """Append the evaluation in ``metrics_path`` to the history and redraw the plot."""
     metrics_json = json.loads(Path(metrics_path).read_text())
-    row = history_row(metrics_json, sha256_of(metrics_json["checkpoint"]))
+    digest = metrics_json.get("checkpoint_sha256") or sha256_of(metrics_json["checkpoint"])
+    row = history_row(metrics_json, digest)
     frame = append_history(Path(history_dir) / HISTORY_FILE, row)
     return frame, plot_history(frame, Path(history_dir) / HISTORY_PLOT)
 
 
 # --------------------------------------------------------------------------- champion
+
+#: ``Decision.outcome``: what happened and why, in one word a dashboard can group by.
+PROMOTED = "promoted"  # the candidate beats the champion (or the champion could not compete)
+FIRST_CHAMPION = "first_champion"  # there was no champion: the candidate becomes it
+ALREADY_CHAMPION = "already_champion"  # the evaluated checkpoint is the champion itself
+NOT_BETTER = "not_better"  # compared on the same data, the candidate does not win
+METRIC_MISSING = "metric_missing"  # the candidate lacks the chosen metric: nothing to compare
+OTHER_DATA = "other_data"  # the two scores are on different data: never compared
+INVALID_CANDIDATE = "invalid_candidate"  # the evaluated checkpoint is gone
+_PROMOTING = frozenset({PROMOTED, FIRST_CHAMPION})
+
+
+class InvalidCandidate(ValueError):
+    """The candidate cannot be used, and there is no champion to keep instead."""
+
+
+@dataclass
+class Rescore:
+    """The champion re-evaluated on the candidate's data before the comparison."""
+
+    from_data_version: str | None
+    to_data_version: str | None
+    value_before: float | None
+    value_after: float | None
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reason: str
+    metric: str
+    candidate_value: float | None
+    #: The champion's value the candidate was compared with (after any re-scoring).
+    champion_value: float | None
+    outcome: str = ""
+    rescore: Rescore | None = None
+
+
+@dataclass
+class Choice:
+    """What :func:`choose` found: the decision, and the champion record as it now stands."""
+
+    decision: Decision
+    #: The champion's record, re-scored on the candidate's data when that was needed; None
+    #: when there is no champion yet.
+    champion: dict[str, Any] | None
+    candidate_sha256: str | None
 
 
 def read_champion(champion_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -165,56 +219,307 @@ def _value(metrics: dict[str, Any], metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def _number(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
+def _numbers(metrics_json: dict[str, Any]) -> dict[str, Any]:
+    """The flat numeric values of a metrics.json dict (what a champion record keeps)."""
+    return {
+        k: v
+        for k, v in metrics_json.items()
+        if v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+    }
+
+
+def missing_metric_message(candidate: dict[str, Any], metric: str) -> str:
+    """Which metric is missing from ``candidate``, why, and the two ways to fix it."""
+    if metric in ("fid", "kid_mean"):
+        record = candidate.get("fid_record", {})
+        why = record.get("reason") or "FID/KID not computed"
+        fix = record.get("how_to_supply") or (
+            "Supply the Inception weights (evaluate_dcgan's `inception_weights`, or "
+            "$CARMODELS_INCEPTION_WEIGHTS)"
+        )
+        fix = fix.rstrip(".") + ", then re-materialise evaluate_dcgan"
+    elif metric in ("type_fd", "type_overlap"):
+        why = candidate.get("type_record", {}).get("reason") or "type metrics not computed"
+        fix = (
+            "Give the listings a car `type` so the type classifier can be trained, and re-evaluate"
+        )
+    else:
+        why = "null in this evaluation, which needs at least 2 validation images"
+        fix = "Rebuild the shards with a validation split, and re-evaluate"
+    computed = sorted(m for m in METRIC_DIRECTIONS if _value(candidate, m) is not None)
+    other = (
+        f"; or set champion_generator's `metric` to one this evaluation computed "
+        f"({', '.join(computed)})"
+        if computed
+        else ""
+    )
+    return f"the candidate has no {metric} ({why}). {fix}{other}"
+
+
 def decide(
     candidate: dict[str, Any],
     champion: dict[str, Any] | None,
     config: PromotionConfig,
     candidate_sha256: str | None = None,
 ) -> Decision:
-    """Whether ``candidate`` (a metrics.json dict) should replace ``champion`` (champion.json)."""
+    """Whether ``candidate`` (a metrics.json dict) should replace ``champion`` (champion.json).
+
+    Pure: it compares what the two records hold and never re-scores anything, so scores on
+    different data are refused here (``OTHER_DATA``); :func:`choose` re-scores the champion on
+    the candidate's data first.
+    """
     metric = config.metric
     new = _value(candidate, metric)
     old = None if champion is None else _value(champion.get("metrics", {}), metric)
 
-    def result(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, metric, new, old)
+    def result(outcome: str, reason: str) -> Decision:
+        return Decision(outcome in _PROMOTING, reason, metric, new, old, outcome)
 
-    if new is None:
-        why = (
-            candidate.get("fid_record", {}).get("reason") if metric in ("fid", "kid_mean") else None
-        )
+    if (
+        champion is not None
+        and candidate_sha256 is not None
+        and candidate_sha256 == champion.get("checkpoint_sha256")
+    ):
         return result(
-            False,
-            f"the candidate has no {metric}"
-            + (f" ({why})" if why else "")
-            + "; the champion is kept. Choose a metric this evaluation computes.",
+            ALREADY_CHAMPION,
+            f"already the champion: the evaluated checkpoint (sha256 {candidate_sha256[:12]}) "
+            "is the one in use; nothing to do.",
         )
+    if new is None:
+        missing = missing_metric_message(candidate, metric)
+        if champion is None:
+            # Something must be in use for the designs to be drawn: the first candidate is
+            # crowned unscored, and the first later candidate that has the metric is compared
+            # with it after re-scoring it (see `needs_rescore`).
+            return result(
+                FIRST_CHAMPION,
+                f"no champion yet: the candidate becomes it so that a generator is in use, "
+                f"but {missing}.",
+            )
+        return result(METRIC_MISSING, f"champion kept: {missing}.")
     if champion is None:
-        return result(True, f"no champion yet: the candidate becomes it ({metric}={new:.4g}).")
-    if candidate_sha256 is not None and candidate_sha256 == champion.get("checkpoint_sha256"):
-        return result(False, "the candidate is the champion's own checkpoint; nothing to replace.")
+        return result(
+            FIRST_CHAMPION, f"no champion yet: the candidate becomes it ({metric}={new:.4g})."
+        )
+    theirs, ours = champion.get("eval_data_version"), candidate.get("eval_data_version")
+    if theirs != ours:
+        return result(
+            OTHER_DATA,
+            f"champion kept: it was scored on data {theirs} and the candidate on {ours}; scores "
+            "on different data are not compared. Re-score the champion on the candidate's data.",
+        )
     if old is None:
-        return result(True, f"the champion has no {metric}; the candidate ({new:.4g}) replaces it.")
+        return result(
+            PROMOTED, f"the champion has no {metric}; the candidate ({new:.4g}) replaces it."
+        )
     lower = METRIC_DIRECTIONS[metric] == "lower"
     margin = config.min_relative_improvement * abs(old)
     better = new < old - margin if lower else new > old + margin
-    caveat = ""
-    if champion.get("eval_data_version") != candidate.get("eval_data_version"):
-        caveat = (
-            f" Note: the champion was scored on data {champion.get('eval_data_version')}, the "
-            f"candidate on {candidate.get('eval_data_version')}."
-        )
     wanted = "lower" if lower else "higher"
     if better:
         return result(
-            True, f"{metric} {new:.4g} beats the champion's {old:.4g} ({wanted} is better).{caveat}"
+            PROMOTED, f"{metric} {new:.4g} beats the champion's {old:.4g} ({wanted} is better)."
         )
     needed = f" by at least {config.min_relative_improvement:.0%}" if margin else ""
     return result(
-        False,
-        f"{metric} {new:.4g} does not beat the champion's {old:.4g} ({wanted} is better"
-        f"{needed}); the champion is kept.{caveat}",
+        NOT_BETTER,
+        f"champion kept: {metric} {new:.4g} does not beat the champion's {old:.4g} "
+        f"({wanted} is better{needed}).",
     )
+
+
+def needs_rescore(candidate: dict[str, Any], champion: dict[str, Any] | None, metric: str) -> bool:
+    """Whether the champion must be re-evaluated before it can be compared with ``candidate``:
+    its record is scored on other data, or lacks the metric the candidate has (it was crowned
+    unscored, or the metric was switched). Not when the candidate lacks the metric: then there
+    is nothing to compare, and an evaluation would be wasted."""
+    if champion is None or _value(candidate, metric) is None:
+        return False
+    if champion.get("eval_data_version") != candidate.get("eval_data_version"):
+        return True
+    return _value(champion.get("metrics", {}), metric) is None
+
+
+def eval_config_of(candidate: dict[str, Any]) -> EvalConfig:
+    """The EvalConfig a metrics.json dict was computed with (defaults where it does not say).
+
+    Keys the current dataclasses do not know are dropped, so an evaluation written by another
+    version of the code still gives a usable config.
+    """
+    from carmodels.classifier import ClassifierConfig
+    from carmodels.evaluate import EvalConfig
+    from carmodels.fid import FidConfig
+
+    def known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+        names = {f.name for f in fields(cls)}
+        return {k: v for k, v in values.items() if k in names}
+
+    raw = dict(candidate.get("config") or {})
+    values = known(EvalConfig, raw)
+    values["fid_config"] = FidConfig(**known(FidConfig, raw.get("fid_config") or {}))
+    values["classifier_config"] = ClassifierConfig(
+        **known(ClassifierConfig, raw.get("classifier_config") or {})
+    )
+    return EvalConfig(**values)
+
+
+def rescore_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    shards_dir: str | os.PathLike[str],
+    candidate: dict[str, Any],
+    *,
+    classifier_cache_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``shards_dir`` exactly as ``candidate`` was evaluated.
+
+    The same EvalConfig (sample counts, seeds, FID settings) makes the two scores comparable;
+    its pictures go to a temporary folder and nothing is appended to the history, which
+    records the evaluations of new generators. ``classifier_cache_dir`` should be where the
+    candidate's evaluation cached its type classifier: the classifier is cached by data
+    version, so the champion is then judged by the very classifier that judged the candidate,
+    and none is trained again.
+    """
+    from carmodels.evaluate import evaluate
+
+    config = replace(eval_config_of(candidate), record_history=False)
+    if config.classifier_cache_dir is None and classifier_cache_dir is not None:
+        config = replace(config, classifier_cache_dir=str(classifier_cache_dir))
+    with tempfile.TemporaryDirectory(prefix="champion-rescore-") as out:
+        result = evaluate(checkpoint, shards_dir, out, config, log)
+        return json.loads(result.metrics_path.read_text())
+
+
+def rescored_record(champion: dict[str, Any], rescored: dict[str, Any]) -> dict[str, Any]:
+    """``champion``'s record with the scores of its re-evaluation (a metrics.json dict)."""
+    record = dict(champion)
+    record["rescored"] = {
+        "at": datetime.now(UTC).isoformat(),
+        "previous_eval_data_version": champion.get("eval_data_version"),
+        "previous_metrics": champion.get("metrics", {}),
+    }
+    record["eval_data_version"] = rescored.get("eval_data_version")
+    record["metrics"] = _numbers(rescored)
+    if record.get("metric"):
+        record["value"] = _value(record["metrics"], record["metric"])
+    return record
+
+
+def choose(
+    candidate: dict[str, Any],
+    champion_dir: str | os.PathLike[str],
+    config: PromotionConfig,
+    rescore: Callable[[Path], dict[str, Any]] | None = None,
+) -> Choice:
+    """The whole decision on an evaluated candidate, without changing any file.
+
+    ``rescore(champion_checkpoint)`` evaluates the champion on the current shards with the
+    candidate's settings (e.g. via :func:`rescore_checkpoint`); it is called only when the
+    champion's record cannot be compared as it is (:func:`needs_rescore`). Without it, a
+    champion scored on other data is kept (``OTHER_DATA``). Raises :class:`InvalidCandidate`
+    when the candidate's checkpoint is gone and there is no champion to keep instead.
+    """
+    champion = read_champion(champion_dir)
+    metric = config.metric
+
+    def invalid(problem: str, fix: str) -> Choice:
+        if champion is None:
+            raise InvalidCandidate(f"{problem} and there is no champion to keep: {fix}.")
+        decision = Decision(
+            False,
+            f"champion kept: {problem}; {fix}.",
+            metric,
+            _value(candidate, metric),
+            _value(champion.get("metrics", {}), metric),
+            INVALID_CANDIDATE,
+        )
+        return Choice(decision, champion, None)
+
+    checkpoint = candidate.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        return invalid(
+            f"the evaluated checkpoint {checkpoint} does not exist (any more)",
+            "re-materialise train_dcgan and evaluate_dcgan",
+        )
+    digest = sha256_of(checkpoint)
+    evaluated = candidate.get("checkpoint_sha256")  # absent from older evaluations
+    if evaluated is not None and evaluated != digest:
+        # The trainer wrote a new checkpoint under the same name after this evaluation:
+        # promoting the file would crown a generator nobody evaluated.
+        return invalid(
+            f"the checkpoint {checkpoint} changed after it was evaluated (sha256 "
+            f"{evaluated[:12]} then, {digest[:12]} now)",
+            "re-materialise evaluate_dcgan",
+        )
+    note = ""
+    rescore_info = None
+    if champion is not None:
+        champion_file = Path(champion_dir) / champion.get("checkpoint", "")
+        if not champion_file.is_file():
+            # A record without its checkpoint generates nothing and cannot be re-scored: the
+            # candidate takes its place as if there were no champion (even the same
+            # checkpoint: promoting it puts the file back).
+            note = f"the champion's checkpoint {champion_file} is missing; "
+            champion = None
+        elif (
+            champion.get("checkpoint_sha256") != digest
+            and rescore is not None
+            and needs_rescore(candidate, champion, metric)
+        ):
+            before = champion
+            champion = rescored_record(champion, rescore(champion_file))
+            rescore_info = Rescore(
+                before.get("eval_data_version"),
+                champion.get("eval_data_version"),
+                _value(before.get("metrics", {}), metric),
+                _value(champion["metrics"], metric),
+            )
+    decision = decide(candidate, champion, config, digest)
+    decision.rescore = rescore_info
+    if rescore_info is not None:
+        if decision.outcome == OTHER_DATA:
+            # Re-scored on the shards as they are now, which are no longer the ones the
+            # candidate was evaluated on: still nothing comparable.
+            decision.reason = (
+                f"champion kept: the shards changed after the candidate was evaluated (it was "
+                f"scored on data {candidate.get('eval_data_version')}, the shards are now "
+                f"{rescore_info.to_data_version}); re-materialise evaluate_dcgan."
+            )
+        else:
+            decision.reason += (
+                f" The champion was re-scored on data {rescore_info.to_data_version}: {metric} "
+                f"{_number(rescore_info.value_before)} on data {rescore_info.from_data_version} "
+                f"-> {_number(rescore_info.value_after)}."
+            )
+    if note:
+        decision.reason = note + decision.reason
+        if decision.outcome == FIRST_CHAMPION:
+            decision.outcome = PROMOTED
+    return Choice(decision, champion, digest)
+
+
+def keep(champion_dir: str | os.PathLike[str], choice: Choice) -> dict[str, Any] | None:
+    """Keep the champion; store its re-scored record when it was re-scored, so the next
+    candidate on the same data is compared without evaluating it again. The checkpoint is
+    untouched, and so is :func:`champion_version`."""
+    if choice.decision.promote:
+        raise ValueError(f"keep() on a decision to promote: {choice.decision.reason}")
+    if choice.decision.rescore is not None and choice.champion is not None:
+        atomic_write_json(Path(champion_dir) / CHAMPION_RECORD, choice.champion)
+    return choice.champion
+
+
+def champion_version(record: dict[str, Any]) -> str:
+    """The champion's data version: that of its checkpoint, the only thing its users read.
+
+    Not the record's: re-scoring rewrites the record, and that must not make the designs drawn
+    from an unchanged generator look stale.
+    """
+    return str(record["checkpoint_sha256"])[:VERSION_LENGTH]
 
 
 def promote(
@@ -243,7 +548,7 @@ def promote(
         "reason": decision.reason,
         "eval_data_version": candidate.get("eval_data_version"),
         "train_data_version": candidate.get("data_version"),
-        "metrics": {k: v for k, v in candidate.items() if v is None or isinstance(v, int | float)},
+        "metrics": _numbers(candidate),
         "decision": asdict(decision),
     }
     atomic_write_json(champion_dir / CHAMPION_RECORD, record)

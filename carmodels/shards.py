@@ -15,6 +15,7 @@ commits the set by writing ``summary.json`` (which lists it) last; see there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,6 +36,14 @@ import torch
 from PIL import Image
 
 from carmodels.dedup import UNIQUE_CORE_COLUMNS, UNIQUE_FILE, iter_raw_bytes
+from carmodels.errors import (
+    EmptySplitError,
+    InputError,
+    MissingColumnError,
+    MissingInputError,
+    ShardsError,
+    one_line,
+)
 from carmodels.imaging import (
     ImagingConfig,
     Rejection,
@@ -64,49 +73,93 @@ def split_for(sha256: str, val_fraction: float = DEFAULT_VAL_FRACTION) -> str:
     return "val" if bucket < val_fraction else "train"
 
 
+#: What to do about a shards folder that is missing, damaged or of another version.
+_REBUILD = "rebuild the folder with `carmodels shard` (or materialise `car_shards`)"
+
+
 def shard_files(path: str | os.PathLike[str]) -> list[Path]:
     """The shard files of a shards folder (or a single shard file), sorted by name.
 
     A folder written by ``build_shards`` lists its current shard set in ``summary.json``; only
-    those files are read, so leftovers of an interrupted build are never mixed in.
+    those files are read, so leftovers of an interrupted build are never mixed in. Every reader
+    of shards starts here, so this is also where a folder's ``schema_version`` is checked
+    (see ``read_summary``).
+
+    Raises:
+        MissingInputError: no such folder, no shard files in it, or listed files are gone.
+        ShardsError: an unreadable ``summary.json``, or one of another schema version.
     """
     path = Path(path)
     if path.is_file():
         return [path]
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No shards at {path}: materialise `car_shards` (or run `carmodels shard`) first."
         )
-    listed = _listed_shards(path)
+    summary = read_summary(path)
+    listed = None if summary is None else summary.get("shards")
     if listed is not None:
-        missing = [p.name for p in listed if not p.exists()]
+        files = [path / name for name in listed]
+        missing = [p.name for p in files if not p.exists()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path / SUMMARY_FILE} lists shards that are gone ({', '.join(missing[:3])}); "
-                "rebuild them with `car_shards` (or `carmodels shard`)."
+                f"{_REBUILD}."
             )
-        files = listed
     else:
         files = sorted(path.glob(SHARD_GLOB))
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} holds no {SHARD_GLOB} files: materialise `car_shards` "
             "(or run `carmodels shard`) first."
         )
     return files
 
 
-def _listed_shards(path: Path) -> list[Path] | None:
-    summary_path = path / SUMMARY_FILE
+def read_summary(path: str | os.PathLike[str]) -> dict[str, object] | None:
+    """The ``summary.json`` of a shards folder, checked to be of this ``SHARD_SCHEMA_VERSION``.
+
+    None for a folder without one (shard files put there by hand: read as they are). A folder
+    written by another version of ``build_shards`` may hold columns under other names or
+    meanings, so it is refused rather than half understood.
+    """
+    summary_path = Path(path) / SUMMARY_FILE
     if not summary_path.exists():
         return None
-    summary = json.loads(summary_path.read_text())
-    names = summary.get("shards")
-    return None if names is None else [path / name for name in names]
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ShardsError(
+            f"{summary_path} is not valid JSON ({one_line(error)}); the shards folder "
+            f"{summary_path.parent} is damaged: {_REBUILD}."
+        ) from error
+    if not isinstance(summary, dict):
+        raise ShardsError(f"{summary_path} is not a shards summary; {_REBUILD}.")
+    version = summary.get("schema_version")
+    if version != SHARD_SCHEMA_VERSION:
+        raise ShardsError(
+            f"The shards in {summary_path.parent} have schema_version {version!r}, this "
+            f"carmodels reads {SHARD_SCHEMA_VERSION}; {_REBUILD}."
+        )
+    return summary
+
+
+@contextlib.contextmanager
+def _unreadable_shards(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn pyarrow's complaint about a damaged shard (its message names the file) into an
+    error naming the folder and the fix."""
+    try:
+        yield
+    except pa.ArrowException as error:
+        raise ShardsError(
+            f"The shards in {path} cannot be read ({one_line(error)}); {_REBUILD}."
+        ) from error
 
 
 def _dataset(path: str | os.PathLike[str]) -> ds.Dataset:
-    return ds.dataset([str(p) for p in shard_files(path)], format="parquet")
+    files = shard_files(path)
+    with _unreadable_shards(path):
+        return ds.dataset([str(p) for p in files], format="parquet")
 
 
 def _split_filter(split: str | None) -> ds.Expression | None:
@@ -135,9 +188,7 @@ def _images_to_tensor(images: pa.ChunkedArray | pa.Array, height: int, width: in
             chunk.offset : chunk.offset + len(chunk) + 1
         ]
         if np.any(np.diff(offsets) != per_image):
-            raise ValueError(
-                f"Shard images are not all {height}x{width}x3 bytes; rebuild the shards."
-            )
+            raise ShardsError(f"Shard images are not all {height}x{width}x3 bytes; {_REBUILD}.")
         hwc = np.frombuffer(chunk.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
         out[row : row + len(chunk)] = hwc.reshape(-1, height, width, 3).transpose(0, 3, 1, 2)
         row += len(chunk)
@@ -148,17 +199,20 @@ def _image_size(table: pa.Table, path: str | os.PathLike[str]) -> tuple[int, int
     heights = set(table.column("height").unique().to_pylist())
     widths = set(table.column("width").unique().to_pylist())
     if len(heights) != 1 or len(widths) != 1:
-        raise ValueError(f"Shards in {path} mix image sizes {heights}x{widths}; rebuild them.")
+        raise ShardsError(f"Shards in {path} mix image sizes {heights}x{widths}; {_REBUILD}.")
     return heights.pop(), widths.pop()
 
 
 def load_images(path: str | os.PathLike[str], split: str | None = None) -> torch.Tensor:
-    """All images of a shards folder (optionally one split) as an N x 3 x H x W uint8 tensor."""
-    table = _dataset(path).to_table(
-        columns=["image", "height", "width"], filter=_split_filter(split)
-    )
+    """All images of a shards folder (optionally one split) as an N x 3 x H x W uint8 tensor.
+
+    Raises ``EmptySplitError`` when there are none, ``ShardsError`` for a damaged folder.
+    """
+    dataset = _dataset(path)
+    with _unreadable_shards(path):
+        table = dataset.to_table(columns=["image", "height", "width"], filter=_split_filter(split))
     if table.num_rows == 0:
-        raise ValueError(
+        raise EmptySplitError(
             f"No images{f' in split {split!r}' if split else ''} under {path}; "
             "check the shards were built from enough photos."
         )
@@ -170,10 +224,19 @@ def iter_images(
     path: str | os.PathLike[str], split: str | None = None, batch_size: int = 4096
 ) -> Iterator[torch.Tensor]:
     """Stream images in batches (N x 3 x H x W uint8) for data larger than memory."""
-    scanner = _dataset(path).scanner(
-        columns=["image", "height", "width"], filter=_split_filter(split), batch_size=batch_size
-    )
-    for batch in scanner.to_batches():
+    dataset = _dataset(path)
+    with _unreadable_shards(path):
+        scanner = dataset.scanner(
+            columns=["image", "height", "width"], filter=_split_filter(split), batch_size=batch_size
+        )
+        batches = scanner.to_batches()
+    while True:
+        # Only pyarrow's reading is wrapped: errors of the caller's code between batches are
+        # not the shards' fault.
+        with _unreadable_shards(path):
+            batch = next(batches, None)
+        if batch is None:
+            return
         if batch.num_rows == 0:
             continue
         table = pa.Table.from_batches([batch])
@@ -291,6 +354,35 @@ def _previous_generation(out_dir: Path) -> int:
         return 0
 
 
+def _read_unique(unique_dir: Path) -> pd.DataFrame:
+    """``unique.parquet`` of a dedup output folder, checked before any shard is written."""
+    unique_path = unique_dir / UNIQUE_FILE
+    if not unique_path.exists():
+        raise MissingInputError(
+            f"No {UNIQUE_FILE} in {unique_dir}: materialise `unique_images` "
+            "(or run `carmodels dedup`) first."
+        )
+    try:
+        unique = pd.read_parquet(unique_path)
+    except pa.ArrowException as error:
+        raise ShardsError(
+            f"{unique_path} cannot be read ({one_line(error)}); run `carmodels dedup` again "
+            "to rewrite it."
+        ) from error
+    missing = {"sha256", "url", "raw_shard", "phash"} - set(unique.columns)
+    if missing:
+        raise MissingColumnError(
+            f"{unique_path} lacks columns {sorted(missing)}; run `carmodels dedup` again to "
+            "rewrite it."
+        )
+    if unique.empty:
+        raise InputError(
+            f"{unique_path} lists no images, so there is nothing to shard; run `carmodels "
+            "dedup` on raw shards that hold fetched images."
+        )
+    return unique
+
+
 def build_shards(
     unique_dir: str | os.PathLike[str],
     raw_dir: str | os.PathLike[str],
@@ -308,13 +400,7 @@ def build_shards(
     config = config or ShardConfig()
     started = time.monotonic()
     unique_dir, raw_dir, out_dir = Path(unique_dir), Path(raw_dir), Path(out_dir)
-    unique_path = unique_dir / UNIQUE_FILE
-    if not unique_path.exists():
-        raise FileNotFoundError(
-            f"No {UNIQUE_FILE} in {unique_dir}: materialise `unique_images` "
-            "(or run `carmodels dedup`) first."
-        )
-    unique = pd.read_parquet(unique_path)
+    unique = _read_unique(unique_dir)
     metadata_columns = [c for c in unique.columns if c not in _DEDUP_COLUMNS]
     schema = _shard_schema(metadata_columns)
     rows_by_sha = unique.drop_duplicates("sha256").set_index("sha256", drop=False)
@@ -404,13 +490,20 @@ def build_shards(
         )
     if on_progress and done < total:
         on_progress(total, total)
+    rejects_by_reason = dict(Counter(r["reason"] for r in rejects).most_common())
+    if not shard_paths:
+        # Committing an empty set would replace the previous shards with nothing to train on.
+        raise InputError(
+            f"None of the {total} images in {unique_dir} survived normalising (rejected: "
+            f"{rejects_by_reason}); nothing in {out_dir} was replaced. Loosen the imaging "
+            "settings (e.g. --min-side) or add photos."
+        )
 
     rejects_table = pa.Table.from_pylist(rejects, schema=_REJECTS_SCHEMA)
     atomic_write_parquet(out_dir / REJECTS_FILE, rejects_table)
     preview_path = atomic_save_image(
         out_dir / PREVIEW_FILE, image_grid(preview, config.preview_columns, size)
     )
-    rejects_by_reason = dict(Counter(r["reason"] for r in rejects).most_common())
     n_written = sum(split_counts.values())
     summary = {
         "schema_version": SHARD_SCHEMA_VERSION,

@@ -47,6 +47,7 @@ import upath
 from filelock import FileLock
 from fsspec.registry import known_implementations
 
+from carmodels.errors import InputError
 from carmodels.layout import DataLayout
 
 #: Environment variable naming the folder that holds the working copies of remote roots.
@@ -77,6 +78,12 @@ _STATE_VERSION = 1
 
 class StorageError(RuntimeError):
     """A storage root that cannot be used as asked; the message names the root and the fix."""
+
+
+class StorageInputError(StorageError, InputError):
+    """A storage root named wrongly or unusable with the credentials at hand: a bad URL, a
+    protocol without its package, a missing bucket, refused credentials. Both a `StorageError`
+    and an `InputError` (so a ``ValueError``), for callers of either."""
 
 
 @dataclass(frozen=True)
@@ -141,14 +148,14 @@ class StorageRoot:
         """
         text = os.fspath(root).strip()
         if not text:
-            raise ValueError(
+            raise StorageInputError(
                 "Storage root is empty: give a folder or a URL like s3://bucket/prefix."
             )
         options = dict(storage_options or {})
         protocol, path = fsspec.core.split_protocol(text)
         if protocol is None or protocol in LOCAL_PROTOCOLS:
             if options:
-                raise ValueError(
+                raise StorageInputError(
                     f"storage_options {sorted(options)} were given for the local root {text!r}; "
                     "they only apply to remote roots (s3://..., gcs://...). Drop them or use a URL."
                 )
@@ -158,7 +165,7 @@ class StorageRoot:
         _require_implementation(text, protocol)
         url = text.rstrip("/")
         if not path.strip("/"):
-            raise ValueError(
+            raise StorageInputError(
                 f"Storage root {text!r} names no bucket or folder: "
                 f"use e.g. {protocol}://bucket/prefix."
             )
@@ -217,7 +224,7 @@ class StorageRoot:
         """Contact a remote root once, so bad credentials or a missing bucket fail early."""
         if self.remote is None:
             return
-        with self._errors("opening the storage root"):
+        with self._errors("opening the storage root", input_errors=True):
             path = self._remote_path("")
             self.fs.invalidate_cache(path)
             try:
@@ -395,7 +402,7 @@ class StorageRoot:
         try:
             self.fs.ls(container, detail=False)
         except FileNotFoundError:
-            raise StorageError(
+            raise StorageInputError(
                 f"The bucket or container {container!r} of the storage root {self.url} does "
                 "not exist: create it or fix the root."
             ) from None
@@ -477,14 +484,20 @@ class StorageRoot:
             yield
 
     @contextmanager
-    def _errors(self, action: str) -> Iterator[None]:
-        """Re-raise a file system error as a `StorageError` that names the root and the fix."""
+    def _errors(self, action: str, input_errors: bool = False) -> Iterator[None]:
+        """Re-raise a file system error as a `StorageError` that names the root and the fix.
+
+        With ``input_errors`` (`check`, the first contact), refused credentials and a missing
+        bucket or prefix raise `StorageInputError`: the root or its credentials are wrong,
+        which a person fixes, rather than a store that failed.
+        """
         try:
             yield
         except StorageError:
             raise
         except Exception as exc:
-            raise StorageError(_explain(self.url, action, exc)) from exc
+            error = StorageInputError if input_errors and _is_setup_problem(exc) else StorageError
+            raise error(_explain(self.url, action, exc)) from exc
 
 
 # ---------------------------------------------------------------------- helpers
@@ -495,7 +508,7 @@ def _require_implementation(root: str, protocol: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except ValueError:
-        raise StorageError(
+        raise StorageInputError(
             f"Storage root {root!r}: {protocol!r} is not a protocol fsspec knows. Use a local "
             "folder or a URL such as s3://bucket/prefix, gcs://bucket/prefix, memory://name."
         ) from None
@@ -504,7 +517,9 @@ def _require_implementation(root: str, protocol: str) -> None:
             hint = "install S3 support with `pip install 'carmodels[s3]'` (s3fs)"
         else:
             hint = known_implementations.get(protocol, {}).get("err") or str(exc)
-        raise StorageError(f"Storage root {root!r} needs a package fsspec lacks: {hint}.") from exc
+        raise StorageInputError(
+            f"Storage root {root!r} needs a package fsspec lacks: {hint}."
+        ) from exc
 
 
 def _cache_base(cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -607,6 +622,14 @@ def _in_parallel(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
     finally:
         # On an error, transfers not yet started are dropped; running ones finish.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _is_setup_problem(exc: Exception) -> bool:
+    """Whether ``exc`` says the root or its credentials are wrong (see `_explain`)."""
+    kinds = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, PermissionError | FileNotFoundError) or any(
+        "Credential" in k for k in kinds
+    )
 
 
 def _explain(root: str, action: str, exc: Exception) -> str:

@@ -48,6 +48,7 @@ from carmodels.distributed import (
     init_from_env,
     shutdown,
 )
+from carmodels.errors import CheckpointError, MissingInputError, one_line
 from carmodels.io import atomic_save_figure, atomic_write, atomic_write_bytes
 from carmodels.models import (
     Discriminator,
@@ -625,20 +626,74 @@ def _restore_rng_state(state: dict[str, Any]) -> None:
     )
 
 
+#: Keys every checkpoint written by ``train`` holds and some reader indexes.
+CHECKPOINT_KEYS = (
+    "generator",
+    "discriminator",
+    "opt_g",
+    "opt_d",
+    "ema_generator",
+    "step",
+    "rng",
+    "epoch",
+    "spec",
+    "config",
+    "data_version",
+    "history",
+    "torch_version",
+)
+#: The fix named by every checkpoint error.
+_CHECKPOINT_FIX = (
+    "pass a checkpoint written by `carmodels train` (e.g. DATA/train/checkpoints/latest.pt) "
+    "or train again"
+)
+
+
 def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> dict[str, Any]:
-    """A checkpoint dictionary, loaded safely (tensors and primitives only)."""
+    """A checkpoint dictionary, loaded safely (tensors and primitives only).
+
+    Raises ``MissingInputError`` when there is no file, ``CheckpointError`` when it is not a
+    complete carmodels checkpoint of this format (truncated, another program's, a text file).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"No checkpoint at {path}: train first (`carmodels train` / materialise train_dcgan)."
         )
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise  # the file system's trouble (permissions, I/O), not the file's content
+    except Exception as error:
+        # A damaged or foreign file fails in torch's zip reader (RuntimeError) or unpickler
+        # (UnpicklingError, even KeyError): whatever it is, the file is not a checkpoint.
+        # torch's own text is left to --debug: it is long and mostly about weights_only.
+        raise CheckpointError(
+            f"{path} cannot be read as a checkpoint ({type(error).__name__}): it is truncated "
+            f"or not a torch file; {_CHECKPOINT_FIX}."
+        ) from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
+        raise CheckpointError(
             f"{path} is not a carmodels checkpoint of format {CHECKPOINT_FORMAT} "
-            f"(found {checkpoint.get('format')!r})."
+            f"(found {found!r}); {_CHECKPOINT_FIX}."
+        )
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"{path} is an incomplete checkpoint (no {missing}); {_CHECKPOINT_FIX}."
         )
     return checkpoint
+
+
+def _checkpoint_spec(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> ModelSpec:
+    try:
+        return ModelSpec.from_dict(checkpoint["spec"])
+    except (TypeError, ValueError) as error:  # fields this version does not know, bad values
+        raise CheckpointError(
+            f"{path} holds a model spec this carmodels cannot build ({one_line(error, 160)}); "
+            f"{_CHECKPOINT_FIX}."
+        ) from error
 
 
 def load_generator(
@@ -650,10 +705,19 @@ def load_generator(
     ``meta["weights"]`` says which were loaded.
     """
     checkpoint = load_checkpoint(checkpoint_path)
-    spec = ModelSpec.from_dict(checkpoint["spec"])
-    generator = build_generator(spec)
     use_ema = ema and checkpoint["ema_generator"] is not None
-    generator.load_state_dict(checkpoint["ema_generator"] if use_ema else checkpoint["generator"])
+    spec = _checkpoint_spec(checkpoint, checkpoint_path)
+    try:
+        generator = build_generator(spec)
+        generator.load_state_dict(
+            checkpoint["ema_generator"] if use_ema else checkpoint["generator"]
+        )
+    except (TypeError, ValueError, RuntimeError) as error:
+        # A spec this version cannot build, or weights of another shape: the file's fault.
+        raise CheckpointError(
+            f"{checkpoint_path} holds a model this carmodels cannot load ({type(error).__name__}: "
+            f"{one_line(error, 160)}); {_CHECKPOINT_FIX}."
+        ) from error
     generator.to(resolve_device(device)).eval().requires_grad_(False)
     meta = {
         key: checkpoint[key]
@@ -883,7 +947,7 @@ def _resume_path(resume: bool | str | os.PathLike[str], checkpoint_dir: Path) ->
         return latest if latest.is_file() else None
     path = Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"resume={str(resume)!r}: no checkpoint file there.")
+        raise MissingInputError(f"resume={str(resume)!r}: no checkpoint file there.")
     return path
 
 
@@ -993,8 +1057,8 @@ def _train(
 
     resume_from = _resume_path(resume, checkpoint_dir)
     checkpoint = load_checkpoint(resume_from) if resume_from else None
-    if checkpoint is not None and ModelSpec.from_dict(checkpoint["spec"]) != spec:
-        raise ValueError(
+    if checkpoint is not None and _checkpoint_spec(checkpoint, resume_from) != spec:
+        raise CheckpointError(
             f"Checkpoint {resume_from} has model {checkpoint['spec']}, but the config asks for "
             f"{spec.to_dict()}; resume with the same preset, image_size and nz."
         )

@@ -8,10 +8,13 @@ identical files, gives the same version.
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +86,107 @@ def json_version(value: object) -> str:
     return _short(hashlib.sha256(text.encode()))
 
 
+def _module_file(name: str) -> Path | None:
+    """The source file of module ``name`` (a package's ``__init__.py``), or None when it is
+    not a plain source module (a builtin, an extension, or not importable)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imported_names(tree: ast.Module, name: str, is_package: bool) -> set[str]:
+    """Absolute names of the modules ``tree`` imports anywhere (lazy imports in functions
+    included), resolving relative imports against module ``name``."""
+    package = name if is_package else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            found.add(module)
+            # ``from package import submodule`` imports a module too.
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def _data_files(tree: ast.Module, source: Path) -> list[Path]:
+    """Files beside a module (or in its ``data/`` folder) that it names in a string literal,
+    such as a fitted model it loads: they change its results as much as its code does."""
+    files = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value:
+            # A file name: one short path component with a suffix, not Python source.
+            name = node.value
+            if len(name) > 100 or "." not in name or any(c in name for c in "/\\\n "):
+                continue
+            if name.endswith(".py"):
+                continue
+            for folder in (source.parent, source.parent / "data"):
+                candidate = folder / name
+                if candidate.is_file():
+                    files.append(candidate)
+    return files
+
+
+@cache
+def _closure(roots: tuple[str, ...], prefix: str) -> tuple[tuple[str, Path], ...]:
+    """Every module under ``prefix`` reachable from ``roots`` by imports, with its data
+    files. A package below ``prefix`` brings all its submodules: its public names are often
+    re-exported lazily (PEP 562), which no import statement shows. ``prefix`` itself does not
+    (every module imports ``carmodels.__version__`` or a sibling through it)."""
+    seen: dict[str, Path] = {}
+    pending = list(roots)
+    while pending:
+        name = pending.pop()
+        if name in seen or not (name == prefix or name.startswith(prefix + ".")):
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen[name] = path
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        is_package = path.name == "__init__.py"
+        pending.extend(_imported_names(tree, name, is_package))
+        if is_package and name != prefix:
+            pending.extend(
+                f"{name}.{child.stem}"
+                for child in path.parent.glob("*.py")
+                if child.stem != "__init__"
+            )
+        for data in _data_files(tree, path):
+            seen[f"{name}:{data.name}"] = data
+    return tuple(sorted(seen.items()))
+
+
+def source_version(modules: Iterable[str], prefix: str = "carmodels") -> str:
+    """Version of the code that ``modules`` run: the bytes of every module under ``prefix``
+    they import, directly or not, and of the data files those modules name.
+
+    Used as an asset's code version, so that upgrading the library invalidates the cached
+    outputs of exactly the steps whose code changed. Third-party libraries are left out: their
+    versions are pinned by the install, not by this repository.
+    """
+    digest = hashlib.sha256()
+    for name, path in _closure(tuple(sorted(modules)), prefix):
+        digest.update(f"{name}\0{file_digest(path)}\n".encode())
+    return _short(digest)
+
+
+def source_modules(modules: Iterable[str], prefix: str = "carmodels") -> list[str]:
+    """The module names (and ``module:datafile`` entries) :func:`source_version` hashes."""
+    return [name for name, _ in _closure(tuple(sorted(modules)), prefix)]
+
+
 __all__ = [
     "VERSION_LENGTH",
     "contents_version",
@@ -90,4 +194,6 @@ __all__ = [
     "files_version",
     "frame_version",
     "json_version",
+    "source_modules",
+    "source_version",
 ]

@@ -1,10 +1,19 @@
-"""The six pipeline assets. Each one wires a Dagster Config to one library call.
+"""The six pipeline assets, from listings to an evaluated generator.
 
+Each one wires its Dagster Config to one library call inside the envelope of
+:func:`pipelines.versioning.run_step` (fingerprint, skip, storage working copy, metadata).
 Big artefacts (shards, checkpoints, grids) are written by the library under the storage
 root and announced here with metadata; nothing is pickled through an IO manager, so the
 assets declare their lineage with ``deps`` and read their upstream from the storage layout.
+
+Config classes take their defaults from the project configuration file
+(:mod:`pipelines.project_config`); what differs between the profiles comes in as resources
+(:mod:`pipelines.resources`). Each asset's code version is a hash of the library code it runs
+(:func:`carmodels.versioning.source_version`), so an upgrade re-runs exactly the steps whose
+code changed.
 """
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -15,6 +24,8 @@ import dagster as dg
 import pandas as pd
 
 from carmodels import dedup, evaluate, scrape, shards, train
+from carmodels.errors import InputError
+from carmodels.io import atomic_write_json
 from carmodels.layout import (
     EVAL_DIR,
     MANIFEST_DIR,
@@ -22,16 +33,25 @@ from carmodels.layout import (
     SHARDS_DIR,
     TRAIN_DIR,
     UNIQUE_DIR,
+    DataLayout,
 )
-from carmodels.versioning import files_version, frame_version
+from carmodels.versioning import files_version, frame_version, source_version
 from pipelines.metadata import counts_table, frame_preview, image_preview, previews, rate_logger
-from pipelines.resources import PipelineSettings, StorageResource
+from pipelines.project_config import CONFIG_ENV, DEFAULT_CONFIG_NAME, defaults_from_file
+from pipelines.resources import (
+    DemoOrigin,
+    ListingSource,
+    StorageResource,
+    TrainingDefaults,
+    serve_demo,
+)
 from pipelines.versioning import (
     CachedConfig,
     Requires,
-    require_upstream,
-    start_step,
-    versioned_result,
+    Step,
+    StepOutput,
+    input_errors_fail_the_step,
+    run_step,
 )
 
 #: Asset group shown in the UI.
@@ -49,6 +69,9 @@ FOLLOW_UPSTREAM = dg.AutomationCondition.eager()
 SHARDS_SUMMARY = f"{SHARDS_DIR}/summary.json"
 LATEST_CHECKPOINT = f"{TRAIN_DIR}/{train.CHECKPOINT_DIR}/{train.LATEST_NAME}"
 EVAL_METRICS = f"{EVAL_DIR}/metrics.json"
+#: Where `listing_manifest` records its source: which demo catalog served the listings, and
+#: so which private origin the downloader may fetch from (none for any other source).
+MANIFEST_SOURCE = "source.json"
 
 
 def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[int, int], None]:
@@ -58,80 +81,133 @@ def _progress_logger(context: dg.AssetExecutionContext, what: str) -> Callable[[
 # --------------------------------------------------------------------------- listing_manifest
 
 
+@defaults_from_file("listing_manifest")
 class ListingManifestConfig(dg.Config):
-    """Where listings come from. With neither set, the `demo` profile crawls the demo catalog."""
+    """Where listings come from: a manifest file or listing pages. With neither, the
+    profile's default source (the `demo` profile's built-in catalog; none under `full`)."""
 
     manifest_path: str | None = None
     start_urls: list[str] = []
     max_pages: int = scrape.DEFAULT_MAX_PAGES
     url_column: str | None = None
     row_filter: str | None = None
+    #: Crawl private and loopback addresses (your own servers only): off by default, since a
+    #: listing page could otherwise point the crawler at services inside your network.
     allow_private_networks: bool = False
 
 
-@dg.asset(group_name=GROUP, code_version="1", kinds={"python", "parquet"}, pool=SCRAPE_POOL)
+@dg.asset(
+    group_name=GROUP,
+    code_version=source_version(["carmodels.scrape"]),
+    kinds={"python", "parquet"},
+    pool=SCRAPE_POOL,
+)
 def listing_manifest(
     context: dg.AssetExecutionContext,
     config: ListingManifestConfig,
     storage: StorageResource,
-    settings: PipelineSettings,
+    listing_source: ListingSource,
 ) -> dg.MaterializeResult:
     """A table of listings, one row per distinct image URL, with the listing's metadata."""
     started = time.monotonic()
-    if config.manifest_path:
-        frame = scrape.read_manifest(
-            config.manifest_path, url_column=config.url_column, row_filter=config.row_filter
-        )
-        source = config.manifest_path
-    elif config.start_urls:
-        frame = scrape.crawl_listings(
-            config.start_urls,
-            max_pages=config.max_pages,
-            allow_private_networks=config.allow_private_networks,
-        )
-        source = ", ".join(config.start_urls)
-    elif settings.is_demo:
-        with settings.serving_demo_catalog() as base_url:
-            source = f"{base_url}/listings?page=1 (built-in demo catalog)"
-            frame = scrape.crawl_listings(
-                [f"{base_url}/listings?page=1"],
-                max_pages=config.max_pages,
-                allow_private_networks=True,
+
+    def work(layout: DataLayout) -> StepOutput:
+        record: dict[str, object] = {}
+        if config.manifest_path:
+            frame = scrape.read_manifest(
+                config.manifest_path, url_column=config.url_column, row_filter=config.row_filter
             )
-    else:
-        raise dg.Failure(
-            description=(
-                "listing_manifest has no source: set `manifest_path` (CSV, Parquet or JSONL) or "
-                "`start_urls` (listing pages) in its config, or use the `demo` profile."
-            ),
-            allow_retries=False,
-        )
-    with storage.working_copy(push=[MANIFEST_DIR]) as layout:
+            source = config.manifest_path
+        elif config.start_urls:
+            frame = scrape.crawl_listings(
+                config.start_urls,
+                max_pages=config.max_pages,
+                allow_private_networks=config.allow_private_networks,
+            )
+            source = ", ".join(config.start_urls)
+        else:
+            previous = _demo_origin(layout)
+            with listing_source.serving(previous.port if previous else None) as demo:
+                if demo is None:
+                    raise InputError(_NO_SOURCE)
+                frame = scrape.crawl_listings(
+                    [demo.start_url],
+                    max_pages=config.max_pages,
+                    allowed_private_origins=[demo.origin],
+                )
+            source = f"{demo.start_url} (built-in demo catalog)"
+            record = demo.to_record()
         path = scrape.write_manifest(frame, layout.manifest_path)
-        # The source is re-read on every run (it is cheap), but the version is the content of
-        # the table as stored: an unchanged source leaves everything downstream in sync.
-        version = frame_version(pd.read_parquet(path))
-    summary = scrape.manifest_summary(frame)
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(version),
-        metadata={
-            "data_version": version,
-            "source": source,
-            "rows": summary["rows"],
-            "distinct_urls": summary["distinct_urls"],
-            "hosts": summary["hosts"],
-            "top_hosts": dg.MetadataValue.json(summary["top_hosts"]),
-            "elapsed_s": round(time.monotonic() - started, 2),
-            "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
-            "dagster/uri": storage.uri(f"{MANIFEST_DIR}/{layout.manifest_path.name}"),
-            "dagster/row_count": summary["rows"],
-        },
+        _write_json(layout.manifest_path.parent / MANIFEST_SOURCE, {"source": source, **record})
+        summary = scrape.manifest_summary(frame)
+        return StepOutput(
+            # The source is re-read on every run (it is cheap), but the version is the content
+            # of the table as stored: an unchanged source leaves everything downstream in sync.
+            data_version=frame_version(pd.read_parquet(path)),
+            metadata={
+                "source": source,
+                "rows": summary["rows"],
+                "distinct_urls": summary["distinct_urls"],
+                "hosts": summary["hosts"],
+                "top_hosts": dg.MetadataValue.json(summary["top_hosts"]),
+                "elapsed_s": round(time.monotonic() - started, 2),
+                "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
+                "dagster/uri": storage.uri(f"{MANIFEST_DIR}/{path.name}"),
+                "dagster/row_count": summary["rows"],
+            },
+        )
+
+    return run_step(
+        context,
+        storage,
+        Step(requires=None, upstream=(), output=MANIFEST_DIR, push=[MANIFEST_DIR], cached=False),
+        settings=config.model_dump(),
+        force=True,
+        work=work,
     )
+
+
+_NO_SOURCE = (
+    "listing_manifest has no source: set `manifest_path` (CSV, Parquet or JSONL) or "
+    "`start_urls` (listing pages) under `listing_manifest: config:` in the project config file "
+    f"(${CONFIG_ENV}, default $DAGSTER_HOME/{DEFAULT_CONFIG_NAME}) or in the run config, or "
+    "use the `demo` profile."
+)
+
+
+def missing_source_reason(listing_source: ListingSource) -> str | None:
+    """Why a run with the configured defaults could not read any listings, or None."""
+    defaults = ListingManifestConfig()
+    if defaults.manifest_path or defaults.start_urls or listing_source.has_default:
+        return None
+    return _NO_SOURCE
+
+
+def _demo_origin(layout: DataLayout) -> DemoOrigin | None:
+    """The demo catalog the current manifest was crawled from, if it was."""
+    path = layout.manifest_path.parent / MANIFEST_SOURCE
+    if not path.is_file():
+        return None
+    try:
+        return DemoOrigin.from_record(json.loads(path.read_text()))
+    except (ValueError, TypeError):
+        return None  # an unreadable record: the manifest is then treated as a plain one
+
+
+def _write_json(path: Path, value: object) -> None:
+    """Write ``value`` unless the file already holds it (a re-run changes nothing on disk)."""
+    try:
+        if json.loads(path.read_text()) == value:
+            return
+    except (OSError, ValueError):
+        pass
+    atomic_write_json(path, value)
 
 
 # --------------------------------------------------------------------------- raw_images
 
 
+@defaults_from_file("raw_images")
 class RawImagesConfig(CachedConfig):
     concurrency: int = scrape.ScrapeConfig.concurrency
     per_host_limit: int = scrape.ScrapeConfig.per_host_limit
@@ -143,106 +219,108 @@ class RawImagesConfig(CachedConfig):
     per_host_rate: float = scrape.ScrapeConfig.per_host_rate
     max_crawl_delay_s: float = scrape.ScrapeConfig.max_crawl_delay_s
     fetch_processes: int = scrape.ScrapeConfig.fetch_processes
+    #: Download from private and loopback addresses (your own servers only): off by default,
+    #: since a manifest could otherwise point the downloader at services inside your network.
+    #: The demo catalog needs no opt-in: exactly its own origin is let through.
     allow_private_networks: bool = False
 
 
 @dg.asset(
     group_name=GROUP,
-    code_version="1",
+    code_version=source_version(["carmodels.scrape"]),
     deps=[listing_manifest],
     kinds={"python", "parquet"},
     retry_policy=dg.RetryPolicy(max_retries=2, delay=10),
     pool=SCRAPE_POOL,
 )
 def raw_images(
-    context: dg.AssetExecutionContext,
-    config: RawImagesConfig,
-    storage: StorageResource,
-    settings: PipelineSettings,
+    context: dg.AssetExecutionContext, config: RawImagesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome."""
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=Requires("listing_manifest", MANIFEST_DIR, "The listing manifest"),
-        upstream=["listing_manifest"],
-        settings={**config.fingerprint_settings(), "profile": settings.profile},
-        force=config.force,
-        output=RAW_DIR,
-    )
-    if skipped:
-        return skipped
-    scrape_config = scrape.ScrapeConfig(
-        concurrency=config.concurrency,
-        per_host_limit=config.per_host_limit,
-        total_timeout_s=config.total_timeout_s,
-        max_retries=config.max_retries,
-        retry_failed=config.retry_failed,
-        revalidate=config.revalidate,
-        respect_robots=config.respect_robots,
-        per_host_rate=config.per_host_rate,
-        max_crawl_delay_s=config.max_crawl_delay_s,
-        fetch_processes=config.fetch_processes,
-        allow_private_networks=config.allow_private_networks or settings.is_demo,
-    )
-    on_progress = _progress_logger(context, "downloaded")
-    with storage.working_copy(pull=[MANIFEST_DIR], push=[RAW_DIR]) as layout:
+
+    def work(layout: DataLayout) -> StepOutput:
         manifest = scrape.read_manifest(layout.manifest_path)
-        if settings.is_demo and not config.allow_private_networks:
-            with settings.serving_demo_catalog():
+        demo = _demo_origin(layout)
+        scrape_config = scrape.ScrapeConfig(
+            concurrency=config.concurrency,
+            per_host_limit=config.per_host_limit,
+            total_timeout_s=config.total_timeout_s,
+            max_retries=config.max_retries,
+            retry_failed=config.retry_failed,
+            revalidate=config.revalidate,
+            respect_robots=config.respect_robots,
+            per_host_rate=config.per_host_rate,
+            max_crawl_delay_s=config.max_crawl_delay_s,
+            fetch_processes=config.fetch_processes,
+            allow_private_networks=config.allow_private_networks,
+            allowed_private_origins=(demo.origin,) if demo else (),
+        )
+        on_progress = _progress_logger(context, "downloaded")
+        if demo is None:
+            result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
+        else:
+            # The demo catalog lives only while a step serves it: serve the one the manifest
+            # was crawled from, on the port its URLs name.
+            with serve_demo(demo):
                 result = scrape.download_images(
                     manifest, layout.raw_dir, scrape_config, on_progress
                 )
-        else:
-            result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
-        version = files_version(dedup.raw_shard_files(layout.raw_dir))
-    ok = result.outcome_counts.get("ok", 0)
-    return versioned_result(
+        ok = result.outcome_counts.get("ok", 0)
+        return StepOutput(
+            data_version=files_version(dedup.raw_shard_files(layout.raw_dir)),
+            metadata={
+                "urls": result.n_urls,
+                "fetched": result.n_fetched,
+                "skipped_existing": result.n_skipped_existing,
+                "ok": ok,
+                "failed": result.n_fetched - ok,
+                "outcomes": counts_table(result.outcome_counts, key="outcome"),
+                "revalidated": counts_table(result.revalidation_counts, key="result"),
+                "failures": frame_preview(result.failures),
+                "images_per_s": round(result.images_per_s, 1),
+                "elapsed_s": round(result.elapsed_s, 2),
+                "dagster/uri": storage.uri(RAW_DIR),
+            },
+        )
+
+    return run_step(
         context,
-        {
-            "urls": result.n_urls,
-            "fetched": result.n_fetched,
-            "skipped_existing": result.n_skipped_existing,
-            "ok": ok,
-            "failed": result.n_fetched - ok,
-            "outcomes": counts_table(result.outcome_counts, key="outcome"),
-            "revalidated": counts_table(result.revalidation_counts, key="result"),
-            "failures": frame_preview(result.failures),
-            "images_per_s": round(result.images_per_s, 1),
-            "elapsed_s": round(result.elapsed_s, 2),
-            "dagster/uri": storage.uri(RAW_DIR),
-        },
-        data_version=version,
-        fingerprint=fingerprint,
+        storage,
+        Step(
+            requires=Requires("listing_manifest", MANIFEST_DIR, "The listing manifest"),
+            upstream=["listing_manifest"],
+            output=RAW_DIR,
+            pull=[MANIFEST_DIR],
+            push=[RAW_DIR],
+        ),
+        settings=config.fingerprint_settings(),
+        force=config.force,
+        work=work,
     )
 
 
 # --------------------------------------------------------------------------- unique_images
 
 
+@defaults_from_file("unique_images")
 class UniqueImagesConfig(CachedConfig):
     hash_method: str = dedup.DedupConfig.hash_method
     threshold: int = dedup.DedupConfig.threshold
     flip_aware: bool = dedup.DedupConfig.flip_aware
 
 
-@dg.asset(group_name=GROUP, code_version="1", deps=[raw_images], kinds={"python", "parquet"})
+@dg.asset(
+    group_name=GROUP,
+    code_version=source_version(["carmodels.dedup"]),
+    deps=[raw_images],
+    kinds={"python", "parquet"},
+)
 def unique_images(
     context: dg.AssetExecutionContext, config: UniqueImagesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=Requires("raw_images", RAW_DIR, "Raw image shards"),
-        upstream=["raw_images"],
-        settings=config.fingerprint_settings(),
-        force=config.force,
-        output=UNIQUE_DIR,
-    )
-    if skipped:
-        return skipped
-    with storage.working_copy(pull=[RAW_DIR], push=[UNIQUE_DIR]) as layout:
+
+    def work(layout: DataLayout) -> StepOutput:
         result = dedup.deduplicate(
             layout.raw_dir,
             layout.unique_dir,
@@ -253,12 +331,14 @@ def unique_images(
             ),
             on_progress=_progress_logger(context, "hashed"),
         )
-        version = files_version([result.unique_path])
         metadata: dict[str, object] = {
             "input_images": result.n_input,
             "kept": result.n_kept,
             "exact_duplicates": result.n_exact_duplicates,
             "near_duplicates": result.n_near_duplicates,
+            # Photos that downloaded but cannot be decoded are dropped here: counted, not lost
+            # silently.
+            "undecodable": result.n_undecodable,
             "clusters": result.n_clusters,
             "cluster_sizes": counts_table(
                 {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
@@ -269,12 +349,28 @@ def unique_images(
         }
         if result.contact_sheet_path is not None and Path(result.contact_sheet_path).exists():
             metadata["preview"] = image_preview(result.contact_sheet_path)
-    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
+        return StepOutput(data_version=files_version([result.unique_path]), metadata=metadata)
+
+    return run_step(
+        context,
+        storage,
+        Step(
+            requires=Requires("raw_images", RAW_DIR, "Raw image shards"),
+            upstream=["raw_images"],
+            output=UNIQUE_DIR,
+            pull=[RAW_DIR],
+            push=[UNIQUE_DIR],
+        ),
+        settings=config.fingerprint_settings(),
+        force=config.force,
+        work=work,
+    )
 
 
 # --------------------------------------------------------------------------- car_shards
 
 
+@defaults_from_file("car_shards")
 class CarShardsConfig(CachedConfig):
     framing: str = shards.ImagingConfig.framing
     face: str = shards.ImagingConfig.face
@@ -283,23 +379,18 @@ class CarShardsConfig(CachedConfig):
     val_fraction: float = shards.ShardConfig.val_fraction
 
 
-@dg.asset(group_name=GROUP, code_version="1", deps=[unique_images], kinds={"python", "parquet"})
+@dg.asset(
+    group_name=GROUP,
+    code_version=source_version(["carmodels.shards"]),
+    deps=[unique_images],
+    kinds={"python", "parquet"},
+)
 def car_shards(
     context: dg.AssetExecutionContext, config: CarShardsConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=Requires("unique_images", UNIQUE_DIR, "The de-duplicated image index"),
-        upstream=["unique_images", "raw_images"],
-        settings=config.fingerprint_settings(),
-        force=config.force,
-        output=SHARDS_SUMMARY,
-    )
-    if skipped:
-        return skipped
-    with storage.working_copy(pull=[UNIQUE_DIR, RAW_DIR], push=[SHARDS_DIR]) as layout:
+
+    def work(layout: DataLayout) -> StepOutput:
         result = shards.build_shards(
             layout.unique_dir,
             layout.raw_dir,
@@ -315,37 +406,49 @@ def car_shards(
             ),
             on_progress=_progress_logger(context, "normalised"),
         )
-        # The same content version the trainer records in its checkpoints.
-        version = train.data_version_of(layout.shards_dir)
-        preview = image_preview(result.preview_path)
-    return versioned_result(
+        return StepOutput(
+            # The same content version the trainer records in its checkpoints.
+            data_version=train.data_version_of(layout.shards_dir),
+            metadata={
+                "input_images": result.n_input,
+                "written": result.n_written,
+                "train": result.n_train,
+                "val": result.n_val,
+                "rejected": sum(result.rejects_by_reason.values()),
+                "rejects": counts_table(result.rejects_by_reason),
+                "facing": counts_table(result.facing_counts, key="facing"),
+                "elapsed_s": round(result.elapsed_s, 2),
+                "preview": image_preview(result.preview_path),
+                "dagster/uri": storage.uri(SHARDS_DIR),
+                "dagster/row_count": result.n_written,
+            },
+        )
+
+    return run_step(
         context,
-        {
-            "input_images": result.n_input,
-            "written": result.n_written,
-            "train": result.n_train,
-            "val": result.n_val,
-            "rejects": counts_table(result.rejects_by_reason),
-            "facing": counts_table(result.facing_counts, key="facing"),
-            "elapsed_s": round(result.elapsed_s, 2),
-            "preview": preview,
-            "dagster/uri": storage.uri(SHARDS_DIR),
-            "dagster/row_count": result.n_written,
-        },
-        data_version=version,
-        fingerprint=fingerprint,
+        storage,
+        Step(
+            requires=Requires("unique_images", UNIQUE_DIR, "The de-duplicated image index"),
+            upstream=["unique_images", "raw_images"],
+            output=SHARDS_SUMMARY,
+            pull=[UNIQUE_DIR, RAW_DIR],
+            push=[SHARDS_DIR],
+        ),
+        settings=config.fingerprint_settings(),
+        force=config.force,
+        work=work,
     )
 
 
 # --------------------------------------------------------------------------- train_dcgan
 
 
+@defaults_from_file("train_dcgan")
 class TrainDcganConfig(CachedConfig):
-    """Training settings. Left unset, the model and schedule follow the profile.
-
-    The `full` profile trains the seed's model (`seed` preset, 128 px, 170 epochs, batch 128);
-    the `demo` profile the `small` preset at 64 px for 120 epochs (`$CARMODELS_DEMO_EPOCHS`).
-    """
+    """Training settings. Left unset, the model and schedule come from the profile's
+    `training` resource: under `full` the seed's model (`seed` preset, 128 px, 170 epochs,
+    batch 128); under `demo` the `small` preset at 64 px for 120 epochs
+    (`$CARMODELS_DEMO_EPOCHS`)."""
 
     preset: str | None = None
     image_size: int | None = None
@@ -359,67 +462,53 @@ class TrainDcganConfig(CachedConfig):
     resume: bool = False
 
 
-#: What the demo profile trains: the trainer's full code path with a model small enough to
-#: learn recognisable scenes on a laptop CPU in a few minutes (see `carmodels.models.PRESETS`).
-DEMO_PRESET = "small"
-DEMO_IMAGE_SIZE = 64
-DEMO_BATCH_SIZE = 32
-#: A short run logs, samples and checkpoints less often per epoch than a long one needs to.
-DEMO_LOG_EVERY_STEPS = 20
-DEMO_CHECKPOINT_EVERY = 10
-DEMO_SAMPLE_EVERY = 4
+def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> train.TrainConfig:
+    """The trainer's settings: the asset's config where set, else the profile's defaults.
+
+    Raises InputError, naming the setting, for values the trainer refuses."""
+    try:
+        base = defaults.train_config()
+        return replace(
+            base,
+            preset=config.preset or base.preset,
+            image_size=config.image_size or base.image_size,
+            epochs=config.epochs or base.epochs,
+            batch_size=config.batch_size or base.batch_size,
+            lr_g=config.lr_g,
+            lr_d=config.lr_d,
+            label_smoothing=config.label_smoothing,
+            diffaugment=config.diffaugment,
+            seed=config.seed,
+        )
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(f"train_dcgan config: {exc}") from None
 
 
-@dg.asset(group_name=GROUP, code_version="1", deps=[car_shards], kinds={"pytorch"}, pool=GPU_POOL)
+@dg.asset(
+    group_name=GROUP,
+    code_version=source_version(["carmodels.train"]),
+    deps=[car_shards],
+    kinds={"pytorch"},
+    pool=GPU_POOL,
+)
 def train_dcgan(
     context: dg.AssetExecutionContext,
     config: TrainDcganConfig,
     storage: StorageResource,
-    settings: PipelineSettings,
+    training: TrainingDefaults,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     """A DCGAN trained on the shards' train split: checkpoints and per-epoch sample grids."""
-    require_upstream(storage, Requires("car_shards", SHARDS_SUMMARY, "The training shards"))
-    demo = settings.is_demo
-    defaults = (
-        train.TrainConfig(
-            preset=DEMO_PRESET,
-            image_size=DEMO_IMAGE_SIZE,
-            epochs=settings.demo_epochs,
-            batch_size=DEMO_BATCH_SIZE,
-            log_every_steps=DEMO_LOG_EVERY_STEPS,
-            checkpoint_every=DEMO_CHECKPOINT_EVERY,
-            sample_every=DEMO_SAMPLE_EVERY,
-        )
-        if demo
-        else train.TrainConfig()
-    )
-    train_config = replace(
-        defaults,
-        preset=config.preset or defaults.preset,
-        image_size=config.image_size or defaults.image_size,
-        epochs=config.epochs or defaults.epochs,
-        batch_size=config.batch_size or defaults.batch_size,
-        lr_g=config.lr_g,
-        lr_d=config.lr_d,
-        label_smoothing=config.label_smoothing,
-        diffaugment=config.diffaugment,
-        seed=config.seed,
-        device=settings.device,
-    )
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=None,  # checked above, before the settings that need the shards' profile
-        upstream=["car_shards"],
-        settings={"train": asdict(train_config), "resume": config.resume},
-        force=config.force,
-        output=LATEST_CHECKPOINT,
-    )
-    if skipped:
-        return skipped
-    context.log.info(f"training {train_config}")
-    with storage.working_copy(pull=[SHARDS_DIR], push=[TRAIN_DIR]) as layout:
+    with input_errors_fail_the_step():
+        train_config = training_config(config, training)
+
+    def work(layout: DataLayout) -> StepOutput:
+        context.log.info(f"training {train_config}")
+        # Missing shards or shards of another schema version fail here, in one line, rather
+        # than as a crash of the trainer's process.
+        shards.shard_files(layout.shards_dir)
         # The trainer runs in its own process through Dagster Pipes: it can use torchrun, its
         # logs and progress stream into this run, and a crash there fails this step cleanly (so
         # the step can be retried) instead of taking the run worker down with it.
@@ -436,18 +525,31 @@ def train_dcgan(
         checkpoint = train.latest_checkpoint(layout.train_dir)
         if checkpoint is None:
             raise dg.Failure(f"The trainer finished without a checkpoint in {layout.train_dir}.")
-        version = files_version([checkpoint])
-    return versioned_result(
+        return StepOutput(
+            data_version=files_version([checkpoint]),
+            metadata={**(reported.metadata or {}), "dagster/uri": storage.uri(TRAIN_DIR)},
+        )
+
+    return run_step(
         context,
-        {**(reported.metadata or {}), "dagster/uri": storage.uri(TRAIN_DIR)},
-        data_version=version,
-        fingerprint=fingerprint,
+        storage,
+        Step(
+            requires=Requires("car_shards", SHARDS_SUMMARY, "The training shards"),
+            upstream=["car_shards"],
+            output=LATEST_CHECKPOINT,
+            pull=[SHARDS_DIR],
+            push=[TRAIN_DIR],
+        ),
+        settings={"train": asdict(train_config), "resume": config.resume},
+        force=config.force,
+        work=work,
     )
 
 
 # --------------------------------------------------------------------------- evaluate_dcgan
 
 
+@defaults_from_file("evaluate_dcgan")
 class EvaluateDcganConfig(CachedConfig):
     n_samples: int = evaluate.EvalConfig.n_samples
     seed: int = evaluate.EvalConfig.seed
@@ -461,7 +563,7 @@ class EvaluateDcganConfig(CachedConfig):
 
 @dg.asset(
     group_name=GROUP,
-    code_version="1",
+    code_version=source_version(["carmodels.evaluate"]),
     deps=[train_dcgan],
     kinds={"pytorch"},
     pool=GPU_POOL,
@@ -472,30 +574,17 @@ def evaluate_dcgan(
     context: dg.AssetExecutionContext, config: EvaluateDcganConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Sample grid, loss curves and metrics of the latest trained generator."""
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=Requires("train_dcgan", LATEST_CHECKPOINT, "A trained checkpoint"),
-        upstream=["train_dcgan", "car_shards"],
-        settings=config.fingerprint_settings(),
-        force=config.force,
-        output=EVAL_METRICS,
-    )
-    if skipped:
-        return skipped
     fid_config = replace(
         evaluate.FidConfig(),
         weights_path=config.inception_weights,
         n_samples=config.fid_samples,
         download=not config.offline,
     )
-    with storage.working_copy(pull=[TRAIN_DIR, SHARDS_DIR], push=[EVAL_DIR]) as layout:
+
+    def work(layout: DataLayout) -> StepOutput:
         checkpoint = train.latest_checkpoint(layout.train_dir)
         if checkpoint is None:
-            raise dg.Failure(
-                description=f"No checkpoint in {layout.train_dir}: materialise `train_dcgan`.",
-                allow_retries=False,
-            )
+            raise InputError(f"No checkpoint in {layout.train_dir}: materialise `train_dcgan`.")
         result = evaluate.evaluate(
             checkpoint,
             layout.shards_dir,
@@ -505,29 +594,48 @@ def evaluate_dcgan(
             ),
             log=context.log.info,
         )
-        version = files_version([layout.eval_dir / "metrics.json"])
         numeric = {
             k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)
         }
-        metadata = {
-            **numeric,
-            "fid_computed": bool(result.fid_record.get("computed")),
-            "fid_record": dg.MetadataValue.json(result.fid_record),
-            "type_mix": dg.MetadataValue.json(
-                {k: result.type_record.get(k) for k in ("type_mix_real_val", "type_mix_generated")}
-            ),
-            "metrics": dg.MetadataValue.json(result.metrics),
-            "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
-            **previews(
-                preview=result.samples_path,
-                losses=result.loss_plot_path,
-                nearest=result.nearest_path,
-                interpolation=result.interpolation_path,
-                history=layout.eval_dir / "history.png",
-            ),
-            "dagster/uri": storage.uri(EVAL_DIR),
-        }
-    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
+        return StepOutput(
+            data_version=files_version([layout.eval_dir / "metrics.json"]),
+            metadata={
+                **numeric,
+                "fid_computed": bool(result.fid_record.get("computed")),
+                "fid_record": dg.MetadataValue.json(result.fid_record),
+                "type_mix": dg.MetadataValue.json(
+                    {
+                        k: result.type_record.get(k)
+                        for k in ("type_mix_real_val", "type_mix_generated")
+                    }
+                ),
+                "metrics": dg.MetadataValue.json(result.metrics),
+                "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
+                **previews(
+                    preview=result.samples_path,
+                    losses=result.loss_plot_path,
+                    nearest=result.nearest_path,
+                    interpolation=result.interpolation_path,
+                    history=layout.eval_dir / "history.png",
+                ),
+                "dagster/uri": storage.uri(EVAL_DIR),
+            },
+        )
+
+    return run_step(
+        context,
+        storage,
+        Step(
+            requires=Requires("train_dcgan", LATEST_CHECKPOINT, "A trained checkpoint"),
+            upstream=["train_dcgan", "car_shards"],
+            output=EVAL_METRICS,
+            pull=[TRAIN_DIR, SHARDS_DIR],
+            push=[EVAL_DIR],
+        ),
+        settings=config.fingerprint_settings(),
+        force=config.force,
+        work=work,
+    )
 
 
 ALL_ASSETS = [listing_manifest, raw_images, unique_images, car_shards, train_dcgan, evaluate_dcgan]

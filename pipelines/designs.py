@@ -10,9 +10,10 @@ import dagster as dg
 
 from carmodels import generate, promotion, restoration_eval, restore
 from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
-from carmodels.versioning import files_version
+from carmodels.versioning import files_version, source_version
 from pipelines.assets import FOLLOW_UPSTREAM, GPU_POOL
 from pipelines.metadata import image_preview, rate_logger
+from pipelines.project_config import defaults_from_file
 from pipelines.resources import StorageResource
 from pipelines.versioning import CachedConfig, start_step, versioned_result
 
@@ -43,6 +44,7 @@ def _generator_checkpoint(layout: DataLayout) -> Path:
 # --------------------------------------------------------------------------- design_samples
 
 
+@defaults_from_file("design_samples")
 class DesignSamplesConfig(CachedConfig):
     n: int = 64
     seed: int = 0
@@ -55,7 +57,7 @@ class DesignSamplesConfig(CachedConfig):
 
 @dg.asset(
     group_name=GROUP,
-    code_version="1",
+    code_version=source_version(["carmodels.generate"]),
     deps=[GENERATOR_ASSET],
     kinds={"pytorch"},
     pool=GPU_POOL,
@@ -122,6 +124,7 @@ def design_samples(
 # --------------------------------------------------------------------------- restoration
 
 
+@defaults_from_file("restoration_examples")
 class RestorationExamplesConfig(CachedConfig):
     n_images: int = restoration_eval.RestorationEvalConfig.n_images
     seed: int = restoration_eval.RestorationEvalConfig.seed
@@ -133,7 +136,7 @@ class RestorationExamplesConfig(CachedConfig):
 
 @dg.asset(
     group_name=GROUP,
-    code_version="1",
+    code_version=source_version(["carmodels.restoration_eval", "carmodels.restore"]),
     deps=[GENERATOR_ASSET, "car_shards"],
     kinds={"pytorch"},
     pool=GPU_POOL,

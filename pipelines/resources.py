@@ -1,4 +1,8 @@
-"""Settings shared by several assets, held as Dagster resources."""
+"""Settings shared by several assets, held as Dagster resources.
+
+A profile is a set of resources (`profile_resources`), chosen once in `pipelines.definitions`:
+assets never ask which profile they run under, they use what they are given.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +11,24 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import dagster as dg
 
+from carmodels import train
 from carmodels.demo.catalog import DEFAULT_N_LISTINGS
+from carmodels.errors import InputError
 from carmodels.layout import DataLayout, default_data_root_url
 from carmodels.storage import StorageRoot
 
-#: Environment variable choosing the pipeline profile (see `PipelineSettings.profile`).
+#: Environment variable choosing the pipeline profile (see `profile_resources`).
 PROFILE_ENV = "CARMODELS_PROFILE"
-#: Fixed port of the in-process demo catalog, so that image URLs stay valid across steps.
-DEMO_PORT_ENV = "CARMODELS_DEMO_PORT"
-DEFAULT_DEMO_PORT = 8765
 #: Environment variables that shrink the demo (fewer listings, fewer epochs), for a quick look
 #: at the UI and for the browser test; left unset, the demo runs at its documented size.
 DEMO_LISTINGS_ENV = "CARMODELS_DEMO_LISTINGS"
 DEMO_EPOCHS_ENV = "CARMODELS_DEMO_EPOCHS"
-#: Epochs the demo profile trains (see `pipelines.assets.DEMO_PRESET`).
+#: Epochs the demo profile trains (see `DEMO_TRAINING`).
 DEFAULT_DEMO_EPOCHS = 120
 
 
@@ -72,52 +76,124 @@ class StorageResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Contact a remote root once up front: bad credentials or a missing bucket fail the
         # step before any work is done, with a message that names the root.
-        self.storage_root.check()
+        try:
+            self.storage_root.check()
+        except InputError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
 
 
-class PipelineSettings(dg.ConfigurableResource):
-    """What the graph runs on and how hard it trains.
+class ListingSource(dg.ConfigurableResource):
+    """Where `listing_manifest` gets listings when its config names no source.
 
-    ``demo`` (the default) crawls the built-in demo catalog, served in-process on
-    127.0.0.1, and trains the small ``tiny`` preset for a few epochs so that the whole graph
-    runs on a laptop CPU in minutes. ``full`` expects a real source (a manifest file or
-    listing pages in `listing_manifest`'s config) and trains the seed's model.
+    This base, the `full` profile's, has none: the step fails with a message that says where
+    to name one. The `demo` profile binds :class:`DemoCatalogSource` instead.
     """
 
-    profile: Literal["demo", "full"] = "demo"
-    device: str = "auto"
-    demo_port: int = DEFAULT_DEMO_PORT
-    demo_seed: int = 0
-    demo_listings: int = DEFAULT_N_LISTINGS
-    demo_epochs: int = DEFAULT_DEMO_EPOCHS
-
     @property
-    def is_demo(self) -> bool:
-        return self.profile == "demo"
+    def has_default(self) -> bool:
+        """Whether :meth:`serving` yields a source."""
+        return False
 
     @contextmanager
-    def serving_demo_catalog(self) -> Iterator[str]:
-        """Serve the demo catalog on its fixed port for the duration of a step.
+    def serving(self, preferred_port: int | None = None) -> Iterator[DemoOrigin | None]:
+        """The default source for the duration of a step, or None when there is none.
+        ``preferred_port`` is the port a served source used last time."""
+        yield None
 
-        Each step runs in its own process, so the steps that touch the network (crawling and
-        downloading) each start the server; the catalog is deterministic, so both see the
-        same site. If something already serves that port (for example a `carmodels
-        demo-server` the user started), it is used as it is.
-        """
-        from carmodels.demo import DemoServer
 
-        base_url = f"http://127.0.0.1:{self.demo_port}"
-        if _serving(base_url):
-            yield base_url
+class DemoCatalogSource(ListingSource):
+    """The built-in demo catalog, served on 127.0.0.1 while a step needs it.
+
+    It binds a free port: the one it used last time when that is still free (so the image
+    URLs, and with them the manifest's version, stay the same from run to run), else any.
+    Only this origin is let through the private-address guard, never 127.0.0.1 as a whole.
+    """
+
+    seed: int = 0
+    listings: int = DEFAULT_N_LISTINGS
+    #: 0 picks a free port; a fixed one is for a catalog served by hand (`carmodels demo-server`).
+    port: int = 0
+
+    @property
+    def has_default(self) -> bool:
+        return True
+
+    @contextmanager
+    def serving(self, preferred_port: int | None = None) -> Iterator[DemoOrigin | None]:
+        origin = DemoOrigin(seed=self.seed, listings=self.listings, port=self.port)
+        with serve_demo(origin, preferred_port=preferred_port) as served:
+            yield served
+
+
+@dataclass(frozen=True)
+class DemoOrigin:
+    """A served demo catalog: what it holds and where (recorded next to the manifest)."""
+
+    seed: int
+    listings: int
+    port: int
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def start_url(self) -> str:
+        return f"{self.origin}/listings?page=1"
+
+    def to_record(self) -> dict[str, object]:
+        return {"demo_catalog": asdict(self), "allowed_private_origins": [self.origin]}
+
+    @classmethod
+    def from_record(cls, record: dict[str, object]) -> DemoOrigin | None:
+        catalog = record.get("demo_catalog")
+        return cls(**catalog) if isinstance(catalog, dict) else None
+
+
+@contextmanager
+def serve_demo(origin: DemoOrigin, preferred_port: int | None = None) -> Iterator[DemoOrigin]:
+    """Serve the demo catalog ``origin`` describes for the duration of a step.
+
+    With ``origin.port`` 0 the server takes ``preferred_port`` when it is free, else any free
+    port. With a fixed port it must get that port: a catalog already answering there (a
+    `carmodels demo-server` the user started, or a step of this run) is used as it is, and a
+    port held by anything else fails with a message saying how to get a fresh one.
+    """
+    from carmodels.demo import DemoServer
+
+    if origin.port:
+        base_url = f"http://127.0.0.1:{origin.port}"
+        if _serving_demo(base_url):
+            yield origin
             return
-        with DemoServer(
-            seed=self.demo_seed, n_listings=self.demo_listings, port=self.demo_port
-        ) as server:
-            yield server.base_url
+        candidates = [origin.port]
+    else:
+        candidates = [preferred_port, 0] if preferred_port else [0]
+    last_error: RuntimeError | None = None
+    for port in candidates:
+        server = DemoServer(seed=origin.seed, n_listings=origin.listings, port=port or 0)
+        try:
+            server.start()
+        except RuntimeError as exc:
+            last_error = exc
+            continue
+        try:
+            yield replace(origin, port=server.port)
+        finally:
+            server.stop()
+        return
+    raise dg.Failure(
+        description=(
+            f"The demo catalog could not be served on 127.0.0.1:{origin.port} ({last_error}): "
+            "another program holds that port. Stop it, or rematerialise `listing_manifest` "
+            "so that the demo catalog moves to a free port."
+        ),
+        allow_retries=False,
+    )
 
 
-def _serving(base_url: str) -> bool:
-    """Whether an HTTP server already answers at ``base_url``."""
+def _serving_demo(base_url: str) -> bool:
+    """Whether the demo catalog already answers at ``base_url``."""
     try:
         with urllib.request.urlopen(f"{base_url}/robots.txt", timeout=1):
             return True
@@ -125,10 +201,82 @@ def _serving(base_url: str) -> bool:
         return False
 
 
-def default_settings() -> PipelineSettings:
-    return PipelineSettings(
-        profile=os.environ.get(PROFILE_ENV, "demo"),  # type: ignore[arg-type]
-        demo_port=_int_env(DEMO_PORT_ENV, DEFAULT_DEMO_PORT),
+class TrainingDefaults(dg.ConfigurableResource):
+    """The training settings `train_dcgan` uses where its config leaves them unset.
+
+    The `full` profile binds the trainer's own defaults (the seed's model: `seed` preset, 128
+    px, 170 epochs, batch 128); the `demo` profile a model that learns on a laptop CPU in
+    minutes (:func:`demo_training`).
+    """
+
+    preset: str = train.TrainConfig.preset
+    image_size: int = train.TrainConfig.image_size
+    epochs: int = train.TrainConfig.epochs
+    batch_size: int = train.TrainConfig.batch_size
+    log_every_steps: int = train.TrainConfig.log_every_steps
+    checkpoint_every: int = train.TrainConfig.checkpoint_every
+    sample_every: int = train.TrainConfig.sample_every
+    #: "auto" (CUDA when available, else CPU), "cpu", "cuda:1", ...
+    device: str = train.TrainConfig.device
+
+    def train_config(self) -> train.TrainConfig:
+        return train.TrainConfig(
+            preset=self.preset,
+            image_size=self.image_size,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            log_every_steps=self.log_every_steps,
+            checkpoint_every=self.checkpoint_every,
+            sample_every=self.sample_every,
+            device=self.device,
+        )
+
+
+#: What the demo profile trains: the trainer's full code path with a model small enough to
+#: learn recognisable scenes on a laptop CPU in a few minutes (see `carmodels.models.PRESETS`).
+#: A short run logs, samples and checkpoints more often per epoch than a long one needs to.
+DEMO_TRAINING = {
+    "preset": "small",
+    "image_size": 64,
+    "batch_size": 32,
+    "log_every_steps": 20,
+    "checkpoint_every": 10,
+    "sample_every": 4,
+}
+
+
+def demo_training(epochs: int = DEFAULT_DEMO_EPOCHS) -> TrainingDefaults:
+    return TrainingDefaults(**DEMO_TRAINING, epochs=epochs)
+
+
+#: The profiles: which resources the graph runs with.
+PROFILES = ("demo", "full")
+
+
+def profile_resources(
+    profile: str,
+    *,
+    demo_listings: int = DEFAULT_N_LISTINGS,
+    demo_epochs: int = DEFAULT_DEMO_EPOCHS,
+) -> dict[str, dg.ConfigurableResource]:
+    """The resource set of a profile: ``demo`` crawls the built-in catalog and trains a small
+    model; ``full`` reads the source you configure and trains the seed's model."""
+    if profile == "demo":
+        return {
+            "listing_source": DemoCatalogSource(listings=demo_listings),
+            "training": demo_training(demo_epochs),
+        }
+    if profile == "full":
+        return {"listing_source": ListingSource(), "training": TrainingDefaults()}
+    raise InputError(
+        f"${PROFILE_ENV} is {profile!r}; set it to one of {', '.join(PROFILES)} (or unset it)."
+    )
+
+
+def resources_from_environment() -> dict[str, dg.ConfigurableResource]:
+    """The profile's resources as the environment chooses them (see the README)."""
+    return profile_resources(
+        os.environ.get(PROFILE_ENV, "demo").strip() or "demo",
         demo_listings=_int_env(DEMO_LISTINGS_ENV, DEFAULT_N_LISTINGS),
         demo_epochs=_int_env(DEMO_EPOCHS_ENV, DEFAULT_DEMO_EPOCHS),
     )
@@ -144,5 +292,5 @@ def _int_env(name: str, default: int) -> int:
     except ValueError:
         number = 0
     if number <= 0:
-        raise ValueError(f"${name} must be a positive integer, got {value!r}; unset it or fix it.")
+        raise InputError(f"${name} must be a positive integer, got {value!r}; unset it or fix it.")
     return number

@@ -28,11 +28,26 @@ def default_status() -> dg.DefaultScheduleStatus:
     )
 
 
-retrain_schedule = dg.ScheduleDefinition(
-    name="weekly_retrain",
-    job=retrain_job,
-    cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
-    execution_timezone=os.environ.get(RETRAIN_TIMEZONE_ENV, DEFAULT_RETRAIN_TIMEZONE),
-    default_status=default_status(),
-    description="Refresh ingest, retrain and evaluate the DCGAN.",
-)
+def build_retrain_schedule(missing_source: str | None) -> dg.ScheduleDefinition:
+    """The weekly retraining schedule.
+
+    ``missing_source`` says why a run could not read any listings (no source in the project
+    config file and none from the profile), or is None. A tick then records that reason and
+    starts nothing, rather than a run that is bound to fail at its first step. The listing
+    source and every other setting come from the project config file, as for any run.
+    """
+
+    @dg.schedule(
+        name="weekly_retrain",
+        job=retrain_job,
+        cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
+        execution_timezone=os.environ.get(RETRAIN_TIMEZONE_ENV, DEFAULT_RETRAIN_TIMEZONE),
+        default_status=default_status(),
+        description="Refresh ingest, retrain and evaluate the DCGAN.",
+    )
+    def weekly_retrain(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        if missing_source is not None:
+            return dg.SkipReason(missing_source)
+        return dg.RunRequest()
+
+    return weekly_retrain

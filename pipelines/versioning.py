@@ -13,15 +13,18 @@ records a materialisation with the previous data version and metadata (``skipped
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import dagster as dg
 
+from carmodels.errors import InputError
 from carmodels.versioning import json_version
 
 if TYPE_CHECKING:
+    from carmodels.layout import DataLayout
     from pipelines.resources import StorageResource
 
 #: Metadata key holding the fingerprint of the inputs a materialisation was computed from.
@@ -175,3 +178,80 @@ def start_step(
         context, fingerprint, force=force, output_present=storage.exists(output)
     )
     return fingerprint, skipped
+
+
+@contextmanager
+def input_errors_fail_the_step() -> Iterator[None]:
+    """Bad input (:class:`carmodels.errors.InputError`) fails the step with its one-line
+    message, naming the input and the fix, and no retry: retrying cannot fix the input."""
+    try:
+        yield
+    except InputError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a step needs and touches under the storage root.
+
+    ``requires``: the upstream output it cannot run without. ``upstream``: the assets whose
+    data versions decide its output. ``pull``/``push``: the folders it reads and writes
+    (a remote root is worked on through a local copy). ``output``: the path whose presence
+    says its previous result is still there. ``cached=False`` runs it every time (a source
+    that may change without its config changing).
+    """
+
+    requires: Requires | None
+    upstream: Sequence[str]
+    output: str
+    pull: Sequence[str] = ()
+    push: Sequence[str] = ()
+    cached: bool = True
+
+
+@dataclass
+class StepOutput:
+    """What a step's work returns: its metadata and the content version of what it wrote."""
+
+    data_version: str
+    metadata: dict[str, object] = field(default_factory=dict)
+
+
+def run_step(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    step: Step,
+    *,
+    settings: Mapping[str, object],
+    force: bool,
+    work: Callable[[DataLayout], StepOutput],
+) -> dg.MaterializeResult:
+    """Every asset's envelope: check its input, skip when nothing changed, run ``work`` in a
+    working copy of the storage root, and record the result with its versions.
+
+    Bad input fails the step with one line (:func:`input_errors_fail_the_step`).
+    """
+    with input_errors_fail_the_step():
+        if step.cached:
+            fingerprint, skipped = start_step(
+                context,
+                storage,
+                requires=step.requires,
+                upstream=step.upstream,
+                settings=settings,
+                force=force,
+                output=step.output,
+            )
+            if skipped is not None:
+                return skipped
+        else:
+            if step.requires is not None:
+                require_upstream(storage, step.requires)
+            fingerprint = input_fingerprint(
+                context, upstream=step.upstream, settings=settings, storage_uri=storage.uri()
+            )
+        with storage.working_copy(pull=step.pull, push=step.push) as layout:
+            output = work(layout)
+    return versioned_result(
+        context, output.metadata, data_version=output.data_version, fingerprint=fingerprint
+    )

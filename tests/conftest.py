@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +24,23 @@ requires_seed_manifest = pytest.mark.skipif(
     not SEED_MANIFEST.exists(),
     reason=f"seed manifest not found at {SEED_MANIFEST} (../shared is absent in a fresh clone)",
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_machine_caches(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test sees empty caches of its own, never this machine's.
+
+    Otherwise a machine whose torch hub cache (``~/.cache/torch/hub/checkpoints``) holds the
+    Inception weights computes FID where the tests expect "not computed" (or fails on a bad
+    file there), and the storage working copies (``~/.cache/carmodels``) outlive the tests.
+    """
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("TORCH_HOME", str(cache / "torch"))  # torch.hub and torch-fidelity
+    monkeypatch.setenv("CARMODELS_CACHE", str(cache / "carmodels"))  # carmodels.storage
+    monkeypatch.delenv("CARMODELS_INCEPTION_WEIGHTS", raising=False)  # carmodels.fid
+    hub = sys.modules.get("torch.hub")
+    if hub is not None:  # a torch.hub.set_dir() call would take precedence over TORCH_HOME
+        monkeypatch.setattr(hub, "_hub_dir", None)
 
 
 def free_port() -> int:

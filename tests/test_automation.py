@@ -107,8 +107,9 @@ def test_automation_is_off_by_default_and_on_with_one_setting(
     monkeypatch.setenv(schedules.RETRAIN_CRON_ENV, "30 2 * * 0")
     reloaded = importlib.reload(schedules)
     try:
-        assert reloaded.retrain_schedule.default_status == expected
-        assert reloaded.retrain_schedule.cron_schedule == "30 2 * * 0"
+        schedule = reloaded.build_retrain_schedule(missing_source=None)
+        assert schedule.default_status == expected
+        assert schedule.cron_schedule == "30 2 * * 0"
         sensor_module = importlib.reload(sensors)
         assert sensor_module.manifest_sensor.default_status.value == expected.value
         assert sensor_module.automation_sensor.default_status.value == expected.value

@@ -10,9 +10,8 @@ import pytest
 
 from carmodels import versioning
 from pipelines.assets import car_shards, listing_manifest, raw_images, unique_images
-from pipelines.resources import PipelineSettings, StorageResource
+from pipelines.resources import StorageResource, profile_resources
 from pipelines.versioning import DATA_VERSION_TAG, FINGERPRINT_KEY, SKIPPED_KEY
-from tests.conftest import free_port
 
 INGEST = [listing_manifest, raw_images, unique_images, car_shards]
 NAMES = [asset.key.path[-1] for asset in INGEST]
@@ -22,12 +21,12 @@ DEMO_LISTINGS = 40
 def _materialise(
     instance: dg.DagsterInstance,
     storage: StorageResource,
-    settings: PipelineSettings,
+    settings: dict[str, dg.ConfigurableResource],
     run_config: dict | None = None,
 ) -> dict[str, dg.AssetMaterialization]:
     result = dg.materialize(
         INGEST,
-        resources={"storage": storage, "settings": settings},
+        resources={"storage": storage, **settings},
         instance=instance,
         run_config=run_config or {},
     )
@@ -49,7 +48,7 @@ def _files(folder: Path) -> dict[str, int]:
 def ingested(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("caching")
     storage = StorageResource(root=str(root / "data"))
-    settings = PipelineSettings(demo_port=free_port(), demo_listings=DEMO_LISTINGS)
+    settings = profile_resources("demo", demo_listings=DEMO_LISTINGS)
     (root / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "home")) as instance:
         first = _materialise(instance, storage, settings)
@@ -62,9 +61,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory):
             settings,
             run_config={"ops": {"car_shards": {"config": {"force": True}}}},
         )
-        grown_settings = PipelineSettings(
-            demo_port=settings.demo_port, demo_listings=DEMO_LISTINGS + 12
-        )
+        grown_settings = profile_resources("demo", demo_listings=DEMO_LISTINGS + 12)
         grown = _materialise(instance, storage, grown_settings)
         yield {
             "first": first,

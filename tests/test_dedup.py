@@ -37,6 +37,7 @@ from carmodels.dedup import (
 )
 from carmodels.demo import build_catalog
 from carmodels.demo.drawing import draw_car
+from carmodels.errors import InputError, MissingInputError, ShardsError
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -553,3 +554,55 @@ def test_cache_without_thumbnails_is_rehashed(raw_dir: Path, tmp_path: Path):
     assert second.n_hashed == first.n_hashed == 6
     assert second.n_kept == first.n_kept
     assert deduplicate(raw_dir, out, _config()).n_hashed == 0
+
+
+# --------------------------------------------------------------------- bad input, counted drops
+
+
+def test_undecodable_photos_are_counted_by_reason(raw_dir: Path, tmp_path: Path):
+    # An "ok" row whose bytes did not make it into the shard: dropped too, and said so.
+    table = pq.read_table(raw_dir / "raw-00000.parquet").slice(0, 1)
+    table = table.set_column(0, "url", pa.array(["https://f.example/lost.jpg"]))
+    table = table.set_column(
+        table.schema.get_field_index("image_bytes"), "image_bytes", pa.nulls(1, pa.binary())
+    )
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(["0" * 64]))
+    pq.write_table(table, raw_dir / "raw-00001.parquet")
+    out = tmp_path / "unique"
+    first = deduplicate(raw_dir, out, _config())
+    assert first.undecodable_by_reason == {"decode_error": 1, "no_bytes": 1}
+    assert first.n_undecodable == 2
+    unique = set(pd.read_parquet(first.unique_path)["url"])
+    assert not unique & {"https://e.example/broken.jpg", "https://f.example/lost.jpg"}
+    # From the hash cache: the broken photo is not decoded again, yet still counted.
+    second = deduplicate(raw_dir, out, _config())
+    assert second.n_hashed == 0
+    assert second.undecodable_by_reason == first.undecodable_by_reason
+
+
+def test_damaged_raw_shard_names_the_file_and_the_fix(raw_dir: Path, tmp_path: Path):
+    (raw_dir / "raw-00001.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(ShardsError, match=r"raw-00001\.parquet.*carmodels scrape"):
+        deduplicate(raw_dir, tmp_path / "unique", _config())
+
+
+def test_missing_raw_dir_names_the_real_command(tmp_path: Path):
+    with pytest.raises(MissingInputError, match="carmodels scrape"):
+        deduplicate(tmp_path / "nowhere", tmp_path / "unique", _config())
+
+
+def test_raw_shards_without_an_ok_image_are_refused(tmp_path: Path):
+    raw = tmp_path / "raw"
+    write_raw_shard(raw / "raw-00000.parquet", [{"url": "https://a.example/x.jpg", "data": None}])
+    with pytest.raises(InputError, match="no successfully fetched image"):
+        deduplicate(raw, tmp_path / "unique", _config())
+    assert not (tmp_path / "unique" / "unique.parquet").exists()
+
+
+def test_damaged_hash_cache_is_rehashed(raw_dir: Path, tmp_path: Path):
+    out = tmp_path / "unique"
+    first = deduplicate(raw_dir, out, _config())
+    (out / HASHES_FILE).write_bytes(b"PAR1 cut short")
+    second = deduplicate(raw_dir, out, _config())
+    assert second.n_hashed == first.n_hashed == 6
+    assert second.n_kept == first.n_kept

@@ -263,6 +263,11 @@ def _antisymmetry_inputs() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, size=(64, 96, 3), dtype=np.uint8) for _ in range(5)]
     arrays += [np.asarray(side_view_car(w, h)) for w, h in ((240, 140), (180, 90), (128, 128))]
+    # Cars drawn facing right too: without ../shared's photos, both directions still occur.
+    arrays += [
+        np.asarray(side_view_car(w, h).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+        for w, h in ((200, 110), (160, 96))
+    ]
     arrays.append(np.asarray(front_view_car()))
     if SAMPLE_IMAGES.is_dir():
         for path in sorted(SAMPLE_IMAGES.glob("*.jpg"))[:40]:

@@ -17,8 +17,7 @@ from PIL import Image
 from carmodels.layout import DataLayout
 from carmodels.shards import load_images
 from pipelines.assets import ALL_ASSETS
-from pipelines.resources import PipelineSettings, StorageResource
-from tests.conftest import free_port
+from pipelines.resources import StorageResource, profile_resources
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_LISTINGS = 120
@@ -29,14 +28,13 @@ def materialised(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("e2e")
     home = root / "dagster_home"
     home.mkdir()
-    settings = PipelineSettings(demo_port=free_port(), demo_listings=DEMO_LISTINGS)
     storage = StorageResource(root=str(root / "data"))
     with dg.instance_for_test(temp_dir=str(home)) as instance:
         result = dg.materialize(
             ALL_ASSETS,
             resources={
                 "storage": storage,
-                "settings": settings,
+                **profile_resources("demo", demo_listings=DEMO_LISTINGS),
                 "pipes_subprocess_client": dg.PipesSubprocessClient(),
             },
             instance=instance,
@@ -52,12 +50,12 @@ def materialised(tmp_path_factory: pytest.TempPathFactory):
             event.asset_key.path[-1]: event.step_materialization_data.materialization.metadata
             for event in result.get_asset_materialization_events()
         }
-    return DataLayout.at(storage.root), settings, metadata
+    return DataLayout.at(storage.root), metadata
 
 
 @pytest.mark.slow
 def test_every_asset_materialises_with_metadata(materialised) -> None:
-    _, _, metadata = materialised
+    _, metadata = materialised
     assert set(metadata) == {asset.key.path[-1] for asset in ALL_ASSETS}
     for name in ("unique_images", "car_shards", "train_dcgan", "evaluate_dcgan"):
         assert "preview" in metadata[name], f"{name} has no preview image"
@@ -67,8 +65,8 @@ def test_every_asset_materialises_with_metadata(materialised) -> None:
 def test_planted_defects_are_counted_with_their_reasons(materialised) -> None:
     from carmodels.demo import build_catalog
 
-    layout, settings, metadata = materialised
-    catalog = build_catalog(seed=settings.demo_seed, n_listings=DEMO_LISTINGS)
+    layout, metadata = materialised
+    catalog = build_catalog(seed=0, n_listings=DEMO_LISTINGS)
     raw = pd.concat(pd.read_parquet(p) for p in sorted(layout.raw_dir.glob("raw-*.parquet")))
     assert raw["url"].is_unique
     outcome = dict(zip(raw["url"].str.rsplit("/", n=1).str[-1], raw["outcome"], strict=True))
@@ -83,8 +81,8 @@ def test_planted_defects_are_counted_with_their_reasons(materialised) -> None:
 def test_planted_duplicates_are_removed(materialised) -> None:
     from carmodels.demo import build_catalog
 
-    layout, settings, _ = materialised
-    catalog = build_catalog(seed=settings.demo_seed, n_listings=DEMO_LISTINGS)
+    layout, _ = materialised
+    catalog = build_catalog(seed=0, n_listings=DEMO_LISTINGS)
     kept = pd.read_parquet(layout.unique_dir / "unique.parquet")
     kept_names = set(kept["url"].str.rsplit("/", n=1).str[-1])
     assert catalog.defects.duplicate_of, "the demo catalog planted no duplicates"
@@ -97,7 +95,7 @@ def test_planted_duplicates_are_removed(materialised) -> None:
 def test_shards_checkpoint_and_grid(materialised) -> None:
     from carmodels.train import load_generator
 
-    layout, _, metadata = materialised
+    layout, metadata = materialised
     train_images = load_images(layout.shards_dir, split="train")
     val_images = load_images(layout.shards_dir, split="val")
     assert train_images.dtype == torch.uint8
@@ -126,7 +124,6 @@ def _dagster_cli(args: list[str], home: Path, data: Path) -> subprocess.Complete
         **os.environ,
         "DAGSTER_HOME": str(home),
         "CARMODELS_DATA": str(data),
-        "CARMODELS_DEMO_PORT": str(free_port()),
     }
     dagster = str(Path(sys.executable).with_name("dagster"))
     return subprocess.run(

@@ -22,7 +22,7 @@ import dagster as dg
 import pytest
 
 from pipelines.assets import listing_manifest, raw_images, unique_images
-from pipelines.resources import PipelineSettings, StorageResource
+from pipelines.resources import StorageResource, profile_resources
 from tests.conftest import free_port
 
 psycopg2 = pytest.importorskip(
@@ -226,7 +226,7 @@ def test_materialisation_is_stored_in_postgres_and_read_back(
 ) -> None:
     resources = {
         "storage": StorageResource(root=str(tmp_path / "data")),
-        "settings": PipelineSettings(demo_port=free_port(), demo_listings=DEMO_LISTINGS),
+        **profile_resources("demo", demo_listings=DEMO_LISTINGS),
     }
     with dg.DagsterInstance.from_config(str(postgres_home)) as instance:
         result = dg.materialize(ASSETS, resources=resources, instance=instance)

@@ -18,8 +18,11 @@ from PIL import Image, ImageDraw
 
 import carmodels.shards as shards_module
 from carmodels.dedup import DedupConfig, deduplicate
+from carmodels.errors import EmptySplitError, InputError, ShardsError
 from carmodels.imaging import ImagingConfig
 from carmodels.shards import (
+    SHARD_SCHEMA_VERSION,
+    SUMMARY_FILE,
     ShardConfig,
     build_shards,
     iter_images,
@@ -27,6 +30,8 @@ from carmodels.shards import (
     shard_files,
     split_for,
 )
+from carmodels.train import data_version_of
+from tests.conftest import write_blocky_shards
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -177,3 +182,90 @@ def test_parallel_build_matches_serial(dataset, tmp_path: Path):
 def test_missing_unique_index_names_the_fix(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="unique_images"):
         build_shards(tmp_path / "unique", tmp_path / "raw", tmp_path / "shards", _config())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _blocky_with_summary(folder: Path, **summary: object) -> Path:
+    """A hand-made shards folder with the summary.json a build would write (or a broken one)."""
+    write_blocky_shards(folder, ["train", "val", "train"])
+    (folder / SUMMARY_FILE).write_text(json.dumps({"shards": ["car-00000.parquet"], **summary}))
+    return folder
+
+
+def test_every_reader_checks_the_schema_version(tmp_path: Path):
+    current = _blocky_with_summary(tmp_path / "current", schema_version=SHARD_SCHEMA_VERSION)
+    assert len(load_images(current)) == 3
+
+    other = _blocky_with_summary(tmp_path / "other", schema_version=SHARD_SCHEMA_VERSION + 1)
+    unversioned = _blocky_with_summary(tmp_path / "unversioned")
+    readers = {
+        "shard_files": shard_files,
+        "load_images": load_images,
+        "iter_images": lambda path: list(iter_images(path)),
+        "data_version_of": data_version_of,
+    }
+    for folder in (other, unversioned):
+        for name, read in readers.items():
+            with pytest.raises(ShardsError, match=r"schema_version.*carmodels shard") as caught:
+                read(folder)
+            assert str(folder) in str(caught.value), name
+
+
+def test_damaged_summary_or_shard_names_the_folder(tmp_path: Path):
+    damaged_summary = write_blocky_shards(tmp_path / "summary", ["train"])
+    (damaged_summary / SUMMARY_FILE).write_text('{"schema_version": 1, "shards": [')
+    with pytest.raises(ShardsError, match="summary.json is not valid JSON"):
+        load_images(damaged_summary)
+
+    damaged_shard = tmp_path / "shard"
+    damaged_shard.mkdir()
+    (damaged_shard / "car-00000.parquet").write_bytes(b"PAR1 cut short")
+    for read in (load_images, lambda path: list(iter_images(path))):
+        with pytest.raises(ShardsError, match=r"cannot be read.*carmodels shard"):
+            read(damaged_shard)
+
+
+def test_empty_split_is_its_own_error(tmp_path: Path):
+    folder = write_blocky_shards(tmp_path / "shards", ["train", "train"])
+    with pytest.raises(EmptySplitError, match="split 'val'"):
+        load_images(folder, "val")
+
+
+def test_build_that_keeps_nothing_leaves_previous_shards(dataset, tmp_path: Path):
+    unique, raw = dataset
+    out = tmp_path / "shards"
+    build_shards(unique, raw, out, _config())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    nothing_fits = _config(imaging=ImagingConfig(face="none", min_side=100_000))
+    with pytest.raises(InputError, match=r"None of the 25 images.*too_small"):
+        build_shards(unique, raw, out, nothing_fits)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_empty_or_damaged_unique_index_is_refused(dataset, tmp_path: Path):
+    unique, raw = dataset
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pd.read_parquet(unique / "unique.parquet").head(0).to_parquet(empty / "unique.parquet")
+    with pytest.raises(InputError, match="lists no images"):
+        build_shards(empty, raw, tmp_path / "shards", _config())
+    (empty / "unique.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(ShardsError, match=r"unique\.parquet cannot be read.*carmodels dedup"):
+        build_shards(empty, raw, tmp_path / "shards", _config())
+    assert not (tmp_path / "shards").exists()
+
+
+def test_rebuilding_replaces_a_folder_of_another_schema_version(dataset, tmp_path: Path):
+    # The fix the error names must work: `carmodels shard` over the outdated folder.
+    unique, raw = dataset
+    out = tmp_path / "shards"
+    build_shards(unique, raw, out, _config())
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    (out / SUMMARY_FILE).write_text(json.dumps({**summary, "schema_version": 0}))
+    with pytest.raises(ShardsError, match="schema_version 0"):
+        load_images(out)
+    result = build_shards(unique, raw, out, _config())
+    assert len(load_images(out)) == result.n_written == 24
+    assert sorted(out.glob("car-*.parquet")) == result.shard_paths

@@ -12,9 +12,8 @@ import pytest
 
 from carmodels.shards import load_images
 from pipelines.assets import car_shards, listing_manifest, raw_images, unique_images
-from pipelines.resources import PipelineSettings, StorageResource
+from pipelines.resources import StorageResource, profile_resources
 from pipelines.versioning import DATA_VERSION_TAG, SKIPPED_KEY
-from tests.conftest import free_port
 from tests.test_storage import moto_s3_server
 
 INGEST = [listing_manifest, raw_images, unique_images, car_shards]
@@ -25,7 +24,7 @@ def _materialise(instance, storage, settings, selection=None, run_config=None):
     result = dg.materialize(
         INGEST,
         selection=selection,
-        resources={"storage": storage, "settings": settings},
+        resources={"storage": storage, **settings},
         instance=instance,
         run_config=run_config or {},
     )
@@ -38,7 +37,7 @@ def _materialise(instance, storage, settings, selection=None, run_config=None):
 
 @pytest.mark.slow
 def test_ingest_writes_to_s3_and_a_fresh_working_copy_reads_it(tmp_path) -> None:
-    settings = PipelineSettings(demo_port=free_port(), demo_listings=DEMO_LISTINGS)
+    settings = profile_resources("demo", demo_listings=DEMO_LISTINGS)
     (tmp_path / "home").mkdir()
     with moto_s3_server() as s3, dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
         url = s3.url("pipeline")
@@ -92,7 +91,7 @@ def test_ingest_writes_to_s3_and_a_fresh_working_copy_reads_it(tmp_path) -> None
 
 
 def test_bad_remote_root_fails_before_any_work(tmp_path) -> None:
-    settings = PipelineSettings(demo_port=free_port(), demo_listings=DEMO_LISTINGS)
+    settings = profile_resources("demo", demo_listings=DEMO_LISTINGS)
     (tmp_path / "home").mkdir()
     with moto_s3_server() as s3, dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
         storage = StorageResource(
@@ -103,7 +102,7 @@ def test_bad_remote_root_fails_before_any_work(tmp_path) -> None:
         with pytest.raises(dg.DagsterResourceFunctionError) as raised:
             dg.materialize(
                 [listing_manifest],
-                resources={"storage": storage, "settings": settings},
+                resources={"storage": storage, **settings},
                 instance=instance,
             )
         # The cause names the root and what to do.

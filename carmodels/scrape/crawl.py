@@ -29,13 +29,14 @@ from carmodels.scrape.net import (
     SessionSettings,
     check_destination,
     is_private_refusal,
+    normalise_origins,
     open_session,
     read_body,
     text_encoding,
 )
 from carmodels.scrape.robots import RobotsCache, RobotsSettings, RobotsVerdict
 from carmodels.scrape.run import run_sync
-from carmodels.scrape.urls import host_of, normalise_url, resolve_url
+from carmodels.scrape.urls import host_of, normalise_url, origin_of, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class _Crawl:
 
     session: aiohttp.ClientSession
     allow_private_networks: bool
+    allowed_private_origins: tuple[str, ...]
     robots: RobotsCache | None
     pacer: HostPacer
 
@@ -249,6 +251,7 @@ async def acrawl_listings(
     respect_robots: bool = True,
     per_host_rate: float = 0.0,
     max_crawl_delay_s: float = 60.0,
+    allowed_private_origins: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Async form of :func:`crawl_listings`."""
     if max_pages < 1:
@@ -266,15 +269,21 @@ async def acrawl_listings(
     seen: set[str] = set(queue)
     rows: list[dict[str, str | None]] = []
     pages_fetched = pages_failed = pages_denied = 0
-    settings = SessionSettings(user_agent=user_agent, allow_private_networks=allow_private_networks)
+    origins = normalise_origins(allowed_private_origins)
+    settings = SessionSettings(
+        user_agent=user_agent,
+        allow_private_networks=allow_private_networks,
+        allowed_private_origins=origins,
+    )
     robots_settings = RobotsSettings(
         user_agent=user_agent,
         allow_private_networks=allow_private_networks,
+        allowed_private_origins=origins,
         max_crawl_delay_s=max_crawl_delay_s,
     )
     async with open_session(settings) as session:
         robots = RobotsCache(session, robots_settings) if respect_robots else None
-        crawl = _Crawl(session, allow_private_networks, robots, HostPacer(per_host_rate))
+        crawl = _Crawl(session, allow_private_networks, origins, robots, HostPacer(per_host_rate))
         try:
             while queue and pages_fetched + pages_failed < max_pages:
                 page_url = queue.popleft()
@@ -321,7 +330,10 @@ async def _fetch_page(crawl: _Crawl, url: str) -> tuple[str, str, str | None]:
     """
     try:
         for _ in range(MAX_PAGE_REDIRECTS + 1):
-            check_destination(host_of(url), crawl.allow_private_networks)
+            check_destination(
+                host_of(url), crawl.allow_private_networks, origin_of(url),
+                crawl.allowed_private_origins,
+            )  # fmt: skip
             verdict = await crawl.robots_verdict(url)
             if verdict is not RobotsVerdict.ALLOWED:
                 log.warning("page %s not fetched: %s", url, verdict.value)
@@ -362,6 +374,7 @@ def crawl_listings(
     respect_robots: bool = True,
     per_host_rate: float = 0.0,
     max_crawl_delay_s: float = 60.0,
+    allowed_private_origins: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Crawl listing pages from ``start_urls`` and return one row per car image URL.
 
@@ -376,7 +389,8 @@ def crawl_listings(
     robots.txt is unreachable (5xx, timeout) is not crawled; requests to one host start at
     least its robots.txt ``Crawl-delay`` (capped at ``max_crawl_delay_s``) and
     ``1 / per_host_rate`` seconds apart, the longer of the two. Private and loopback
-    addresses are refused unless ``allow_private_networks``.
+    addresses are refused unless ``allow_private_networks``, or their ``scheme://host:port``
+    is one of ``allowed_private_origins``.
     """
     return run_sync(
         acrawl_listings(
@@ -388,5 +402,6 @@ def crawl_listings(
             respect_robots,
             per_host_rate,
             max_crawl_delay_s,
+            allowed_private_origins,
         )
     )

@@ -39,11 +39,12 @@ from carmodels.scrape.net import (
     SessionSettings,
     check_destination,
     is_private_refusal,
+    normalise_origins,
     open_session,
     read_body,
 )
 from carmodels.scrape.robots import RobotsCache, RobotsSettings, RobotsVerdict, opts_out_of_ai
-from carmodels.scrape.urls import host_of, resolve_url
+from carmodels.scrape.urls import host_of, origin_of, resolve_url
 from carmodels.scrape.validate import (
     ACCEPTED_IMAGE_TYPES,
     MAGIC_BYTES_NEEDED,
@@ -139,6 +140,9 @@ class ScrapeConfig:
     fetch_processes: int = 0
     #: Fetch private, loopback and link-local addresses (local test servers only).
     allow_private_networks: bool = False
+    #: Private ``scheme://host:port`` origins fetched all the same, and no others: the
+    #: demo catalog the pipeline serves itself on 127.0.0.1.
+    allowed_private_origins: tuple[str, ...] = ()
     #: Sent with every request so that site operators can see who is fetching.
     user_agent: str = DEFAULT_USER_AGENT
     #: Obey robots.txt (outcome ``robots_denied``) and ``X-Robots-Tag: noai``/``noimageai``
@@ -187,6 +191,10 @@ class ScrapeConfig:
         for name in not_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"ScrapeConfig.{name} must be >= 0, got {getattr(self, name)}")
+        # Compared as check_destination does; also accepts a list from a config file.
+        object.__setattr__(
+            self, "allowed_private_origins", normalise_origins(self.allowed_private_origins)
+        )
 
 
 @dataclass(frozen=True)
@@ -364,7 +372,9 @@ class Fetcher:
             headers["If-Modified-Since"] = known.last_modified
         for hop in range(config.max_redirects + 1):
             if not config.allow_private_networks:
-                check_destination(host_of(url), allow_private_networks=False)
+                check_destination(
+                    host_of(url), False, origin_of(url), config.allowed_private_origins
+                )
             if hop:  # the first URL was checked before the deadline started
                 verdict = await self._robots_verdict(url)
                 if verdict is not RobotsVerdict.ALLOWED:
@@ -420,6 +430,7 @@ async def open_fetcher(config: ScrapeConfig, crawl_delay_scale: int = 1) -> Asyn
     settings = SessionSettings(
         user_agent=config.user_agent,
         allow_private_networks=config.allow_private_networks,
+        allowed_private_origins=config.allowed_private_origins,
         total_connections=config.concurrency,
         connections_per_host=config.per_host_limit,
         connect_timeout_s=config.connect_timeout_s,
@@ -429,6 +440,7 @@ async def open_fetcher(config: ScrapeConfig, crawl_delay_scale: int = 1) -> Asyn
     robots_settings = RobotsSettings(
         user_agent=config.user_agent,
         allow_private_networks=config.allow_private_networks,
+        allowed_private_origins=config.allowed_private_origins,
         timeout_s=config.robots_timeout_s,
         max_redirects=max(5, config.max_redirects),
         max_crawl_delay_s=config.max_crawl_delay_s,

@@ -10,6 +10,12 @@ from typing import Any
 
 import pandas as pd
 
+from carmodels.errors import (
+    ManifestError,
+    MissingColumnError,
+    MissingInputError,
+    one_line,
+)
 from carmodels.scrape.urls import host_of, normalise_url
 
 #: Candidate URL columns, in order of preference, when the caller does not name one.
@@ -38,21 +44,31 @@ def _manifest_format(path: Path) -> str:
         if name.endswith(suffixes):
             return file_format
     known = ", ".join(s for suffixes in MANIFEST_SUFFIXES.values() for s in suffixes)
-    raise ValueError(f"manifest {path} has an unsupported suffix; use one of {known}")
+    raise ManifestError(f"manifest {path} has an unsupported suffix; use one of {known}")
 
 
 def _read_table(path: Path) -> pd.DataFrame:
     file_format = _manifest_format(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist (or is not a file)")
+        raise MissingInputError(
+            f"manifest {path} does not exist (or is not a file); check the path"
+        )
+    if path.stat().st_size == 0:
+        # pandas would say "No columns to parse from file", which hides what is wrong.
+        raise ManifestError(f"manifest {path} has no rows (the file is empty); add image URLs")
     try:
         if file_format == "csv":
             return pd.read_csv(path)
         if file_format == "parquet":
             return pd.read_parquet(path)
         return pd.read_json(path, lines=True)
+    except OSError:
+        raise  # unreadable for reasons of the file system (permissions, ...): its own message
     except Exception as error:  # each reader raises its own zoo of exceptions
-        raise ValueError(f"cannot read manifest {path} as {file_format}: {error}") from error
+        raise ManifestError(
+            f"cannot read manifest {path} as {file_format} ({one_line(error)}); fix the file "
+            f"or save it as valid {file_format}"
+        ) from error
 
 
 def _as_strings(column: pd.Series) -> pd.Series:
@@ -118,17 +134,27 @@ def read_manifest(
         (lower case, ``-`` and spaces → ``_``; the unnamed index column of a pandas CSV is
         dropped). ``attrs`` holds ``n_rows_read``, ``n_filtered_out``, ``n_invalid_urls`` and
         ``n_duplicate_urls``.
+
+    Raises:
+        MissingInputError: no such file.
+        ManifestError: unsupported suffix, unreadable file, bad ``row_filter``, no rows, or
+            no row with a usable URL.
+        MissingColumnError: no URL column (a ``KeyError`` too).
     """
     path = Path(path)
     frame = _read_table(path)
     n_rows_read = len(frame)
+    if n_rows_read == 0:
+        # A scrape of nothing would "succeed" and leave every later stage without images.
+        raise ManifestError(f"manifest {path} has no rows; add image URLs to it")
     if row_filter:
         try:
             frame = frame.query(row_filter)
         except Exception as error:  # query raises anything from SyntaxError to KeyError
-            raise ValueError(
+            raise ManifestError(
                 f"row_filter {row_filter!r} failed on manifest {path} (columns: "
-                f"{list(frame.columns)}; quote names with hyphens in backticks): {error}"
+                f"{list(frame.columns)}; quote names with hyphens in backticks): "
+                f"{one_line(error)}"
             ) from error
     n_filtered_out = n_rows_read - len(frame)
 
@@ -136,14 +162,21 @@ def read_manifest(
     normalised = [normalise_column_name(c) for c in frame.columns]
     clashes = sorted({n for n in normalised if normalised.count(n) > 1})
     if clashes:
-        raise ValueError(
-            f"manifest {path} has columns that collide after normalising names: {clashes}"
+        raise ManifestError(
+            f"manifest {path} has columns that collide after normalising names: {clashes}; "
+            "rename one of each"
         )
     frame = frame.set_axis(normalised, axis="columns")
 
     column = _pick_url_column(frame, url_column, path)
     tidy = tidy_listing_frame(frame, column)
     tidy.attrs = {"n_rows_read": n_rows_read, "n_filtered_out": n_filtered_out, **tidy.attrs}
+    if tidy.empty:
+        raise ManifestError(
+            f"manifest {path} has no usable image URLs: of {n_rows_read} rows, "
+            f"{n_filtered_out} were filtered out and {tidy.attrs['n_invalid_urls']} have no "
+            f"http(s) URL in column {column!r}; fix the filter or name the URL column"
+        )
     return tidy
 
 
@@ -151,7 +184,7 @@ def _pick_url_column(frame: pd.DataFrame, url_column: str | None, path: Path) ->
     if url_column is not None:
         wanted = normalise_column_name(url_column)
         if wanted not in frame.columns:
-            raise KeyError(
+            raise MissingColumnError(
                 f"manifest {path} has no URL column {url_column!r}; columns found: "
                 f"{list(frame.columns)}"
             )
@@ -159,9 +192,9 @@ def _pick_url_column(frame: pd.DataFrame, url_column: str | None, path: Path) ->
     for candidate in DEFAULT_URL_COLUMNS:
         if candidate in frame.columns:
             return candidate
-    raise KeyError(
+    raise MissingColumnError(
         f"manifest {path} has none of the URL columns {list(DEFAULT_URL_COLUMNS)}; columns "
-        f"found: {list(frame.columns)}. Pass url_column= to name it."
+        f"found: {list(frame.columns)}. Name it with --url-column (url_column=)."
     )
 
 

@@ -14,7 +14,9 @@ import asyncio
 import codecs
 import ipaddress
 import socket
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -52,12 +54,20 @@ def ip_literal(host: str | None) -> str | None:
     return bare
 
 
-def check_destination(host: str | None, allow_private_networks: bool) -> None:
+def check_destination(
+    host: str | None,
+    allow_private_networks: bool,
+    origin: str = "",
+    allowed_origins: Collection[str] = (),
+) -> None:
     """Raise :class:`PrivateAddressRefused` for a refused IP-literal ``host``.
 
-    Host names are checked later, on their resolved addresses, by :class:`GuardedResolver`.
+    ``allowed_origins`` lets exactly those ``scheme://host:port`` origins through (the demo
+    catalog the pipeline serves itself), where ``allow_private_networks`` would open every
+    private address. Host names are checked later, on their resolved addresses, by
+    :class:`GuardedResolver`.
     """
-    if allow_private_networks:
+    if allow_private_networks or (origin and origin.lower() in allowed_origins):
         return
     literal = ip_literal(host)
     if literal is not None and not is_public_address(literal):
@@ -72,13 +82,20 @@ class GuardedResolver(AbstractResolver):
     inside the network is refused before a socket is opened.
     """
 
-    def __init__(self, inner: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        inner: AbstractResolver | None = None,
+        allowed_host_ports: Collection[tuple[str, int]] = (),
+    ) -> None:
         self._inner = inner if inner is not None else aiohttp.ThreadedResolver()
+        self._allowed = frozenset((host.lower(), port) for host, port in allowed_host_ports)
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
+        if (host.lower(), port) in self._allowed:
+            return results
         public = [r for r in results if is_public_address(r["host"])]
         if not public:
             found = ", ".join(sorted({r["host"] for r in results}))
@@ -87,6 +104,22 @@ class GuardedResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
+
+
+def normalise_origins(origins: Iterable[str]) -> tuple[str, ...]:
+    """``scheme://host:port`` origins, lower-cased and without a trailing slash, as
+    :func:`check_destination` compares them."""
+    return tuple(sorted({origin.strip().rstrip("/").lower() for origin in origins if origin}))
+
+
+def host_ports(origins: Iterable[str]) -> list[tuple[str, int]]:
+    """``(host, port)`` of each origin, the default port filled in from the scheme."""
+    pairs = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.hostname:
+            pairs.append((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)))
+    return pairs
 
 
 def is_private_refusal(error: BaseException) -> bool:
@@ -111,6 +144,8 @@ class SessionSettings:
 
     user_agent: str = DEFAULT_USER_AGENT
     allow_private_networks: bool = False
+    #: Private origins let through all the same (see :func:`check_destination`).
+    allowed_private_origins: tuple[str, ...] = ()
     total_connections: int = 64
     connections_per_host: int = 8
     connect_timeout_s: float = 10.0
@@ -125,7 +160,11 @@ def open_session(settings: SessionSettings) -> aiohttp.ClientSession:
     connection in the pool is not a network failure, and callers put their own deadline
     around each whole attempt.
     """
-    resolver = None if settings.allow_private_networks else GuardedResolver()
+    resolver = (
+        None
+        if settings.allow_private_networks
+        else GuardedResolver(allowed_host_ports=host_ports(settings.allowed_private_origins))
+    )
     connector = aiohttp.TCPConnector(
         limit=settings.total_connections,
         limit_per_host=settings.connections_per_host,

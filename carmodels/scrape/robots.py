@@ -4,7 +4,13 @@
 session (so the private-address guard applies), and answers every later question from memory.
 How a fetch ends decides the verdict, as RFC 9309 section 2.3.1 says:
 
-* 2xx: the rules are parsed with :mod:`urllib.robotparser` and applied to our User-Agent.
+* 2xx: the first :data:`ROBOTS_MAX_BYTES` are parsed with :mod:`protego` and applied to our
+  product token (``carmodels`` of ``carmodels/0.1 (...)``), with RFC 9309's matching: the
+  group naming our token applies, else the ``*`` group; ``*`` in a path matches any run of
+  characters and a final ``$`` anchors the end of the URL (path and query); of the rules
+  matching a URL the longest wins, whatever their order, and ``Allow`` wins a tie; paths are
+  compared with their percent-encoding normalised (``/%7Ea`` is ``/~a``, ``/ツ`` is
+  ``/%E3%83%84``).
 * 4xx (404 above all): there are no rules; everything is allowed.
 * 5xx, timeout, connection error: the site is unreachable and nothing may be fetched from it.
   Such URLs get the outcome ``robots_unavailable``, which is transient, so ``retry_failed``
@@ -12,9 +18,9 @@ How a fetch ends decides the verdict, as RFC 9309 section 2.3.1 says:
 * a refused private address: allowed here, because the image request itself is then refused
   with ``private_address_refused``, the more useful outcome.
 
-A ``Crawl-delay`` line in the group that applies to us is read too
-(:meth:`RobotsCache.crawl_delay_s`); the downloader and the crawler space their requests to
-that host by at least that much (:class:`carmodels.scrape.net.HostPacer`).
+A ``Crawl-delay`` (fractions of a second allowed) in the group that applies to us is read
+too (:meth:`RobotsCache.crawl_delay_s`); the downloader and the crawler space their requests
+to that host by at least that much (:class:`carmodels.scrape.net.HostPacer`).
 
 :func:`opts_out_of_ai` reads ``X-Robots-Tag: noai`` / ``noimageai`` (the DeviantArt and Cara
 convention) from response headers, before any body is read; the downloader gives such URLs
@@ -25,13 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
-from urllib.robotparser import RobotFileParser
 
 import aiohttp
+from protego import Protego
 
 from carmodels.scrape.net import check_destination, is_private_refusal
 from carmodels.scrape.urls import host_of, origin_of, resolve_url
@@ -48,6 +54,10 @@ _DIRECTIVES_WITH_VALUES = frozenset(
     {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 )
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# ``User-agent: carmodels/1.0``: RFC 9309 wants the bare product token there, and protego
+# would look for the whole value (slash and version) in our token and never find it. The
+# version is cut off before parsing, as Google's parser does, so such a group still applies.
+_USER_AGENT_VERSION = re.compile(r"(?im)^([ \t]*user-agent[ \t]*:[ \t]*[^\s/#]+)/[^\s#]*")
 
 
 class RobotsVerdict(Enum):
@@ -85,6 +95,8 @@ def opts_out_of_ai(header_values: Iterable[str], user_agent: str) -> bool:
 class RobotsSettings:
     user_agent: str
     allow_private_networks: bool
+    #: Private origins let through all the same (the demo catalog; see net.check_destination).
+    allowed_private_origins: tuple[str, ...] = ()
     #: Deadline for fetching one robots.txt, redirects included.
     timeout_s: float = 15.0
     #: Redirect hops followed (RFC 9309 asks for at least five).
@@ -100,48 +112,29 @@ class RobotsSettings:
 class _Rules:
     """One origin's parsed robots.txt: the path rules and our ``Crawl-delay`` (0 for none)."""
 
-    parser: RobotFileParser
+    parser: Protego
     crawl_delay_s: float
 
 
-def parse_crawl_delay(text: str, agent: str) -> float:
-    """The ``Crawl-delay`` (seconds, fractions allowed) of the group of ``text`` that applies to
-    the product token ``agent``, else of the ``*`` group, else 0.
+def _parse(text: str) -> Protego:
+    return Protego.parse(_USER_AGENT_VERSION.sub(r"\1", text))
 
-    :mod:`urllib.robotparser` keeps whole seconds only and drops ``Crawl-delay: 0.5``, so the
-    delay is read here, with the same grouping and agent matching as its path rules (a group
-    is consecutive ``User-agent`` lines and the rules after them; a group applies when its
-    name is part of our token; the first such group wins).
+
+def _crawl_delay(parser: Protego, agent: str) -> float:
+    # protego keeps fractions (``Crawl-delay: 0.5``) and drops negative, NaN and
+    # unparseable values; None means the group that applies names no delay.
+    delay = parser.crawl_delay(agent)
+    return 0.0 if delay is None else float(delay)
+
+
+def parse_crawl_delay(text: str, agent: str) -> float:
+    """The ``Crawl-delay`` (seconds, fractions allowed) of the group of robots.txt ``text``
+    that applies to the product token ``agent`` (else of the ``*`` group), or 0.
+
+    The group is chosen as for the path rules: the longest name found in ``agent`` at a
+    token boundary, else ``*``.
     """
-    groups: list[tuple[list[str], float]] = []
-    agents: list[str] = []
-    delay = 0.0
-    in_rules = False
-    for raw_line in text.splitlines():
-        key, colon, value = raw_line.split("#", 1)[0].partition(":")
-        if not colon:
-            continue
-        key, value = key.strip().lower(), value.strip()
-        if key == "user-agent":
-            if in_rules:  # a User-agent line after rules starts the next group
-                groups.append((agents, delay))
-                agents, delay, in_rules = [], 0.0, False
-            agents.append(value.lower())
-        elif agents:
-            in_rules = True
-            if key == "crawl-delay":
-                try:
-                    seconds = float(value)
-                except ValueError:
-                    continue
-                if math.isfinite(seconds) and seconds > 0:
-                    delay = seconds
-    if agents:
-        groups.append((agents, delay))
-    for names, seconds in groups:
-        if any(name != "*" and name.split("/")[0] in agent for name in names):
-            return seconds
-    return next((seconds for names, seconds in groups if "*" in names), 0.0)
+    return _crawl_delay(_parse(text), agent)
 
 
 class RobotsCache:
@@ -168,7 +161,9 @@ class RobotsCache:
         rules = await asyncio.shield(task)
         if isinstance(rules, RobotsVerdict):
             return rules
-        allowed = rules.parser.can_fetch(self._agent, url)
+        # The product token, not the whole User-Agent: protego looks for each group's name
+        # inside what it is given, and ``(+https://github.com/...)`` would match ``github``.
+        allowed = rules.parser.can_fetch(url, self._agent)
         return RobotsVerdict.ALLOWED if allowed else RobotsVerdict.DENIED
 
     def crawl_delay_s(self, url: str) -> float:
@@ -199,9 +194,8 @@ class RobotsCache:
                 return RobotsVerdict.ALLOWED
             status, text = None, None
         if status is not None and 200 <= status < 300 and text is not None:
-            parser = RobotFileParser()
-            parser.parse(text.splitlines())
-            delay = parse_crawl_delay(text, self._agent)
+            parser = _parse(text)
+            delay = _crawl_delay(parser, self._agent)
             if delay > self._settings.max_crawl_delay_s:
                 log.warning(
                     "robots.txt of %s asks for Crawl-delay %g s; using the cap of %g s "
@@ -220,7 +214,12 @@ class RobotsCache:
     async def _fetch(self, url: str) -> tuple[int | None, str | None]:
         settings = self._settings
         for _ in range(settings.max_redirects + 1):
-            check_destination(host_of(url), settings.allow_private_networks)
+            check_destination(
+                host_of(url),
+                settings.allow_private_networks,
+                origin_of(url),
+                settings.allowed_private_origins,
+            )
             async with self._session.get(url, allow_redirects=False) as response:
                 location = response.headers.get("Location")
                 if response.status in _REDIRECT_STATUSES and location:
@@ -237,5 +236,8 @@ class RobotsCache:
                     body += chunk
                     if len(body) >= ROBOTS_MAX_BYTES:
                         break
-                return 200, bytes(body[:ROBOTS_MAX_BYTES]).decode("utf-8", errors="replace")
+                # utf-8-sig: a byte order mark would otherwise glue itself to the first
+                # line's field name (``\ufeffUser-agent``), and that group would be lost.
+                text = bytes(body[:ROBOTS_MAX_BYTES]).decode("utf-8-sig", errors="replace")
+                return 200, text
         return 404, None  # a redirect loop: RFC 9309 treats it as "unavailable" (4xx)
