@@ -51,6 +51,7 @@ from pipelines.versioning import (
     Step,
     StepOutput,
     input_errors_fail_the_step,
+    library_settings,
     run_step,
 )
 
@@ -241,19 +242,22 @@ def raw_images(
     def work(layout: DataLayout) -> StepOutput:
         manifest = scrape.read_manifest(layout.manifest_path)
         demo = _demo_origin(layout)
-        scrape_config = scrape.ScrapeConfig(
-            concurrency=config.concurrency,
-            per_host_limit=config.per_host_limit,
-            total_timeout_s=config.total_timeout_s,
-            max_retries=config.max_retries,
-            retry_failed=config.retry_failed,
-            revalidate=config.revalidate,
-            respect_robots=config.respect_robots,
-            per_host_rate=config.per_host_rate,
-            max_crawl_delay_s=config.max_crawl_delay_s,
-            fetch_processes=config.fetch_processes,
-            allow_private_networks=config.allow_private_networks,
-            allowed_private_origins=(demo.origin,) if demo else (),
+        scrape_config = library_settings(
+            "raw_images",
+            lambda: scrape.ScrapeConfig(
+                concurrency=config.concurrency,
+                per_host_limit=config.per_host_limit,
+                total_timeout_s=config.total_timeout_s,
+                max_retries=config.max_retries,
+                retry_failed=config.retry_failed,
+                revalidate=config.revalidate,
+                respect_robots=config.respect_robots,
+                per_host_rate=config.per_host_rate,
+                max_crawl_delay_s=config.max_crawl_delay_s,
+                fetch_processes=config.fetch_processes,
+                allow_private_networks=config.allow_private_networks,
+                allowed_private_origins=(demo.origin,) if demo else (),
+            ),
         )
         on_progress = _progress_logger(context, "downloaded")
         if demo is None:
@@ -321,14 +325,18 @@ def unique_images(
     """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
 
     def work(layout: DataLayout) -> StepOutput:
-        result = dedup.deduplicate(
-            layout.raw_dir,
-            layout.unique_dir,
-            dedup.DedupConfig(
+        dedup_config = library_settings(
+            "unique_images",
+            lambda: dedup.DedupConfig(
                 hash_method=config.hash_method,
                 threshold=config.threshold,
                 flip_aware=config.flip_aware,
             ),
+        )
+        result = dedup.deduplicate(
+            layout.raw_dir,
+            layout.unique_dir,
+            dedup_config,
             on_progress=_progress_logger(context, "hashed"),
         )
         metadata: dict[str, object] = {
@@ -391,11 +399,9 @@ def car_shards(
     """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
 
     def work(layout: DataLayout) -> StepOutput:
-        result = shards.build_shards(
-            layout.unique_dir,
-            layout.raw_dir,
-            layout.shards_dir,
-            shards.ShardConfig(
+        shard_config = library_settings(
+            "car_shards",
+            lambda: shards.ShardConfig(
                 imaging=shards.ImagingConfig(
                     framing=config.framing,
                     face=config.face,
@@ -404,6 +410,12 @@ def car_shards(
                 ),
                 val_fraction=config.val_fraction,
             ),
+        )
+        result = shards.build_shards(
+            layout.unique_dir,
+            layout.raw_dir,
+            layout.shards_dir,
+            shard_config,
             on_progress=_progress_logger(context, "normalised"),
         )
         return StepOutput(
@@ -466,7 +478,8 @@ def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> tra
     """The trainer's settings: the asset's config where set, else the profile's defaults.
 
     Raises InputError, naming the setting, for values the trainer refuses."""
-    try:
+
+    def build() -> train.TrainConfig:
         base = defaults.train_config()
         return replace(
             base,
@@ -480,10 +493,8 @@ def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> tra
             diffaugment=config.diffaugment,
             seed=config.seed,
         )
-    except InputError:
-        raise
-    except ValueError as exc:
-        raise InputError(f"train_dcgan config: {exc}") from None
+
+    return library_settings("train_dcgan", build)
 
 
 @dg.asset(
@@ -574,25 +585,26 @@ def evaluate_dcgan(
     context: dg.AssetExecutionContext, config: EvaluateDcganConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Sample grid, loss curves and metrics of the latest trained generator."""
-    fid_config = replace(
-        evaluate.FidConfig(),
-        weights_path=config.inception_weights,
-        n_samples=config.fid_samples,
-        download=not config.offline,
-    )
 
     def work(layout: DataLayout) -> StepOutput:
         checkpoint = train.latest_checkpoint(layout.train_dir)
         if checkpoint is None:
             raise InputError(f"No checkpoint in {layout.train_dir}: materialise `train_dcgan`.")
-        result = evaluate.evaluate(
-            checkpoint,
-            layout.shards_dir,
-            layout.eval_dir,
-            evaluate.EvalConfig(
-                n_samples=config.n_samples, seed=config.seed, fid_config=fid_config
+        eval_config = library_settings(
+            "evaluate_dcgan",
+            lambda: evaluate.EvalConfig(
+                n_samples=config.n_samples,
+                seed=config.seed,
+                fid_config=replace(
+                    evaluate.FidConfig(),
+                    weights_path=config.inception_weights,
+                    n_samples=config.fid_samples,
+                    download=not config.offline,
+                ),
             ),
-            log=context.log.info,
+        )
+        result = evaluate.evaluate(
+            checkpoint, layout.shards_dir, layout.eval_dir, eval_config, log=context.log.info
         )
         numeric = {
             k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)

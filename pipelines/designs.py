@@ -9,13 +9,14 @@ from pathlib import Path
 import dagster as dg
 
 from carmodels import generate, promotion, restoration_eval, restore
+from carmodels.errors import InputError
 from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
 from carmodels.versioning import files_version, source_version
 from pipelines.assets import FOLLOW_UPSTREAM, GPU_POOL
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.project_config import defaults_from_file
 from pipelines.resources import StorageResource
-from pipelines.versioning import CachedConfig, start_step, versioned_result
+from pipelines.versioning import CachedConfig, Step, StepOutput, library_settings, run_step
 
 GROUP = "carmodels"
 #: Folders under the storage root.
@@ -67,23 +68,13 @@ def design_samples(
     context: dg.AssetExecutionContext, config: DesignSamplesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """New car designs from the generator: a grid, one PNG each, and latent-space walks."""
-    if len(config.interpolate_seeds) != 2:
-        raise dg.Failure(
-            description=f"interpolate_seeds must hold two seeds, got {config.interpolate_seeds}",
-            allow_retries=False,
-        )
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=None,  # _generator_checkpoint says what to materialise when it is missing
-        upstream=[GENERATOR_ASSET],
-        settings=config.fingerprint_settings(),
-        force=config.force,
-        output=f"{DESIGNS_DIR}/{generate.GRID_FILE}",
-    )
-    if skipped:
-        return skipped
-    with storage.working_copy(pull=[CHAMPION_DIR], push=[DESIGNS_DIR]) as layout:
+
+    def work(layout: DataLayout) -> StepOutput:
+        if len(config.interpolate_seeds) != 2:
+            raise InputError(
+                f"design_samples config: interpolate_seeds must hold two seeds, got "
+                f"{config.interpolate_seeds}."
+            )
         checkpoint = _generator_checkpoint(layout)
         out = layout.root / DESIGNS_DIR
         designs = generate.generate(
@@ -105,20 +96,36 @@ def design_samples(
             device=config.device,
         )
         context.log.info(f"{designs.n} designs and {len(walk.strip_paths)} latent walks in {out}")
-        metadata = {
-            "n_designs": designs.n,
-            "seed": designs.seed,
-            "truncation": str(designs.truncation),
-            "weights": designs.weights,
-            "checkpoint_epoch": designs.epoch,
-            "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
-            "preview": image_preview(designs.grid_path),
-            "walk_linear": image_preview(walk.strip_paths["linear"], max_side=1024),
-            "walk_spherical": image_preview(walk.strip_paths["spherical"], max_side=1024),
-            "dagster/uri": storage.uri(DESIGNS_DIR),
-        }
-        version = files_version([designs.grid_path, *walk.strip_paths.values()])
-    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
+        return StepOutput(
+            data_version=files_version([designs.grid_path, *walk.strip_paths.values()]),
+            metadata={
+                "n_designs": designs.n,
+                "seed": designs.seed,
+                "truncation": str(designs.truncation),
+                "weights": designs.weights,
+                "checkpoint_epoch": designs.epoch,
+                "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
+                "preview": image_preview(designs.grid_path),
+                "walk_linear": image_preview(walk.strip_paths["linear"], max_side=1024),
+                "walk_spherical": image_preview(walk.strip_paths["spherical"], max_side=1024),
+                "dagster/uri": storage.uri(DESIGNS_DIR),
+            },
+        )
+
+    return run_step(
+        context,
+        storage,
+        Step(
+            requires=None,  # _generator_checkpoint says what to materialise when it is missing
+            upstream=[GENERATOR_ASSET],
+            output=f"{DESIGNS_DIR}/{generate.GRID_FILE}",
+            pull=[CHAMPION_DIR],
+            push=[DESIGNS_DIR],
+        ),
+        settings=config.fingerprint_settings(),
+        force=config.force,
+        work=work,
+    )
 
 
 # --------------------------------------------------------------------------- restoration
@@ -146,28 +153,21 @@ def restoration_examples(
     context: dg.AssetExecutionContext, config: RestorationExamplesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Inpainting, denoising and upscaling of validation photos, scored against baselines."""
-    fingerprint, skipped = start_step(
-        context,
-        storage,
-        requires=None,  # _generator_checkpoint says what to materialise when it is missing
-        upstream=[GENERATOR_ASSET, "car_shards"],
-        settings=config.fingerprint_settings(),
-        force=config.force,
-        output=RESTORATION_DIR,
-    )
-    if skipped:
-        return skipped
-    eval_config = restoration_eval.RestorationEvalConfig(
-        n_images=config.n_images,
-        seed=config.seed,
-        restore=restore.RestoreConfig(
-            restarts=config.restarts,
-            steps=config.steps,
-            finetune_steps=config.finetune_steps,
-            device=config.device,
-        ),
-    )
-    with storage.working_copy(pull=[CHAMPION_DIR, SHARDS_DIR], push=[RESTORATION_DIR]) as layout:
+
+    def work(layout: DataLayout) -> StepOutput:
+        eval_config = library_settings(
+            "restoration_examples",
+            lambda: restoration_eval.RestorationEvalConfig(
+                n_images=config.n_images,
+                seed=config.seed,
+                restore=restore.RestoreConfig(
+                    restarts=config.restarts,
+                    steps=config.steps,
+                    finetune_steps=config.finetune_steps,
+                    device=config.device,
+                ),
+            ),
+        )
         checkpoint = _generator_checkpoint(layout)
         result = restoration_eval.evaluate_restoration(
             checkpoint,
@@ -176,19 +176,35 @@ def restoration_examples(
             eval_config,
             on_progress=rate_logger(context.log.info, "restoration cases"),
         )
-        metadata = {
-            "table": dg.MetadataValue.md(restoration_eval.format_table(result.table)),
-            "n_images": result.n_images,
-            "image_size": result.image_size,
-            "model_image_size": result.model_size,
-            "elapsed_s": round(result.elapsed_s, 1),
-            "columns": ", ".join(restoration_eval.PREVIEW_COLUMNS),
-            "preview": image_preview(result.preview_path, max_side=1024),
-            "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
-            "dagster/uri": storage.uri(RESTORATION_DIR),
-        }
-        version = files_version([result.preview_path])
-    return versioned_result(context, metadata, data_version=version, fingerprint=fingerprint)
+        return StepOutput(
+            data_version=files_version([result.preview_path]),
+            metadata={
+                "table": dg.MetadataValue.md(restoration_eval.format_table(result.table)),
+                "n_images": result.n_images,
+                "image_size": result.image_size,
+                "model_image_size": result.model_size,
+                "elapsed_s": round(result.elapsed_s, 1),
+                "columns": ", ".join(restoration_eval.PREVIEW_COLUMNS),
+                "preview": image_preview(result.preview_path, max_side=1024),
+                "checkpoint": dg.MetadataValue.path(str(Path(checkpoint).resolve())),
+                "dagster/uri": storage.uri(RESTORATION_DIR),
+            },
+        )
+
+    return run_step(
+        context,
+        storage,
+        Step(
+            requires=None,  # _generator_checkpoint says what to materialise when it is missing
+            upstream=[GENERATOR_ASSET, "car_shards"],
+            output=RESTORATION_DIR,
+            pull=[CHAMPION_DIR, SHARDS_DIR],
+            push=[RESTORATION_DIR],
+        ),
+        settings=config.fingerprint_settings(),
+        force=config.force,
+        work=work,
+    )
 
 
 DESIGN_ASSETS = [design_samples, restoration_examples]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import dagster as dg
 
@@ -188,6 +188,26 @@ def input_errors_fail_the_step() -> Iterator[None]:
         yield
     except InputError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+T = TypeVar("T")
+
+
+def library_settings(asset: str, build: Callable[[], T]) -> T:
+    """The library's settings object for ``asset``, built from its config by ``build``.
+
+    The library's config classes reject impossible values with a ValueError that names the
+    setting (``ShardConfig.val_fraction must be in [0, 1)``); here that is bad input in the
+    asset's config, said in one line, not a bug with a traceback.
+    """
+    try:
+        return build()
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(
+            f"{asset} config: {exc}; fix it in the run config or the project config file."
+        ) from None
 
 
 @dataclass(frozen=True)
