@@ -347,6 +347,7 @@ def unique_images(
             # Photos that downloaded but cannot be decoded are dropped here: counted, not lost
             # silently.
             "undecodable": result.n_undecodable,
+            "undecodable_reasons": counts_table(result.undecodable_by_reason),
             "clusters": result.n_clusters,
             "cluster_sizes": counts_table(
                 {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
