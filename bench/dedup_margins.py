@@ -24,13 +24,8 @@ from PIL import Image, ImageOps
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from carmodels.dedup import (  # noqa: E402
-    DedupConfig,
-    _hash_chunk,
-    _HashTask,
-    colour_distances,
-    find_near_duplicates,
-)
+from carmodels.dedup import DedupConfig, colour_distances, find_near_duplicates  # noqa: E402
+from carmodels.dedup.hashing import _hash_chunk, _HashTask  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "cars-sample"
 

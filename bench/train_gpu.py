@@ -30,13 +30,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
 
+from carmodels.device import resolve_device  # noqa: E402
 from carmodels.models import count_flops_per_image, get_preset, spec_for  # noqa: E402
-from carmodels.train import (  # noqa: E402
-    TrainStep,
-    epoch_batches,
-    epoch_permutation,
-    resolve_device,
-)
+from carmodels.train import TrainStep, epoch_batches, epoch_permutation  # noqa: E402
 
 
 @dataclass(frozen=True)

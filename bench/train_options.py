@@ -64,8 +64,8 @@ from carmodels.dedup import DedupConfig, deduplicate  # noqa: E402
 from carmodels.evaluate import EvalConfig, evaluate  # noqa: E402
 from carmodels.imaging import ImagingConfig  # noqa: E402
 from carmodels.scrape.raw import raw_schema, shard_path  # noqa: E402
-from carmodels.shards import ShardConfig, build_shards  # noqa: E402
-from carmodels.train import TrainConfig, data_version_of, train  # noqa: E402
+from carmodels.shards import ShardConfig, build_shards, data_version_of  # noqa: E402
+from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "cars-sample"
 PRESET = "small"

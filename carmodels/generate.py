@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from carmodels.checkpoint import load_generator
+from carmodels.device import resolve_device
 from carmodels.errors import InputError
 from carmodels.io import atomic_write
-from carmodels.train import load_generator, resolve_device, save_image_grid, tensor_to_pil
+from carmodels.train.artefacts import save_image_grid, tensor_to_pil
 
 #: Folder (next to the run's checkpoints) used when no out_dir is given.
 DEFAULT_SUBDIR = "generated"

@@ -16,13 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import io
-import multiprocessing
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -668,38 +665,6 @@ def normalise_keyed(
     return [(key, normalise(data, config, mirror_source=mirror)) for key, data, mirror in items]
 
 
-# --------------------------------------------------------------------------- parallel map
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def map_in_processes(
-    fn: Callable[[T], R], chunks: Iterable[T], workers: int, max_in_flight: int | None = None
-) -> Iterator[R]:
-    """``map(fn, chunks)`` over a process pool, in order, with at most ``max_in_flight`` chunks
-    submitted at a time so that a lazy ``chunks`` iterator is consumed only as fast as the
-    workers keep up (memory stays bounded however large the input).
-
-    ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one).
-    Workers start with ``forkserver``: forking a process that runs threads (Dagster, tqdm)
-    can deadlock, and forkserver is much cheaper than spawn for repeated pools.
-    """
-    if workers <= 1:
-        yield from map(fn, chunks)
-        return
-    limit = max_in_flight or 2 * workers
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending: deque[Future[R]] = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(fn, chunk))
-            if len(pending) >= limit:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 __all__ = [
     "FACES",
     "FRAMINGS",
@@ -717,7 +682,6 @@ __all__ = [
     "FACING_METHODS",
     "estimate_facing",
     "estimate_facing_silhouette",
-    "map_in_processes",
     "normalise",
     "normalise_keyed",
     "to_square",

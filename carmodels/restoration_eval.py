@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from carmodels.checkpoint import load_generator
+from carmodels.device import resolve_device
 from carmodels.io import atomic_save_image, atomic_write_bytes, atomic_write_json
 from carmodels.restore import (
     DEFAULT_FINETUNE_STEPS,
@@ -39,7 +41,6 @@ from carmodels.restore import (
     restore,
 )
 from carmodels.shards import load_images
-from carmodels.train import load_generator, resolve_device
 
 METRICS_NAME = "metrics.json"
 TABLE_NAME = "table.md"

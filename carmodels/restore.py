@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carmodels.checkpoint import load_generator
+from carmodels.device import resolve_device
 from carmodels.io import atomic_save_image
-from carmodels.train import load_generator, resolve_device
 
 Task = Literal["inpaint", "denoise", "upscale"]
 TASKS: tuple[str, ...] = ("inpaint", "denoise", "upscale")

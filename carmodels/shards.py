@@ -35,7 +35,7 @@ import pyarrow.dataset as ds
 import torch
 from PIL import Image
 
-from carmodels.dedup import UNIQUE_CORE_COLUMNS, UNIQUE_FILE, iter_raw_bytes
+from carmodels.dedup.schema import UNIQUE_CORE_COLUMNS, UNIQUE_FILE
 from carmodels.errors import (
     EmptySplitError,
     InputError,
@@ -44,13 +44,10 @@ from carmodels.errors import (
     ShardsError,
     one_line,
 )
-from carmodels.imaging import (
-    ImagingConfig,
-    Rejection,
-    map_in_processes,
-    normalise_keyed,
-)
+from carmodels.imaging import ImagingConfig, Rejection, normalise_keyed
 from carmodels.io import atomic_save_image, atomic_write_json, atomic_write_parquet
+from carmodels.parallel import map_in_processes
+from carmodels.scrape.raw import iter_raw_bytes
 
 #: Bumped whenever a column is added, removed or changes meaning.
 SHARD_SCHEMA_VERSION = 1
@@ -549,3 +546,31 @@ def image_grid(images: list[np.ndarray], columns: int, size: int) -> Image.Image
     for k, pixels in enumerate(images):
         grid.paste(Image.fromarray(pixels), ((k % columns) * size, (k // columns) * size))
     return grid
+
+
+def data_version_of(shards_dir: str | os.PathLike[str]) -> str:
+    """Content version of the shard files (their bytes, not their generation names)."""
+    from carmodels.versioning import contents_version
+
+    return contents_version(shard_files(shards_dir))
+
+
+def fit_image_size(images: torch.Tensor, size: int, source: str) -> torch.Tensor:
+    """Downscale (box filter, in chunks) shards larger than the model's image size."""
+    height, width = images.shape[-2:]
+    if height != width:
+        raise ValueError(f"Shards in {source} hold {height}x{width} images; expected squares.")
+    if height == size:
+        return images
+    if height < size:
+        raise ValueError(
+            f"Shards in {source} hold {height}px images, smaller than image_size={size}; "
+            f"train with image_size={height} or rebuild the shards at {size}px."
+        )
+    chunks = [
+        torch.nn.functional.interpolate(chunk.float(), size=(size, size), mode="area")
+        .round_()
+        .to(torch.uint8)
+        for chunk in images.split(4096)
+    ]
+    return torch.cat(chunks)

@@ -15,16 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-import carmodels.dedup as dedup_module
 from carmodels.dedup import (
     HASHES_FILE,
     DedupConfig,
     SearchStats,
-    _covering_masks,
-    _plan_masks,
-    _within_threshold,
     colour_distances,
     colour_thumbnails,
+    contact_sheet,
     deduplicate,
     find_near_duplicates,
     hash_to_hex,
@@ -33,8 +30,10 @@ from carmodels.dedup import (
     phash_distance,
     phash_pair,
     phash_pixels,
+    search,
     search_masks,
 )
+from carmodels.dedup.search import _covering_masks, _plan_masks, _within_threshold
 from carmodels.demo import build_catalog
 from carmodels.demo.drawing import draw_car
 from carmodels.errors import InputError, MissingInputError, ShardsError
@@ -249,7 +248,7 @@ def test_each_search_plan_equals_brute_force(n_parts: int):
 def test_search_with_many_equal_hashes_equals_brute_force(block_elements: int, monkeypatch):
     """Long runs of equal keys (80 equal hashes, 150 near them), also with blocks smaller
     than one run."""
-    monkeypatch.setattr(dedup_module, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(search, "_BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(7)
     base = rng.integers(0, 2**64, dtype=np.uint64)
     flips = [
@@ -273,7 +272,7 @@ def test_search_checks_every_pair_of_runs_of_every_length(block_elements: int, m
     """A narrow mask puts ~16 hashes in each run (lengths 6 to 30, odd and even), and a wide
     threshold makes many of their pairs close: every pair inside a run, at every cyclic
     offset, must be found exactly once, whatever the blocks the runs are cut into."""
-    monkeypatch.setattr(dedup_module, "_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(search, "_BLOCK_ELEMENTS", block_elements)
     rng = np.random.default_rng(11)
     hashes = rng.integers(0, 2**64, size=4_000, dtype=np.uint64)
     mask, threshold = 0xFF, 26
@@ -374,9 +373,9 @@ def test_deduplicate_clusters_and_keeps_biggest(raw_dir: Path, tmp_path: Path):
 
     sheet = Image.open(result.contact_sheet_path)
     # One row (the cluster of four), as wide as its four members and no wider.
-    cell = DedupConfig.thumbnail_px + 2 * dedup_module._BORDER_PX
-    assert sheet.width == dedup_module._CAPTION_PX + 4 * cell
-    assert sheet.height == cell + dedup_module._LABEL_PX
+    cell = DedupConfig.thumbnail_px + 2 * contact_sheet._BORDER_PX
+    assert sheet.width == contact_sheet._CAPTION_PX + 4 * cell
+    assert sheet.height == cell + contact_sheet._LABEL_PX
 
 
 def test_mirrored_copy_needs_flip_aware(raw_dir: Path, tmp_path: Path):

@@ -8,14 +8,19 @@ loses at most the rows buffered since the last shard (a shard is written every
 a written one; the next run fetches exactly the URLs without a row.
 A re-fetch of a URL (``retry_failed``, ``revalidate``) appends a newer row instead of
 rewriting the old shard; readers take the latest row per URL by ``fetched_at``.
+
+The readers of the later stages live here too, beside the writer whose format they read:
+``read_raw_index`` (the ok images, one per URL, without bytes) and ``iter_raw_bytes`` (their
+bytes, shard by shard and batch by batch), both over ``raw_shard_files``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from carmodels.errors import MissingColumnError, MissingInputError, ShardsError, one_line
 from carmodels.io import atomic_write
 from carmodels.scrape.fetch import THUMBNAIL_COLUMN, Validators
 
@@ -56,6 +62,8 @@ RAW_COLUMNS: tuple[str, ...] = tuple(f.name for f in RAW_FIELDS)
 #: Written only when the downloader makes thumbnails (``ScrapeConfig.thumbnail_size``):
 #: ``size x size x 3`` uint8 RGB bytes, row-major (the layout of car shards' ``image``).
 THUMBNAIL_FIELD = pa.field(THUMBNAIL_COLUMN, pa.binary())
+#: Non-metadata columns of a raw shard: ``read_raw_index`` keeps every other one as metadata.
+RAW_CORE_COLUMNS = (*RAW_COLUMNS, THUMBNAIL_FIELD.name)
 #: Prefix given to a manifest column whose name clashes with a raw column (e.g. ``width``).
 CLASHING_METADATA_PREFIX = "manifest_"
 
@@ -313,3 +321,112 @@ def read_raw(raw_dir: str | os.PathLike[str], columns: Sequence[str] | None = No
     # Nullable integers: a missing status or size stays missing instead of turning into NaN.
     frame = table.to_pandas(types_mapper={pa.int32(): pd.Int32Dtype()}.get)
     return frame[wanted] if wanted is not None else frame
+
+
+# --------------------------------------------------------------------------- stage readers
+
+
+def raw_shard_files(raw_dir: str | os.PathLike[str]) -> list[Path]:
+    raw_dir = Path(raw_dir)
+    files = sorted(raw_dir.glob(RAW_SHARD_GLOB)) if raw_dir.is_dir() else []
+    if not files:
+        raise MissingInputError(
+            f"No {RAW_SHARD_GLOB} files in {raw_dir}: materialise `raw_images` "
+            "(or run `carmodels scrape`) first."
+        )
+    return files
+
+
+def read_raw_index(raw_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """The ok images of the raw shards, without bytes: one row per URL (latest fetch wins).
+
+    Columns: ``url, sha256, raw_shard, fetched_at`` + listing metadata (strings).
+    """
+    frames = []
+    for path in raw_shard_files(raw_dir):
+        # ParquetFile rather than pq.read_table: the latter imports pyarrow.dataset (0.1 s on
+        # a first call) to read what is always one plain file here.
+        with _unreadable_raw_shard(path):
+            parquet = pq.ParquetFile(path)
+            schema = parquet.schema_arrow
+            missing = {"url", "outcome", "sha256", "fetched_at"} - set(schema.names)
+            if missing:
+                raise MissingColumnError(
+                    f"Raw shard {path} lacks columns {sorted(missing)}; was it written by "
+                    "`carmodels scrape`? Move it out of the folder."
+                )
+            columns = [name for name in schema.names if name != "image_bytes"]
+            frame = parquet.read(columns=columns).to_pandas()
+        frame["raw_shard"] = path.name
+        frames.append(frame)
+    raw = pd.concat(frames, ignore_index=True)
+    raw["fetched_at"] = pd.to_datetime(raw["fetched_at"], utc=True)
+    # Latest fetch per URL wins; ties broken by shard name and row so the result is stable.
+    raw = raw.sort_values(["url", "fetched_at", "raw_shard"], kind="stable")
+    raw = raw.drop_duplicates("url", keep="last")
+    ok = raw[raw["outcome"] == "ok"]
+    if ok["sha256"].isna().any():
+        bad = ok[ok["sha256"].isna()].iloc[0]
+        raise ShardsError(
+            f"Raw shard {Path(raw_dir) / bad['raw_shard']} has an ok row without sha256 "
+            f"({bad['url']}); move the shard away and run `carmodels scrape` again."
+        )
+    metadata = [c for c in ok.columns if c not in RAW_CORE_COLUMNS and c != "raw_shard"]
+    out = ok[["url", "sha256", "raw_shard", "fetched_at", *metadata]].copy()
+    for column in metadata:
+        out[column] = out[column].astype("string")
+    return out.sort_values("url", kind="stable").reset_index(drop=True)
+
+
+def iter_raw_bytes(
+    raw_dir: str | os.PathLike[str],
+    wanted: Iterable[str],
+    batch_rows: int,
+    shard_names: Iterable[str] | None = None,
+) -> Iterator[tuple[str, str, bytes]]:
+    """(raw shard name, sha256, bytes) of ok rows whose sha256 is in ``wanted``, each sha once.
+
+    Reads shard by shard and batch by batch, so memory holds one batch of bytes at a time.
+    """
+    remaining = set(wanted)
+    paths = raw_shard_files(raw_dir)
+    if shard_names is not None:
+        names = set(shard_names)
+        paths = [p for p in paths if p.name in names]
+    wanted_array = pa.array(sorted(remaining), type=pa.string())
+    for path in paths:
+        if not remaining:
+            return
+        for batch in _raw_batches(path, batch_rows, ["sha256", "outcome", "image_bytes"]):
+            selected = pc.and_(
+                pc.equal(batch.column("outcome"), "ok"),
+                pc.is_in(batch.column("sha256"), value_set=wanted_array),
+            )
+            batch = batch.filter(pc.fill_null(selected, False))
+            for sha256, data in zip(
+                batch.column("sha256").to_pylist(),
+                batch.column("image_bytes").to_pylist(),
+                strict=True,
+            ):
+                if sha256 in remaining and data is not None:
+                    remaining.discard(sha256)
+                    yield path.name, sha256, data
+
+
+@contextlib.contextmanager
+def _unreadable_raw_shard(path: Path) -> Iterator[None]:
+    """Turn pyarrow's complaint about a damaged raw shard into an error naming it and the fix."""
+    try:
+        yield
+    except pa.ArrowException as error:
+        raise ShardsError(
+            f"Raw shard {path} cannot be read ({one_line(error)}): it is truncated or not "
+            "Parquet; move it out of the folder and run `carmodels scrape` again to refetch "
+            "its images."
+        ) from error
+
+
+def _raw_batches(path: Path, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """Record batches of a raw shard; a damaged page fails like a damaged footer."""
+    with _unreadable_raw_shard(path):
+        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns)

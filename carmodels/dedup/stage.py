@@ -1,0 +1,367 @@
+"""The dedup stage itself: its settings (``DedupConfig``), its summary (``DedupResult``) and
+``deduplicate``, which runs the steps the package docstring lists and writes the outputs.
+
+Everything here is orchestration: indexing the raw shards, the hash cache, the search, the
+colour check, the clustering and the contact sheet are each a module of their own, and this
+one wires them together in order and writes ``unique.parquet`` and ``clusters.parquet``
+(their names in ``carmodels.dedup.schema``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from carmodels.dedup.cache import (
+    HASH_CACHE_VERSION,
+    _hash_new_images,
+    _read_hash_cache,
+    _write_hash_cache,
+)
+from carmodels.dedup.cluster import _cluster, _relabel_by_size
+from carmodels.dedup.contact_sheet import write_contact_sheet
+from carmodels.dedup.hashing import HASH_METHODS, hash_to_hex
+from carmodels.dedup.schema import (
+    CLUSTERS_FILE,
+    CONTACT_SHEET_FILE,
+    HASHES_FILE,
+    UNIQUE_CORE_COLUMNS,
+    UNIQUE_FILE,
+)
+from carmodels.dedup.search import HASH_BITS, _popcount, find_near_duplicates
+from carmodels.dedup.verify import stack_thumbnails, verify_pairs
+from carmodels.errors import InputError
+from carmodels.io import atomic_write_parquet
+from carmodels.scrape.raw import read_raw_index
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    """Settings of the duplicate search."""
+
+    #: imagehash function: ``phash`` (DCT; robust to re-encoding and resizing), ``dhash``,
+    #: ``whash`` or ``colorhash`` (colour histogram; only for hash_size <= 4 to fit 64 bits).
+    hash_method: str = "phash"
+    #: imagehash ``hash_size`` (``binbits`` for colorhash); the hash must fit in 64 bits.
+    hash_size: int = 8
+    #: Largest Hamming distance between two 64-bit hashes that makes a candidate pair (the
+    #: colour check below then confirms or rejects it).
+    #: 10: every planted copy kept, no false pair after the colour check; 12 adds only heavy
+    #: crops, at ~2x the search time (docs/benchmarks/dedup.md).
+    threshold: int = 10
+    #: Also compare each photo with the mirror image of the others, so a mirrored repost
+    #: counts as a duplicate.
+    flip_aware: bool = True
+    #: Confirm every hash candidate with the colour thumbnails (False: the hash alone decides,
+    #: and ``threshold`` should then be 6, its limit without the check: docs/benchmarks/dedup.md).
+    verify_colour: bool = True
+    #: Side of the colour thumbnail, in cells (each cell is the mean RGB of its area). 8x8 was
+    #: as discriminating as 16x16 and more tolerant of crops (cells move less).
+    colour_grid: int = 8
+    #: Crops (fraction cut from every side) at which thumbnails are stored. Two photos are
+    #: compared at every pairing of one photo's crop with the other's full frame, so a copy
+    #: cropped by up to the largest crop (and in between) lines up with its original.
+    colour_crops: tuple[float, ...] = (0.0, 0.015, 0.03)
+    #: Largest mean per-cell RGB distance (Euclidean, 0-255 scale, best crop pairing, mirror
+    #: tried when flip_aware) between the thumbnails of a near-duplicate pair.
+    #: 6.5 sits between the planted copies (max 5.6) and the hardest false candidate, one drawn
+    #: car painted grey vs blue (7.0 to 9.5) (docs/benchmarks/dedup.md).
+    max_colour_distance: float = 6.5
+    #: Candidate pairs verified per numpy batch (bounds memory: a few KB per pair).
+    verify_batch_pairs: int = 65536
+    #: Processes (threads below ``min_images_per_worker``) hashing images, and threads
+    #: scanning the near-neighbour search's tables.
+    workers: int = 2
+    #: New images per worker process below which fewer processes are started (none: hashing
+    #: in ``workers`` threads of this process instead).
+    #: 2000: a photo costs ~1 ms to hash, a worker pool 2-5 s to start (docs/benchmarks/dedup.md).
+    min_images_per_worker: int = 2000
+    #: Images per task sent to a worker (large enough to amortise pickling overhead).
+    chunk_size: int = 64
+    #: Rows read from a raw shard at a time; bounds memory to a few batches of image bytes.
+    read_batch_rows: int = 256
+    #: JPEGs are decoded at a reduced scale (DCT scaling) at least this large: phash works on
+    #: 32 px and the colour cells on 8.
+    #: 64: ~1 ms a photo (256 px: ~11 ms); 32 px blurred crops past ``max_colour_distance``
+    #: (docs/benchmarks/dedup.md).
+    decode_draft_px: int = 64
+    #: Contact sheet: how many of the largest clusters, members per row, thumbnail side.
+    contact_sheet_clusters: int = 12
+    contact_sheet_members: int = 8
+    thumbnail_px: int = 96
+
+    def __post_init__(self) -> None:
+        if self.hash_method not in HASH_METHODS:
+            raise ValueError(
+                f"DedupConfig.hash_method must be one of {HASH_METHODS}, got {self.hash_method!r}"
+            )
+        if self.hash_bits > HASH_BITS:
+            raise ValueError(
+                f"DedupConfig: {self.hash_method} with hash_size {self.hash_size} gives "
+                f"{self.hash_bits} bits; the search needs <= {HASH_BITS} (phash/dhash/whash: "
+                "hash_size <= 8; colorhash: hash_size <= 4)."
+            )
+        if self.hash_method == "whash" and self.hash_size & (self.hash_size - 1):
+            raise ValueError(f"whash needs a power-of-two hash_size, got {self.hash_size}")
+        if not 0 <= self.threshold < self.hash_bits:
+            raise ValueError(
+                f"DedupConfig.threshold must be in [0, {self.hash_bits}), got {self.threshold}"
+            )
+        if min(self.workers, self.chunk_size, self.read_batch_rows, self.min_images_per_worker) < 1:
+            raise ValueError(
+                "DedupConfig.workers, chunk_size, read_batch_rows and min_images_per_worker "
+                "must be >= 1"
+            )
+        if self.colour_grid < 1 or self.verify_batch_pairs < 1:
+            raise ValueError("DedupConfig.colour_grid and verify_batch_pairs must be >= 1")
+        crops = self.colour_crops
+        if not crops or crops[0] != 0.0 or not all(0.0 <= c < 0.25 for c in crops):
+            raise ValueError(
+                "DedupConfig.colour_crops must start with 0.0 (the full frame) and hold "
+                f"fractions in [0, 0.25), got {crops!r}"
+            )
+        if self.max_colour_distance < 0:
+            raise ValueError(
+                f"DedupConfig.max_colour_distance must be >= 0, got {self.max_colour_distance}"
+            )
+
+    @property
+    def hash_bits(self) -> int:
+        if self.hash_method == "colorhash":
+            return 14 * self.hash_size  # imagehash.colorhash: 14 bins of `binbits` bits
+        return self.hash_size * self.hash_size
+
+    @property
+    def hash_spec(self) -> str:
+        """Identifies hash function and thumbnails; the cache is reused only under the same spec."""
+        crops = ",".join(f"{c:g}" for c in self.colour_crops)
+        return (
+            f"v{HASH_CACHE_VERSION}:{self.hash_method}:{self.hash_size}:"
+            f"draft{self.decode_draft_px}:colour{self.colour_grid}@{crops}"
+        )
+
+    @property
+    def thumbnail_shape(self) -> tuple[int, int, int, int]:
+        """(crops, rows, columns, RGB) of one image's stored thumbnails."""
+        return (len(self.colour_crops), self.colour_grid, self.colour_grid, 3)
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    #: ``outcome == "ok"`` images (one per URL) in the raw shards.
+    n_input: int
+    n_kept: int
+    #: Dropped images with the same sha256 as their cluster's kept image.
+    n_exact_duplicates: int
+    #: Dropped images that only look like their cluster's kept image.
+    n_near_duplicates: int
+    #: Clusters with more than one member.
+    n_clusters: int
+    #: Cluster size -> number of clusters, over all clusters (size 1 = no duplicate).
+    cluster_size_histogram: dict[int, int]
+    unique_path: Path
+    clusters_path: Path
+    #: None when there are no duplicate clusters to show.
+    contact_sheet_path: Path | None
+    elapsed_s: float
+    #: "ok" rows left out of ``unique.parquet`` because they have no usable image: the sum of
+    #: ``undecodable_by_reason``.
+    n_undecodable: int = 0
+    #: Why, per reason: ``decode_error`` (bytes that are not an image Pillow/OpenCV can
+    #: decode) and ``no_bytes`` (an ok row whose ``image_bytes`` are missing from the raw
+    #: shard). Only reasons that occurred are present.
+    undecodable_by_reason: dict[str, int] = field(default_factory=dict)
+    #: Images hashed in this run (the rest came from ``hashes.parquet``).
+    n_hashed: int = 0
+
+
+#: Schema of ``clusters.parquet``: one row per member of a cluster of more than one image.
+_CLUSTERS_SCHEMA = pa.schema(
+    [
+        ("cluster_id", pa.int64()),
+        ("sha256", pa.string()),
+        ("url", pa.string()),
+        ("kept", pa.bool_()),
+        ("kind", pa.string()),
+        ("distance", pa.int32()),
+    ]
+)
+
+
+def deduplicate(
+    raw_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    config: DedupConfig | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> DedupResult:
+    """Find exact and near duplicates in ``raw_dir`` and write the kept-image index to ``out_dir``.
+
+    Writes ``unique.parquet`` (one row per kept image), ``clusters.parquet`` (members of
+    clusters with more than one image), ``hashes.parquet`` (hash cache for the next run) and
+    ``clusters.png`` (contact sheet of the largest clusters). ``on_progress(done, total)``
+    counts images hashed in this run.
+    """
+    config = config or DedupConfig()
+    started = time.monotonic()
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    index = read_raw_index(raw_dir)
+    if index.empty:
+        # Raised before anything is written, so an earlier unique.parquet stays as it was.
+        raise InputError(
+            f"The raw shards in {raw_dir} hold no successfully fetched image (outcome 'ok'); "
+            "run `carmodels scrape` again (its outcome counts say why the fetches failed)."
+        )
+    cached = _read_hash_cache(out_dir / HASHES_FILE, config)
+    hashes, n_hashed = _hash_new_images(raw_dir, index, cached, config, on_progress)
+    _write_hash_cache(out_dir / HASHES_FILE, hashes, config)
+
+    images, undecodable_by_reason = _decodable_images(raw_dir, index, hashes)
+    _assign_clusters(images, _near_pairs(images, config), config)
+    unique_path = _write_unique(images, index, out_dir)
+    members, clusters_path = _write_clusters(images, out_dir)
+
+    contact_sheet_path = None
+    if len(members):
+        contact_sheet_path = write_contact_sheet(
+            raw_dir, members, out_dir / CONTACT_SHEET_FILE, config
+        )
+    else:
+        (out_dir / CONTACT_SHEET_FILE).unlink(missing_ok=True)  # stale sheet of a past run
+
+    sizes = images.groupby("cluster_id").size()
+    histogram = {int(size): int(count) for size, count in sizes.value_counts().sort_index().items()}
+    kinds = images["kind"].value_counts()
+    return DedupResult(
+        n_input=len(index),
+        n_kept=int(images["kept"].sum()),
+        n_exact_duplicates=int(kinds.get("exact", 0)),
+        n_near_duplicates=int(kinds.get("near", 0)),
+        n_clusters=int((sizes > 1).sum()),
+        cluster_size_histogram=histogram,
+        unique_path=unique_path,
+        clusters_path=clusters_path,
+        contact_sheet_path=contact_sheet_path,
+        elapsed_s=time.monotonic() - started,
+        n_undecodable=len(index) - len(images),
+        undecodable_by_reason=undecodable_by_reason,
+        n_hashed=n_hashed,
+    )
+
+
+def _decodable_images(
+    raw_dir: Path, index: pd.DataFrame, hashes: pd.DataFrame
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The rows of ``index`` whose image decodes, with their hashes, thumbnails and ``pixels``,
+    sorted by URL; and the others counted by reason (``_undecodable_by_reason``)."""
+    decodable = hashes[hashes["decodable"]].drop(columns="decodable")
+    images = index.merge(decodable, on="sha256", how="inner", validate="many_to_one")
+    undecodable_by_reason = _undecodable_by_reason(index, hashes)
+    if images.empty:
+        raise InputError(
+            f"None of the {len(index)} fetched images in {raw_dir} decodes "
+            f"({undecodable_by_reason}); check what the scraped URLs serve."
+        )
+    images = images.sort_values("url", kind="stable").reset_index(drop=True)
+    images["pixels"] = images["width"].astype(np.int64) * images["height"].astype(np.int64)
+    return images, undecodable_by_reason
+
+
+def _near_pairs(images: pd.DataFrame, config: DedupConfig) -> pd.DataFrame:
+    """Near pairs ``i, j`` of the distinct sha256 values of ``images`` (indexed in order of
+    first appearance): hash candidates, kept only if their colours agree when
+    ``verify_colour``."""
+    distinct = images.drop_duplicates("sha256")  # factorize order == first appearance
+    pairs = find_near_duplicates(
+        distinct["hash"].to_numpy(np.uint64),
+        config.threshold,
+        distinct["hash_flipped"].to_numpy(np.uint64) if config.flip_aware else None,
+        bits=config.hash_bits,
+        workers=config.workers,
+    )
+    if config.verify_colour:
+        pairs = verify_pairs(pairs, stack_thumbnails(distinct["thumbnails"], config), config)
+    return pairs
+
+
+def _assign_clusters(images: pd.DataFrame, pairs: pd.DataFrame, config: DedupConfig) -> None:
+    """Add to ``images`` (in place) each one's cluster (``cluster_id``, ``cluster_size``,
+    ``kept``), its hashes in hex (``phash``, ``phash_flipped``) and its relation to its
+    cluster's kept image (``distance``, ``kind``)."""
+    labels, kept = _cluster(images, pairs)
+    kept_row_of_label = pd.Series(np.flatnonzero(kept), index=labels[kept])
+    kept_row = kept_row_of_label.loc[labels].to_numpy()
+    images["cluster_id"] = _relabel_by_size(
+        labels, images["url"].iloc[kept_row].reset_index(drop=True)
+    )
+    images["cluster_size"] = images.groupby("cluster_id")["url"].transform("size").astype(np.int32)
+    images["kept"] = kept
+    images["phash"] = [hash_to_hex(h) for h in images["hash"]]
+    images["phash_flipped"] = [hash_to_hex(h) for h in images["hash_flipped"]]
+
+    # Relation of each member to its cluster's kept image.
+    kept_hash = images["hash"].to_numpy(np.uint64)[kept_row]
+    distance = _popcount(images["hash"].to_numpy(np.uint64) ^ kept_hash)
+    if config.flip_aware:
+        kept_flipped = images["hash_flipped"].to_numpy(np.uint64)[kept_row]
+        distance = np.minimum(
+            distance, _popcount(kept_flipped ^ images["hash"].to_numpy(np.uint64))
+        )
+    same_bytes = images["sha256"].to_numpy() == images["sha256"].to_numpy()[kept_row]
+    images["distance"] = np.where(same_bytes, 0, distance).astype(np.int32)
+    images["kind"] = np.where(kept, None, np.where(same_bytes, "exact", "near"))
+
+
+def _write_unique(images: pd.DataFrame, index: pd.DataFrame, out_dir: Path) -> Path:
+    """Write ``unique.parquet``: the kept images, by cluster, with their listing metadata."""
+    metadata = [c for c in index.columns if c not in ("url", "sha256", "raw_shard", "fetched_at")]
+    unique = images[images["kept"]].sort_values(["cluster_id", "url"], kind="stable")
+    unique_table = pa.Table.from_pandas(
+        unique[[*UNIQUE_CORE_COLUMNS, "phash_flipped", "n_bytes", "fetched_at", *metadata]].astype(
+            {"width": np.int32, "height": np.int32, "cluster_id": np.int64}
+        ),
+        preserve_index=False,
+    )
+    return atomic_write_parquet(out_dir / UNIQUE_FILE, unique_table)
+
+
+def _write_clusters(images: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, Path]:
+    """Write ``clusters.parquet`` and return its rows (plus ``raw_shard``, for the contact
+    sheet): the members of clusters of more than one image, each kept image first."""
+    members = images[images["cluster_size"] > 1].sort_values(
+        ["cluster_id", "kept", "distance", "url"],
+        ascending=[True, False, True, True],
+        kind="stable",
+    )
+    clusters_table = pa.Table.from_pandas(
+        members[["cluster_id", "sha256", "url", "kept", "kind", "distance"]].astype(
+            {"cluster_id": np.int64}
+        ),
+        schema=_CLUSTERS_SCHEMA,
+        preserve_index=False,
+    )
+    return members, atomic_write_parquet(out_dir / CLUSTERS_FILE, clusters_table)
+
+
+def _undecodable_by_reason(index: pd.DataFrame, hashes: pd.DataFrame) -> dict[str, int]:
+    """Ok rows of ``index`` that are not images, by reason (see ``DedupResult``).
+
+    A sha256 hashed as not decodable is a ``decode_error``; one that never reached hashing had
+    no bytes to hash (``iter_raw_bytes`` skips null ``image_bytes``): ``no_bytes``.
+    """
+    decodable_by_sha = hashes.drop_duplicates("sha256").set_index("sha256")["decodable"]
+    decodable = index["sha256"].map(decodable_by_sha)
+    counts = {
+        "decode_error": int(decodable.eq(False).sum()),  # NaN (never hashed) is not False
+        "no_bytes": int(decodable.isna().sum()),
+    }
+    return {reason: n for reason, n in counts.items() if n}
+
+
+__all__ = ["DedupConfig", "DedupResult", "deduplicate"]

@@ -1,0 +1,171 @@
+"""What a training run is told and what it reports: :class:`TrainConfig`, :class:`TrainResult`
+and :class:`TrainingDiverged`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from carmodels.augment import parse_policy
+from carmodels.device import AMP_MODES
+from carmodels.models import ModelSpec, get_preset
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is left in place."""
+
+    def __init__(
+        self, epoch: int, step: int, losses: dict[str, float], last_checkpoint: Path | None
+    ) -> None:
+        self.epoch, self.step, self.losses, self.last_checkpoint = (
+            epoch,
+            step,
+            losses,
+            last_checkpoint,
+        )
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was written yet"
+        )
+        super().__init__(
+            f"Training diverged at epoch {epoch}, step {step} ({shown}); {kept}. "
+            "Lower the learning rates (lr_g/lr_d) or resume from that checkpoint."
+        )
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting. ``None`` learning rates and betas mean "the preset's"."""
+
+    preset: str = "seed"
+    image_size: int = 128
+    epochs: int = 170
+    batch_size: int = 128
+    lr_g: float | None = None
+    lr_d: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    nz: int | None = None
+    #: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 1
+    #: How many epoch checkpoints to keep (None keeps all); ``latest.pt`` is always kept.
+    keep_last: int | None = 3
+    sample_every: int = 1
+    log_every_steps: int = 20
+    #: "auto" = bf16 autocast on CUDA and off on CPU; "bf16" forces it; "off" is plain fp32.
+    amp: str = "auto"
+    channels_last: bool = True
+    #: torch.compile G and D. Off by default: on an H200 (torch 2.11) eager bf16 with
+    #: channels_last was ~25% faster than compiled (see bench/train_gpu.py).
+    compile: bool = False
+    #: Cap on steps per epoch (tests, smoke runs); None = one pass over the data.
+    max_steps_per_epoch: int | None = None
+    # The next three defaults were chosen by measurement (bench/train_options.py, figures in
+    # docs/BENCHMARKS.md "Training options", 2026-11-28): the small preset, 64 px, 30 epochs
+    # on the 1,188 cars-sample training photos, 2 seeds, scored on the val split.
+    #: Decay of the exponential moving average of G used for samples; None disables it.
+    #: On: the EMA generator scored better than the raw one on both seeds and both metrics
+    #: (type_fd 32.4 vs 44.3, pixel_fd_16 3.9 vs 6.8).
+    ema_decay: float | None = 0.999
+    #: One-sided label smoothing: the discriminator's target for real images is 1 - this.
+    #: Off: 0.1 was within noise (type_fd 35.1 vs 32.4, seed-to-seed range 6.4).
+    label_smoothing: float = 0.0
+    #: DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off.
+    #: Off: that policy was within noise on type_fd (35.1 vs 32.4) and worse on pixel_fd_16
+    #: (5.8 vs 3.9, both seeds); off also costs nothing.
+    diffaugment: str = ""
+    #: Also keep ``best.pt``: the checkpoint with the lowest ``sample_fd`` (see SampleMonitor).
+    keep_best: bool = True
+    #: Warn of mode collapse when the fixed-noise samples' diversity falls below this
+    #: fraction of the highest diversity seen earlier in the run.
+    collapse_fraction: float = 0.5
+    #: Write TensorBoard event files to ``out_dir/tensorboard``.
+    tensorboard: bool = True
+    #: Identifies the training data in checkpoints; None = hash of the shard files.
+    data_version: str | None = None
+    #: The progress GIF keeps at most this many evenly spaced epochs (always the last)...
+    gif_max_frames: int = 60
+    #: ...each scaled to this many pixels wide, so 170 epochs stay a few MB.
+    gif_frame_width: int = 512
+    gif_frame_ms: int = 200
+
+    def __post_init__(self) -> None:
+        get_preset(self.preset)  # raises a clear error for unknown names
+        positive = (
+            "epochs",
+            "batch_size",
+            "checkpoint_every",
+            "sample_every",
+            "log_every_steps",
+            "gif_max_frames",
+            "gif_frame_width",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"TrainConfig.keep_last must be >= 1 or None, got {self.keep_last}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError("TrainConfig.max_steps_per_epoch must be >= 1 or None")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(
+                f"TrainConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}"
+            )
+        if not 0.0 < self.collapse_fraction < 1.0:
+            raise ValueError(
+                f"TrainConfig.collapse_fraction must be in (0, 1), got {self.collapse_fraction}"
+            )
+        parse_policy(self.diffaugment)  # raises a clear error for unknown policies
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(
+                f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def model_spec(self) -> ModelSpec:
+        spec = get_preset(self.preset).spec
+        return replace(spec, image_size=self.image_size, nz=self.nz or spec.nz)
+
+    def hyperparameters(self) -> dict[str, float]:
+        """Learning rates and Adam betas, filled in from the preset where not set."""
+        preset = get_preset(self.preset)
+        return {
+            "lr_g": self.lr_g if self.lr_g is not None else preset.lr_g,
+            "lr_d": self.lr_d if self.lr_d is not None else preset.lr_d,
+            "beta1": self.beta1 if self.beta1 is not None else preset.beta1,
+            "beta2": self.beta2 if self.beta2 is not None else preset.beta2,
+        }
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    checkpoint_path: Path | None
+    epochs_completed: int
+    steps: int
+    #: Mean training throughput of this call (checkpointing and sampling excluded).
+    images_per_s: float
+    final_losses: dict[str, float]
+    grid_path: Path | None
+    loss_plot_path: Path | None
+    gif_path: Path | None
+    history_path: Path
+    device: str
+    #: The checkpoint with the lowest sample_fd, when keep_best and one was measured.
+    best_checkpoint_path: Path | None = None
+    tensorboard_dir: Path | None = None
+    #: Epochs at which the fixed-noise samples' diversity collapsed.
+    collapse_epochs: list[int] = field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        return self.epochs_completed

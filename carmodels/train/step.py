@@ -1,0 +1,307 @@
+"""One DCGAN update and the order the images are seen in.
+
+:class:`TrainStep` (one D + one G update, EMA included) is shared with ``bench/train_gpu.py``
+so the benchmark times exactly the code that trains. The step never calls ``.item()``: losses
+are summed on the device and read by :meth:`TrainStep.drain`, the only host sync.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carmodels.augment import DiffAugment
+from carmodels.distributed import SINGLE_PROCESS, DistContext
+from carmodels.models import (
+    Discriminator,
+    Generator,
+    ModelSpec,
+    build_discriminator,
+    build_generator,
+)
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Means over the steps since the last read."""
+
+    loss_d: float
+    loss_g: float
+    d_x: float
+    d_g_z: float
+    n_steps: int
+
+    def losses(self) -> dict[str, float]:
+        return {"loss_d": self.loss_d, "loss_g": self.loss_g, "d_x": self.d_x, "d_g_z": self.d_g_z}
+
+    def is_finite(self) -> bool:
+        return all(math.isfinite(v) for v in self.losses().values())
+
+
+class EmaGenerator:
+    """Exponential moving average of the generator's weights (sharper, steadier samples).
+
+    The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so that short runs are not
+    dominated by the random initialisation.
+    """
+
+    def __init__(self, generator: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(generator).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, generator: nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        ema_params = list(self.module.parameters())
+        torch._foreach_lerp_(ema_params, list(generator.parameters()), 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), generator.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+
+class TrainStep:
+    """One DCGAN update (D on real + detached fake, then G with the non-saturating loss).
+
+    Losses and the mean discriminator outputs are accumulated on the device; :meth:`drain`
+    reads them (one host sync) and resets the sums.
+
+    Work is saved only where the result is mathematically unchanged:
+
+    * without batch norm, D sees real and fake images as one concatenated batch (one larger
+      convolution per layer instead of two; with batch norm the batch statistics would mix,
+      so BN models keep two calls);
+    * in the G step D's parameters are frozen, so backward computes the gradient that flows
+      into G but not D's weight gradients, which the old loop computed and then discarded;
+    * on the CPU the models' convolutions on small feature maps run as im2col + matrix
+      multiply (see ``carmodels.models.CPU_GEMM_MAX_SIDE``), where oneDNN is slowest.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        discriminator: Discriminator,
+        opt_g: torch.optim.Optimizer,
+        opt_d: torch.optim.Optimizer,
+        *,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        channels_last: bool,
+        compile: bool,
+        ema: EmaGenerator | None,
+        noise: torch.Generator,
+        seed: int = 0,
+        label_smoothing: float = 0.0,
+        diffaugment: str = "",
+        dist_context: DistContext = SINGLE_PROCESS,
+    ) -> None:
+        self.generator, self.discriminator = generator, discriminator
+        self.opt_g, self.opt_d = opt_g, opt_d
+        self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
+        self.ema, self.noise = ema, noise
+        self.nz = generator.spec.nz
+        self.seed, self.dist = seed, dist_context
+        self.real_label = 1.0 - label_smoothing
+        self.augment = DiffAugment(diffaugment)
+        self.concat_d_batches = not discriminator.spec.batch_norm
+        g_train: nn.Module = generator
+        d_train: nn.Module = discriminator
+        if dist_context.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            # Buffers (BN running stats) only matter for sampling; broadcasting them before
+            # every forward would add a collective per call.
+            g_train = DistributedDataParallel(generator, device_ids=ids, broadcast_buffers=False)
+            d_train = DistributedDataParallel(
+                discriminator, device_ids=ids, broadcast_buffers=False
+            )
+        # Compiled wrappers share parameters with the plain modules, which are what we save.
+        self._g = torch.compile(g_train) if compile else g_train
+        self._d = torch.compile(d_train) if compile else d_train
+        # The G step needs no gradient synchronisation of D (it is frozen), so it calls the
+        # plain (possibly compiled) module, not the DDP wrapper.
+        self._d_frozen = torch.compile(discriminator) if compile else discriminator
+        self.step = 0
+        self._sums: torch.Tensor | None = None
+        self._pending = 0
+
+    @classmethod
+    def create(
+        cls,
+        spec: ModelSpec,
+        *,
+        lr_g: float,
+        lr_d: float,
+        beta1: float,
+        beta2: float,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        channels_last: bool,
+        compile: bool,
+        ema_decay: float | None,
+        seed: int,
+        label_smoothing: float = 0.0,
+        diffaugment: str = "",
+        dist_context: DistContext = SINGLE_PROCESS,
+    ) -> TrainStep:
+        """Fresh models (initialised on the CPU, so identical on every device and rank) and Adam."""
+        torch.manual_seed(seed)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        generator = build_generator(spec).to(device, memory_format=memory_format)
+        if channels_last:
+            # z is 1x1, so channels_last buys nothing in the first layer, and Inductor
+            # (torch 2.11) mispredicts the strides of that layer's weight gradient.
+            generator.project.to(memory_format=torch.contiguous_format)
+        discriminator = build_discriminator(spec).to(device, memory_format=memory_format)
+        # One multi-tensor kernel per optimiser step (CUDA and, since torch 2.4, CPU).
+        adam = {"betas": (beta1, beta2), "fused": True}
+        opt_g = torch.optim.Adam(generator.parameters(), lr=lr_g, **adam)
+        opt_d = torch.optim.Adam(discriminator.parameters(), lr=lr_d, **adam)
+        ema = EmaGenerator(generator, ema_decay) if ema_decay is not None else None
+        noise = torch.Generator(device=device)
+        return cls(
+            generator,
+            discriminator,
+            opt_g,
+            opt_d,
+            device=device,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
+            compile=compile,
+            ema=ema,
+            noise=noise,
+            seed=seed,
+            label_smoothing=label_smoothing,
+            diffaugment=diffaugment,
+            dist_context=dist_context,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _seed_noise(self) -> None:
+        """Noise and augmentation draws are a pure function of (seed, rank, step).
+
+        So a resumed run draws exactly what a straight run draws, on every rank, without
+        saving one generator state per rank; reseeding costs no host sync.
+        """
+        self.noise.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step)
+
+    def __call__(self, real_uint8: torch.Tensor) -> None:
+        """Train on one batch of N x 3 x S x S uint8 images already on the device."""
+        real = real_uint8.float().div_(127.5).sub_(1.0)
+        if self.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        n = real.shape[0]
+        self._seed_noise()
+        z = torch.randn(n, self.nz, 1, 1, device=self.device, generator=self.noise)
+        augment, noise = self.augment, self.noise
+        with self._autocast():
+            fake = self._g(z)
+            seen_real, seen_fake = augment(real, noise), augment(fake.detach(), noise)
+            if self.concat_d_batches:
+                logits_real, logits_fake = self._d(torch.cat([seen_real, seen_fake])).split(n)
+            else:
+                logits_real, logits_fake = self._d(seen_real), self._d(seen_fake)
+            # One-sided label smoothing: real targets 1 - s, fake targets stay 0.
+            loss_d = F.binary_cross_entropy_with_logits(
+                logits_real, torch.full_like(logits_real, self.real_label)
+            ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        self.opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opt_d.step()
+
+        self.discriminator.requires_grad_(False)
+        try:
+            with self._autocast():
+                logits_gen = self._d_frozen(augment(fake, noise))
+                # Non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
+                loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+            self.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+        finally:
+            self.discriminator.requires_grad_(True)
+        self.opt_g.step()
+
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.generator, self.step)
+        stats = torch.stack(
+            [
+                loss_d.detach(),
+                loss_g.detach(),
+                torch.sigmoid(logits_real.detach()).mean(),
+                torch.sigmoid(logits_fake.detach()).mean(),
+            ]
+        ).float()
+        self._sums = stats if self._sums is None else self._sums.add_(stats)
+        self._pending += 1
+
+    def drain(self) -> StepStats | None:
+        """Mean stats since the last drain (None if no step ran); the only host sync."""
+        if self._sums is None:
+            return None
+        # Averaged over the ranks too, so every rank sees (and stops on) the same numbers.
+        means = self.dist.all_reduce_mean_(self._sums / self._pending)
+        loss_d, loss_g, d_x, d_g_z = means.tolist()
+        stats = StepStats(loss_d, loss_g, d_x, d_g_z, self._pending)
+        self._sums, self._pending = None, 0
+        return stats
+
+    def sampling_generator(self) -> nn.Module:
+        """The generator to draw samples from: the EMA one when enabled."""
+        return self.ema.module if self.ema is not None else self.generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.generator.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "ema_generator": self.ema.module.state_dict() if self.ema is not None else None,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        if self.ema is not None:
+            # A checkpoint trained without EMA starts the average from the current weights.
+            self.ema.module.load_state_dict(state["ema_generator"] or state["generator"])
+        self.step = int(state["step"])
+
+    def set_hyperparameters(self, lr_g: float, lr_d: float, beta1: float, beta2: float) -> None:
+        """Apply the config's settings over those restored from a checkpoint."""
+        for optimizer, lr in ((self.opt_g, lr_g), (self.opt_d, lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"], group["betas"] = lr, (beta1, beta2)
+
+
+def epoch_permutation(
+    n: int, seed: int, epoch: int, device: torch.device, rank: int = 0
+) -> torch.Tensor:
+    """The order of the training images in an epoch, a pure function of (seed, epoch, rank)."""
+    key = f"carmodels-epoch:{seed}:{epoch}" + (f":{rank}" if rank else "")
+    digest = hashlib.sha256(key.encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def epoch_batches(
+    images: torch.Tensor, permutation: torch.Tensor, batch_size: int, n_steps: int
+) -> Iterator[torch.Tensor]:
+    """Batches of a device-resident image tensor (the last partial batch is dropped)."""
+    for i in range(n_steps):
+        yield images[permutation[i * batch_size : (i + 1) * batch_size]]
