@@ -45,7 +45,7 @@ bench: $(STAMP)
 	@for script in $(CPU_BENCHES); do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 ## Delete pipeline outputs and Dagster run history (keeps the tracked files in dagster_home/).
 clean-data:

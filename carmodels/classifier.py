@@ -1,12 +1,8 @@
 """A small car-type classifier: an offline, domain-specific judge of generated cars.
 
-Trained on the shards' ``type`` labels (train split) and scored on the val split, it gives
-two metrics that need no download:
-
-* ``type_fd``: Fréchet distance between its penultimate features of real val images and of
-  generated images (FID's recipe with a car-specific network; lower is closer);
-* ``type_overlap``: overlap of the type mixes the classifier predicts on generated images
-  and on real val images (sum over types of the smaller share; 1 = the same mix).
+Trained on the shards' ``type`` labels (train split) and scored on the val split, it is the
+judge behind two metrics that need no download, ``type_fd`` and ``type_overlap``
+(:mod:`carmodels.metrics.domain`, which takes the trained classifier as an argument).
 
 The trained network is cached by the shards' data version and the classifier settings, so
 re-evaluating another checkpoint on the same data does not retrain it.
@@ -21,7 +17,6 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -166,33 +161,26 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x * scale).clamp(-1, 1)
 
 
-def train_classifier(
-    shards_dir: str | os.PathLike[str],
-    cache_dir: str | os.PathLike[str],
-    data_version: str,
-    config: ClassifierConfig | None = None,
-    log: Callable[[str], None] | None = None,
-) -> TrainedClassifier:
-    """The type classifier for these shards: loaded from the cache, or trained and cached."""
-    config = config or ClassifierConfig()
-    log = log or logger.info
-    cache_path = Path(cache_dir) / f"classifier-{_cache_key(data_version, config)}.pt"
-    if cache_path.is_file():
-        saved = torch.load(cache_path, map_location="cpu", weights_only=True)
-        model = TypeClassifier(len(saved["types"]), config.width, config.feature_dim)
-        model.load_state_dict(saved["state_dict"])
-        return TrainedClassifier(
-            model.eval(),
-            saved["types"],
-            config.image_size,
-            saved["val_accuracy"],
-            saved["n_train"],
-            saved["n_val"],
-            cache_path,
-            from_cache=True,
-        )
+def _load_cached(cache_path: Path, config: ClassifierConfig) -> TrainedClassifier:
+    saved = torch.load(cache_path, map_location="cpu", weights_only=True)
+    model = TypeClassifier(len(saved["types"]), config.width, config.feature_dim)
+    model.load_state_dict(saved["state_dict"])
+    return TrainedClassifier(
+        model.eval(),
+        saved["types"],
+        config.image_size,
+        saved["val_accuracy"],
+        saved["n_train"],
+        saved["n_val"],
+        cache_path,
+        from_cache=True,
+    )
 
-    images, labels = labelled_images(shards_dir, "train")
+
+def _learnable_types(
+    labels: list[str | None], config: ClassifierConfig, shards_dir: str | os.PathLike[str]
+) -> list[str]:
+    """The types with enough labelled training images, sorted; at least two of them."""
     counts: dict[str, int] = {}
     for label in labels:
         if label is not None:
@@ -204,24 +192,15 @@ def train_classifier(
             f"{config.min_images_per_type} labelled images (counts: {counts or 'no type column'}); "
             f"the classifier needs at least 2. Fill the listings' `{LABEL_COLUMN}` field."
         )
-    index = {t: i for i, t in enumerate(types)}
-    keep = [i for i, label in enumerate(labels) if label in index]
-    y = torch.tensor([index[labels[i]] for i in keep])
-    trained = TrainedClassifier(
-        TypeClassifier(len(types), config.width, config.feature_dim),
-        types,
-        config.image_size,
-        None,
-        len(keep),
-        0,
-        cache_path,
-        from_cache=False,
-    )
-    x = trained._prepare(images[keep])
+    return types
 
+
+def _fit(
+    model: TypeClassifier, x: torch.Tensor, y: torch.Tensor, n_types: int, config: ClassifierConfig
+) -> None:
+    """Train ``model`` in place on images ``x`` (in [-1, 1]) labelled with type indices ``y``."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    model = trained.model
     optimiser = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -230,7 +209,7 @@ def train_classifier(
         optimiser, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch
     )
     # Weight classes by inverse frequency so the majority type does not win by default.
-    class_weights = len(y) / (len(types) * torch.bincount(y, minlength=len(types)).float())
+    class_weights = len(y) / (n_types * torch.bincount(y, minlength=n_types).float())
     model.train()
     for _ in range(config.epochs):
         order = torch.randperm(len(x), generator=generator)
@@ -244,6 +223,11 @@ def train_classifier(
             schedule.step()
     model.eval()
 
+
+def _validate(
+    trained: TrainedClassifier, shards_dir: str | os.PathLike[str], index: dict[str, int]
+) -> None:
+    """Set ``trained``'s accuracy on the val split's images of the learnt types."""
     val_images, val_labels = labelled_images(shards_dir, "val")
     val_keep = [i for i, label in enumerate(val_labels) if label in index]
     if val_keep:
@@ -251,12 +235,45 @@ def train_classifier(
         truth = np.array([index[val_labels[i]] for i in val_keep])
         trained.val_accuracy = float((predicted == truth).mean())
     trained.n_val = len(val_keep)
+
+
+def train_classifier(
+    shards_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    data_version: str,
+    config: ClassifierConfig | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainedClassifier:
+    """The type classifier for these shards: loaded from the cache, or trained and cached."""
+    config = config or ClassifierConfig()
+    log = log or logger.info
+    cache_path = Path(cache_dir) / f"classifier-{_cache_key(data_version, config)}.pt"
+    if cache_path.is_file():
+        return _load_cached(cache_path, config)
+
+    images, labels = labelled_images(shards_dir, "train")
+    types = _learnable_types(labels, config, shards_dir)
+    index = {t: i for i, t in enumerate(types)}
+    keep = [i for i, label in enumerate(labels) if label in index]
+    y = torch.tensor([index[labels[i]] for i in keep])
+    trained = TrainedClassifier(
+        TypeClassifier(len(types), config.width, config.feature_dim),
+        types,
+        config.image_size,
+        None,
+        len(keep),
+        0,
+        cache_path,
+        from_cache=False,
+    )
+    _fit(trained.model, trained._prepare(images[keep]), y, len(types), config)
+    _validate(trained, shards_dir, index)
     log(
         f"type classifier: {len(types)} types, {len(keep)} train images, "
-        f"val accuracy {trained.val_accuracy} on {len(val_keep)} images"
+        f"val accuracy {trained.val_accuracy} on {trained.n_val} images"
     )
     payload = {
-        "state_dict": model.state_dict(),
+        "state_dict": trained.model.state_dict(),
         "types": types,
         "val_accuracy": trained.val_accuracy,
         "n_train": trained.n_train,
@@ -266,29 +283,3 @@ def train_classifier(
     }
     atomic_write(cache_path, lambda tmp: torch.save(payload, tmp))
     return trained
-
-
-def type_distribution(predictions: np.ndarray, types: list[str]) -> dict[str, float]:
-    counts = np.bincount(predictions, minlength=len(types))
-    return {t: float(c / max(len(predictions), 1)) for t, c in zip(types, counts, strict=True)}
-
-
-def domain_metrics(
-    classifier: TrainedClassifier,
-    real_val_uint8: torch.Tensor,
-    generated_uint8: torch.Tensor,
-    frechet: Callable[[np.ndarray, np.ndarray], float],
-) -> dict[str, Any]:
-    """type_fd, type_overlap and the type mixes behind them."""
-    real_features, real_pred = classifier.features_and_predictions(real_val_uint8)
-    gen_features, gen_pred = classifier.features_and_predictions(generated_uint8)
-    real_mix = type_distribution(real_pred, classifier.types)
-    gen_mix = type_distribution(gen_pred, classifier.types)
-    return {
-        "type_fd": frechet(real_features, gen_features),
-        "type_overlap": sum(min(real_mix[t], gen_mix[t]) for t in classifier.types),
-        "types_generated": int(sum(share > 0 for share in gen_mix.values())),
-        "type_classifier_val_accuracy": classifier.val_accuracy,
-        "type_mix_real_val": real_mix,
-        "type_mix_generated": gen_mix,
-    }

@@ -18,10 +18,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
 from carmodels.errors import InputError, MissingInputError, one_line
 from carmodels.layout import DATA_ROOT_ENV, DataLayout, default_data_root_url
+from carmodels.options import add_dataclass_options, from_args
+
+#: What `build_parser` hands each command's ``add_*_arguments``.
+_Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 @contextlib.contextmanager
@@ -71,6 +75,38 @@ def _print_counts(title: str, counts: dict[str, int]) -> None:
 
 
 # --------------------------------------------------------------------------- commands
+#
+# Each command comes with the function that adds its subparser. Options that are settings of
+# a library stage are made from its config dataclass (`carmodels.options`): the default, type,
+# choices and help are stated there, once.
+
+#: `ScrapeConfig` settings that `scrape` takes as options.
+_SCRAPE_OPTIONS = (
+    "concurrency",
+    "per_host_limit",
+    "per_host_rate",
+    "fetch_processes",
+    "retry_failed",
+    "revalidate",
+    "allow_private_networks",
+)
+
+
+def add_scrape_arguments(sub: _Subparsers) -> None:
+    from carmodels.scrape import DEFAULT_MAX_PAGES, ScrapeConfig
+
+    p = sub.add_parser("scrape", help="download listing images into raw Parquet shards")
+    p.add_argument("--manifest", help="CSV, Parquet or JSONL file of image URLs and metadata")
+    p.add_argument("--start-url", nargs="+", help="listing page(s) with schema.org JSON-LD")
+    p.add_argument("--out", help="raw shards folder (default: DATA/raw)")
+    p.add_argument("--url-column", help="manifest column holding image URLs")
+    p.add_argument("--filter", help="pandas query to keep rows, e.g. \"`image-type` != 'sample'\"")
+    p.add_argument(
+        "--max-pages", type=int, help=f"listing pages to follow (default: {DEFAULT_MAX_PAGES})"
+    )
+    add_dataclass_options(p, ScrapeConfig, _SCRAPE_OPTIONS)
+    p.add_argument("--dry-run", action="store_true", help="only count distinct valid URLs")
+    p.set_defaults(func=cmd_scrape)
 
 
 def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
@@ -111,17 +147,7 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
     # --data is replaced by this one.
     out.mkdir(parents=True, exist_ok=True)
     scrape.write_manifest(manifest, layout.manifest_path)
-    config = scrape.ScrapeConfig(
-        allow_private_networks=args.allow_private_networks,
-        retry_failed=args.retry_failed,
-        revalidate=args.revalidate,
-        **_given(
-            concurrency=args.concurrency,
-            per_host_limit=args.per_host_limit,
-            per_host_rate=args.per_host_rate,
-            fetch_processes=args.fetch_processes,
-        ),
-    )
+    config = from_args(scrape.ScrapeConfig, args, _SCRAPE_OPTIONS)
     with _progress_bar("download", "img") as on_progress:
         result = scrape.download_images(manifest, out, config, on_progress=on_progress)
     print(
@@ -134,14 +160,27 @@ def cmd_scrape(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `DedupConfig` settings that `dedup` takes as options, and their flags where renamed.
+_DEDUP_OPTIONS = ("hash_method", "threshold", "flip_aware")
+_DEDUP_FLAGS = {"hash_method": "--hash", "flip_aware": "--no-flip"}
+
+
+def add_dedup_arguments(sub: _Subparsers) -> None:
+    from carmodels.dedup import DedupConfig
+
+    p = sub.add_parser("dedup", help="remove exact and near-duplicate images")
+    p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
+    p.add_argument("--out", help="output folder (default: DATA/unique)")
+    add_dataclass_options(p, DedupConfig, _DEDUP_OPTIONS, flags=_DEDUP_FLAGS)
+    p.set_defaults(func=cmd_dedup)
+
+
 def cmd_dedup(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import dedup
 
     raw = Path(args.raw) if args.raw else layout.raw_dir
     out = Path(args.out) if args.out else layout.unique_dir
-    config = dedup.DedupConfig(
-        flip_aware=not args.no_flip, **_given(hash_method=args.hash, threshold=args.threshold)
-    )
+    config = from_args(dedup.DedupConfig, args, _DEDUP_OPTIONS)
     with _progress_bar("hash", "img") as on_progress:
         result = dedup.deduplicate(raw, out, config, on_progress=on_progress)
     print(
@@ -156,19 +195,31 @@ def cmd_dedup(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `ImagingConfig` and `ShardConfig` settings that `shard` takes as options.
+_IMAGING_OPTIONS = ("framing", "face", "min_side", "drop_front_rear")
+_SHARD_OPTIONS = ("val_fraction",)
+
+
+def add_shard_arguments(sub: _Subparsers) -> None:
+    from carmodels.shards import ImagingConfig, ShardConfig
+
+    p = sub.add_parser("shard", help="normalise images into 128x128 Parquet shards")
+    p.add_argument("--unique", help="dedup output folder (default: DATA/unique)")
+    p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
+    p.add_argument("--out", help="shards folder (default: DATA/shards)")
+    add_dataclass_options(p, ImagingConfig, _IMAGING_OPTIONS)
+    add_dataclass_options(p, ShardConfig, _SHARD_OPTIONS)
+    p.set_defaults(func=cmd_shard)
+
+
 def cmd_shard(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import shards
 
     unique = Path(args.unique) if args.unique else layout.unique_dir
     raw = Path(args.raw) if args.raw else layout.raw_dir
     out = Path(args.out) if args.out else layout.shards_dir
-    config = shards.ShardConfig(
-        imaging=shards.ImagingConfig(
-            drop_front_rear=args.drop_front_rear,
-            **_given(framing=args.framing, face=args.face, min_side=args.min_side),
-        ),
-        **_given(val_fraction=args.val_fraction),
-    )
+    imaging = from_args(shards.ImagingConfig, args, _IMAGING_OPTIONS)
+    config = from_args(shards.ShardConfig, args, _SHARD_OPTIONS, imaging=imaging)
     with _progress_bar("normalise", "img") as on_progress:
         result = shards.build_shards(unique, raw, out, config, on_progress=on_progress)
     print(
@@ -182,22 +233,39 @@ def cmd_shard(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
-#: cmd_train options forwarded to every torchrun rank: (dest, flag).
-_TRAIN_FORWARDED = (
-    ("shards", "--shards"),
-    ("out", "--out"),
-    ("preset", "--preset"),
-    ("image_size", "--image-size"),
-    ("epochs", "--epochs"),
-    ("batch_size", "--batch-size"),
-    ("lr_g", "--lr-g"),
-    ("lr_d", "--lr-d"),
-    ("device", "--device"),
-    ("seed", "--seed"),
-    ("max_steps_per_epoch", "--max-steps-per-epoch"),
-    ("label_smoothing", "--label-smoothing"),
-    ("diffaugment", "--diffaugment"),
+#: `TrainConfig` settings that `train` takes as options.
+_TRAIN_OPTIONS = (
+    "preset",
+    "image_size",
+    "epochs",
+    "batch_size",
+    "lr_g",
+    "lr_d",
+    "device",
+    "seed",
+    "max_steps_per_epoch",
+    "label_smoothing",
+    "diffaugment",
 )
+#: `train` options forwarded to every torchrun rank as ``--dest-name VALUE`` (``--resume``,
+#: a switch, is forwarded on its own).
+_TRAIN_FORWARDED = ("shards", "out", *_TRAIN_OPTIONS)
+
+
+def add_train_arguments(sub: _Subparsers) -> None:
+    from carmodels.train import TrainConfig
+
+    p = sub.add_parser("train", help="train the DCGAN on the shards")
+    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
+    p.add_argument("--out", help="run folder (default: DATA/train)")
+    add_dataclass_options(p, TrainConfig, _TRAIN_OPTIONS)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="data-parallel processes (one per GPU) through torchrun; default: one process",
+    )
+    p.set_defaults(func=cmd_train)
 
 
 def _launch_torchrun(args: argparse.Namespace) -> int:
@@ -208,10 +276,10 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     if args.debug:
         forwarded.insert(0, "--debug")
     forwarded.append("train")
-    for dest, flag in _TRAIN_FORWARDED:
+    for dest in _TRAIN_FORWARDED:
         value = getattr(args, dest)
         if value is not None:
-            forwarded += [flag, str(value)]
+            forwarded += ["--" + dest.replace("_", "-"), str(value)]
     if args.resume:
         forwarded.append("--resume")
     return launch(args.nproc_per_node, forwarded)
@@ -225,21 +293,7 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
         return _launch_torchrun(args)
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.train_dir
-    config = train.TrainConfig(
-        **_given(
-            preset=args.preset,
-            image_size=args.image_size,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr_g=args.lr_g,
-            lr_d=args.lr_d,
-            device=args.device,
-            seed=args.seed,
-            max_steps_per_epoch=args.max_steps_per_epoch,
-            label_smoothing=args.label_smoothing,
-            diffaugment=args.diffaugment,
-        )
-    )
+    config = from_args(train.TrainConfig, args, _TRAIN_OPTIONS)
     with _progress_bar("train", "step") as on_progress:
         result = train.train(shards_dir, out, config, on_progress=on_progress, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":
@@ -258,13 +312,29 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+def add_evaluate_arguments(sub: _Subparsers) -> None:
+    p = sub.add_parser("evaluate", help="sample grid, loss plot and metrics of a checkpoint")
+    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
+    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
+    p.add_argument("--out", help="output folder (default: DATA/eval)")
+    p.add_argument("--n-samples", type=int, help="generated images to score (default: 256)")
+    p.add_argument("--seed", type=int, help="random seed of the samples (default: 0)")
+    p.add_argument("--inception-weights", help="local Inception weights file for FID/KID")
+    p.add_argument(
+        "--fid-samples", type=int, help="images scored for FID/KID (default: 10000 GPU, 500 CPU)"
+    )
+    p.add_argument("--offline", action="store_true", help="never download Inception weights")
+    p.add_argument("--no-fid", action="store_true", help="skip FID/KID")
+    p.set_defaults(func=cmd_evaluate)
+
+
 def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import evaluate
 
     checkpoint = _checkpoint(args, layout)
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.eval_dir
-    from carmodels.fid import FidConfig
+    from carmodels.metrics.fid import FidConfig
 
     fid_config = FidConfig(
         **_given(weights_path=args.inception_weights, n_samples=args.fid_samples),
@@ -276,6 +346,10 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
         fid_config=fid_config,
     )
     result = evaluate.evaluate(checkpoint, shards_dir, out, config)
+    if config.record_history:  # evaluating writes no history: the callers record it
+        from carmodels.promotion import record_evaluation
+
+        record_evaluation(result.metrics_path, out)
     for key, value in result.metrics.items():
         print(f"  {key:<28} {value}")
     if not result.fid_record.get("computed"):
@@ -284,6 +358,29 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
             print(f"  {result.fid_record['how_to_supply']}")
     print(f"samples: {result.samples_path}")
     return 0
+
+
+def add_generate_arguments(sub: _Subparsers) -> None:
+    p = sub.add_parser("generate", help="generate new car designs from a checkpoint")
+    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
+    p.add_argument("--n", type=int, default=64, help="number of designs (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="same seed, same designs (default: %(default)s)"
+    )
+    p.add_argument("--truncation", type=float, default=None, help="latent truncation, e.g. 0.7")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--interpolate",
+        nargs=2,
+        type=int,
+        metavar=("SEED_A", "SEED_B"),
+        help="instead of designs, write linear and spherical strips from the design of "
+        "--n 1 --seed SEED_A to that of --n 1 --seed SEED_B",
+    )
+    p.add_argument(
+        "--steps", type=int, default=8, help="images per interpolation strip (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args: argparse.Namespace, layout: DataLayout) -> int:
@@ -310,6 +407,39 @@ def cmd_generate(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `RestoreConfig` settings that `restore` takes as options (``--finetune-steps`` has a
+#: default of its own, `DEFAULT_FINETUNE_STEPS` with ``--finetune``).
+_RESTORE_OPTIONS = ("upscale_factor", "restarts", "steps", "seed", "device")
+
+
+def add_restore_arguments(sub: _Subparsers) -> None:
+    from carmodels.restore import DEFAULT_FINETUNE_STEPS, RestoreConfig
+
+    p = sub.add_parser(
+        "restore",
+        help="inpaint, denoise or upscale a photo with the generator as prior",
+        description="Fit the generator to the known pixels of IMAGE by optimising its latent "
+        "vector (several restarts, the best kept), optionally fine-tune the generator on the "
+        "image, and blend the fit with the known pixels. Any image size works: it is "
+        "letterboxed to the model's size and mapped back.",
+    )
+    p.add_argument("image", help="damaged photo (any size; for upscale: the small one)")
+    p.add_argument("--task", required=True, choices=["inpaint", "denoise", "upscale"])
+    p.add_argument("--mask", help="inpaint: image of IMAGE's size, white = damaged, black = keep")
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
+    add_dataclass_options(p, RestoreConfig, _RESTORE_OPTIONS, flags={"upscale_factor": "--scale"})
+    p.add_argument(
+        "--finetune", action="store_true", help="then fine-tune the generator on the image"
+    )
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        help=f"fine-tune steps (default with --finetune: {DEFAULT_FINETUNE_STEPS})",
+    )
+    p.set_defaults(func=cmd_restore)
+
+
 def cmd_restore(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import restore
 
@@ -317,16 +447,7 @@ def cmd_restore(args: argparse.Namespace, layout: DataLayout) -> int:
     finetune_steps = args.finetune_steps
     if finetune_steps is None and args.finetune:
         finetune_steps = restore.DEFAULT_FINETUNE_STEPS
-    config = restore.RestoreConfig(
-        **_given(
-            restarts=args.restarts,
-            steps=args.steps,
-            finetune_steps=finetune_steps,
-            upscale_factor=args.scale,
-            seed=args.seed,
-            device=args.device,
-        )
-    )
+    config = from_args(restore.RestoreConfig, args, _RESTORE_OPTIONS, finetune_steps=finetune_steps)
     result = restore.restore_file(
         checkpoint, args.image, args.task, args.out, mask_path=args.mask, config=config
     )
@@ -338,6 +459,33 @@ def cmd_restore(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `RestorationEvalConfig` and `RestoreConfig` settings that `restore-eval` takes as options
+#: (``--seed`` is the evaluation's: the seed of the damage).
+_RESTORATION_EVAL_OPTIONS = ("n_images", "seed")
+_RESTORE_EVAL_RESTORE_OPTIONS = ("restarts", "steps", "device")
+
+
+def add_restore_eval_arguments(sub: _Subparsers) -> None:
+    from carmodels.restoration_eval import RestorationEvalConfig
+    from carmodels.restore import DEFAULT_FINETUNE_STEPS, RestoreConfig
+
+    p = sub.add_parser(
+        "restore-eval",
+        help="PSNR/SSIM of restoration on validation images against classical baselines",
+    )
+    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
+    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json, table.md, preview)")
+    add_dataclass_options(p, RestorationEvalConfig, _RESTORATION_EVAL_OPTIONS)
+    add_dataclass_options(p, RestoreConfig, _RESTORE_EVAL_RESTORE_OPTIONS)
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        help=f"fine-tune steps, 0 = none (default: {DEFAULT_FINETUNE_STEPS})",
+    )
+    p.set_defaults(func=cmd_restore_eval)
+
+
 def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import restoration_eval, restore
 
@@ -347,12 +495,14 @@ def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
     finetune_steps = args.finetune_steps
     if finetune_steps is None:
         finetune_steps = restore.DEFAULT_FINETUNE_STEPS
-    restore_config = restore.RestoreConfig(
-        finetune_steps=finetune_steps,
-        **_given(restarts=args.restarts, steps=args.steps, device=args.device),
+    restore_config = from_args(
+        restore.RestoreConfig, args, _RESTORE_EVAL_RESTORE_OPTIONS, finetune_steps=finetune_steps
     )
-    config = restoration_eval.RestorationEvalConfig(
-        restore=restore_config, **_given(n_images=args.n_images, seed=args.seed)
+    config = from_args(
+        restoration_eval.RestorationEvalConfig,
+        args,
+        _RESTORATION_EVAL_OPTIONS,
+        restore=restore_config,
     )
     with _progress_bar("restore", "case") as on_progress:
         result = restoration_eval.evaluate_restoration(
@@ -361,6 +511,19 @@ def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
     print(restoration_eval.format_table(result.table))
     print(f"preview: {result.preview_path}")
     return 0
+
+
+def add_demo_server_arguments(sub: _Subparsers) -> None:
+    from carmodels.demo.catalog import DEFAULT_N_LISTINGS
+
+    p = sub.add_parser("demo-server", help="serve the built-in demo car catalog over HTTP")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="catalog seed (default: %(default)s)")
+    p.add_argument(
+        "--listings", type=int, default=DEFAULT_N_LISTINGS, help="listings (default: %(default)s)"
+    )
+    p.set_defaults(func=cmd_demo_server)
 
 
 def cmd_demo_server(args: argparse.Namespace, layout: DataLayout) -> int:
@@ -387,8 +550,6 @@ _DEBUG_HELP = "on an error, show the full traceback instead of one line"
 
 def build_parser() -> argparse.ArgumentParser:
     from carmodels import __version__
-    from carmodels.demo.catalog import DEFAULT_N_LISTINGS
-    from carmodels.models import PRESETS
 
     parser = _Parser(
         prog="carmodels",
@@ -403,179 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("scrape", help="download listing images into raw Parquet shards")
-    p.add_argument("--manifest", help="CSV, Parquet or JSONL file of image URLs and metadata")
-    p.add_argument("--start-url", nargs="+", help="listing page(s) with schema.org JSON-LD")
-    p.add_argument("--out", help="raw shards folder (default: DATA/raw)")
-    p.add_argument("--url-column", help="manifest column holding image URLs")
-    p.add_argument("--filter", help="pandas query to keep rows, e.g. \"`image-type` != 'sample'\"")
-    p.add_argument("--max-pages", type=int, help="listing pages to follow (default 50)")
-    p.add_argument(
-        "--concurrency",
-        type=int,
-        help="simultaneous downloads (default 64)",
-    )
-    p.add_argument(
-        "--per-host-limit",
-        type=int,
-        help="simultaneous downloads per host (default 16)",
-    )
-    p.add_argument(
-        "--per-host-rate", type=float, help="requests per second per host at most (default: no cap)"
-    )
-    p.add_argument(
-        "--fetch-processes",
-        type=int,
-        help="processes fetching and decoding (default: one per core for large runs)",
-    )
-    p.add_argument("--retry-failed", action="store_true", help="refetch transient failures")
-    p.add_argument(
-        "--revalidate", action="store_true", help="re-ask for ok URLs with ETag/Last-Modified"
-    )
-    p.add_argument(
-        "--allow-private-networks",
-        action="store_true",
-        help="allow loopback/private addresses (needed for the local demo server)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="only count distinct valid URLs")
-    p.set_defaults(func=cmd_scrape)
-
-    p = sub.add_parser("dedup", help="remove exact and near-duplicate images")
-    p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
-    p.add_argument("--out", help="output folder (default: DATA/unique)")
-    p.add_argument(
-        "--hash", choices=["phash", "dhash", "whash", "colorhash"], help="default: phash"
-    )
-    p.add_argument("--threshold", type=int, help="max Hamming distance of the hashes (default 10)")
-    p.add_argument("--no-flip", action="store_true", help="do not treat mirrored copies as dupes")
-    p.set_defaults(func=cmd_dedup)
-
-    p = sub.add_parser("shard", help="normalise images into 128x128 Parquet shards")
-    p.add_argument("--unique", help="dedup output folder (default: DATA/unique)")
-    p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
-    p.add_argument("--out", help="shards folder (default: DATA/shards)")
-    p.add_argument("--framing", choices=["letterbox", "crop"], help="default: letterbox")
-    p.add_argument(
-        "--face", choices=["left", "right", "none"], help="direction cars face (default left)"
-    )
-    p.add_argument("--min-side", type=int, help="reject photos smaller than this (default 64)")
-    p.add_argument("--drop-front-rear", action="store_true", help="keep side views only")
-    p.add_argument("--val-fraction", type=float, help="validation share (default 0.1)")
-    p.set_defaults(func=cmd_shard)
-
-    p = sub.add_parser("train", help="train the DCGAN on the shards")
-    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
-    p.add_argument("--out", help="run folder (default: DATA/train)")
-    p.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        help="model preset (default: seed; small and tiny for CPUs)",
-    )
-    p.add_argument("--image-size", type=int, help="train at this size: 64 or 128 (default)")
-    p.add_argument("--epochs", type=int, help="epochs to train (default: 170)")
-    p.add_argument("--batch-size", type=int, help="images per step (default: 128)")
-    p.add_argument("--lr-g", type=float, help="generator learning rate (default: the preset's)")
-    p.add_argument("--lr-d", type=float, help="discriminator learning rate (default: preset's)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    p.add_argument("--seed", type=int, help="random seed (default: 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--max-steps-per-epoch", type=int, help="cap on steps per epoch (smoke runs)")
-    p.add_argument(
-        "--label-smoothing", type=float, help="one-sided: D's real target is 1 - this (0)"
-    )
-    p.add_argument(
-        "--diffaugment", help="DiffAugment policy, e.g. color,translation,cutout ('' = off)"
-    )
-    p.add_argument(
-        "--nproc-per-node",
-        type=int,
-        help="data-parallel processes (one per GPU) through torchrun; default: one process",
-    )
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("evaluate", help="sample grid, loss plot and metrics of a checkpoint")
-    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
-    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
-    p.add_argument("--out", help="output folder (default: DATA/eval)")
-    p.add_argument("--n-samples", type=int, help="generated images to score (default: 256)")
-    p.add_argument("--seed", type=int, help="random seed of the samples (default: 0)")
-    p.add_argument("--inception-weights", help="local Inception weights file for FID/KID")
-    p.add_argument(
-        "--fid-samples", type=int, help="images scored for FID/KID (default: 10000 GPU, 500 CPU)"
-    )
-    p.add_argument("--offline", action="store_true", help="never download Inception weights")
-    p.add_argument("--no-fid", action="store_true", help="skip FID/KID")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("generate", help="generate new car designs from a checkpoint")
-    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
-    p.add_argument("--n", type=int, default=64, help="number of designs (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="same seed, same designs (default: 0)")
-    p.add_argument("--truncation", type=float, default=None, help="latent truncation, e.g. 0.7")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument(
-        "--interpolate",
-        nargs=2,
-        type=int,
-        metavar=("SEED_A", "SEED_B"),
-        help="instead of designs, write linear and spherical strips from the design of "
-        "--n 1 --seed SEED_A to that of --n 1 --seed SEED_B",
-    )
-    p.add_argument(
-        "--steps", type=int, default=8, help="images per interpolation strip (default: 8)"
-    )
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser(
-        "restore",
-        help="inpaint, denoise or upscale a photo with the generator as prior",
-        description="Fit the generator to the known pixels of IMAGE by optimising its latent "
-        "vector (several restarts, the best kept), optionally fine-tune the generator on the "
-        "image, and blend the fit with the known pixels. Any image size works: it is "
-        "letterboxed to the model's size and mapped back.",
-    )
-    p.add_argument("image", help="damaged photo (any size; for upscale: the small one)")
-    p.add_argument("--task", required=True, choices=["inpaint", "denoise", "upscale"])
-    p.add_argument("--mask", help="inpaint: image of IMAGE's size, white = damaged, black = keep")
-    p.add_argument("--out", required=True, help="output PNG")
-    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
-    p.add_argument("--scale", type=int, help="upscale: output/input size (default: 2)")
-    p.add_argument("--restarts", type=int, help="latent starting points (default: 8)")
-    p.add_argument("--steps", type=int, help="optimisation steps on z (default: 200)")
-    p.add_argument(
-        "--finetune", action="store_true", help="then fine-tune the generator on the image"
-    )
-    p.add_argument(
-        "--finetune-steps", type=int, help="fine-tune steps (default with --finetune: 100)"
-    )
-    p.add_argument("--seed", type=int, help="seed of the starting points (default: 0)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, ...")
-    p.set_defaults(func=cmd_restore)
-
-    p = sub.add_parser(
-        "restore-eval",
-        help="PSNR/SSIM of restoration on validation images against classical baselines",
-    )
-    p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
-    p.add_argument("--shards", help="shards folder (default: DATA/shards)")
-    p.add_argument("--out", required=True, help="output folder (metrics.json, table.md, preview)")
-    p.add_argument("--n-images", type=int, help="validation images (default: 8)")
-    p.add_argument("--seed", type=int, help="seed of the damage (default: 0)")
-    p.add_argument("--restarts", type=int, help="latent starting points (default: 8)")
-    p.add_argument("--steps", type=int, help="optimisation steps on z (default: 200)")
-    p.add_argument("--finetune-steps", type=int, help="fine-tune steps, 0 = none (default: 100)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, ...")
-    p.set_defaults(func=cmd_restore_eval)
-
-    p = sub.add_parser("demo-server", help="serve the built-in demo car catalog over HTTP")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
-    p.add_argument("--seed", type=int, default=0, help="catalog seed (default: 0)")
-    p.add_argument(
-        "--listings", type=int, default=DEFAULT_N_LISTINGS, help="listings (default: 300)"
-    )
-    p.set_defaults(func=cmd_demo_server)
+    for add_arguments in (
+        add_scrape_arguments,
+        add_dedup_arguments,
+        add_shard_arguments,
+        add_train_arguments,
+        add_evaluate_arguments,
+        add_generate_arguments,
+        add_restore_arguments,
+        add_restore_eval_arguments,
+        add_demo_server_arguments,
+    ):
+        add_arguments(sub)
     for command in sub.choices.values():
         # Also accepted after the command (`carmodels dedup --debug`); SUPPRESS keeps an
         # absent one from resetting `carmodels --debug dedup`.

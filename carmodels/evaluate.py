@@ -3,10 +3,11 @@
 * Pixel metrics (this module), computed offline in seconds: ``pixel_fd_16`` is a Fréchet
   distance in a fixed pixel feature space, which tracks colour and layout statistics but not
   semantics; nearest-neighbour and diversity distances flag copies and collapse.
-* FID/KID (:mod:`carmodels.fid`), the published metric, when the Inception weights are on
+* FID/KID (:mod:`carmodels.metrics.fid`), the published metric, when the Inception weights are on
   disk (or can be downloaded); otherwise recorded as not computed, saying how to supply them.
-* Domain metrics (:mod:`carmodels.classifier`), offline: a car-type classifier trained on the
-  shards' ``type`` labels judges the generated cars (``type_fd``, ``type_overlap``).
+* Domain metrics (:mod:`carmodels.metrics.domain`), offline: a car-type classifier
+  (:mod:`carmodels.classifier`) trained on the shards' ``type`` labels judges the generated
+  cars (``type_fd``, ``type_overlap``).
 
 Every comparison is against the *val* split. Pictures: sample grids of 64 fixed latents from
 the EMA and the raw generator, a latent interpolation strip, a nearest-neighbour grid (each
@@ -37,19 +38,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from carmodels.checkpoint import load_generator
-from carmodels.classifier import ClassifierConfig, NotEnoughLabels, domain_metrics, train_classifier
+from carmodels.classifier import ClassifierConfig, NotEnoughLabels, train_classifier
 from carmodels.device import resolve_device
 from carmodels.errors import EmptySplitError, ShardsError
-from carmodels.fid import FidConfig, compute_fid_kid, sha256_of
-from carmodels.generate import sample_images, sample_noise
+from carmodels.generate import sample_images
 from carmodels.io import atomic_write_json
+from carmodels.latent import sample_noise, slerp
+from carmodels.metrics.domain import domain_metrics
+from carmodels.metrics.fid import FidConfig, compute_fid_kid, sha256_of
 from carmodels.metrics.pixel import frechet_distance, mean_pairwise_rms, pixel_features, to_uint8
-from carmodels.promotion import record_evaluation
+from carmodels.pictures import plot_losses, save_image_grid
 from carmodels.shards import data_version_of, fit_image_size, iter_images, load_images, shard_files
-from carmodels.train.artefacts import HISTORY_NAME, plot_history, read_history, save_image_grid
+from carmodels.train.artefacts import HISTORY_NAME, read_history
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +110,10 @@ class EvalConfig:
     classifier_config: ClassifierConfig = field(default_factory=ClassifierConfig)
     #: Where trained classifiers are cached (by data version); None = ``<out_dir>/classifier``.
     classifier_cache_dir: str | None = None
-    #: Append every evaluation to ``history.parquet`` (+ ``history.png``) in ``out_dir``.
+    #: Whether the callers that record evaluations (the ``evaluate_dcgan`` asset and
+    #: ``carmodels evaluate``) append this one to ``history.parquet`` (+ ``history.png``) in
+    #: ``out_dir``, by :func:`carmodels.promotion.record_evaluation`. :func:`evaluate` itself
+    #: never writes the history (the champion's re-scoring evaluates without recording).
     record_history: bool = True
 
     def __post_init__(self) -> None:
@@ -280,27 +285,16 @@ def compute_metrics(
     return metrics
 
 
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between latent rows ``a`` and ``b`` at fractions ``t``.
-
-    Gaussian latents live near a sphere; a straight line between two of them passes through
-    low-norm latents the generator rarely saw, so a linear blend looks washed out midway.
-    """
-    a_unit, b_unit = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
-    omega = torch.acos((a_unit * b_unit).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
-    t = t[:, None]
-    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
-
-
 @torch.no_grad()
 def interpolation_strip(
     generator: torch.nn.Module, rows: int, steps: int, seed: int, batch_size: int = 64
 ) -> torch.Tensor:
-    """``rows`` x ``steps`` images: each row walks from one fixed latent to another."""
+    """``rows`` x ``steps`` images: each row walks from one fixed latent to another along the
+    great circle (:func:`carmodels.latent.slerp`, the path of ``carmodels generate``'s walks)."""
     device = next(generator.parameters()).device
     ends = sample_noise(2 * rows, generator.spec.nz, seed).view(rows, 2, -1)
     t = torch.linspace(0, 1, steps)
-    z = torch.cat([slerp(pair[0].expand(steps, -1), pair[1].expand(steps, -1), t) for pair in ends])
+    z = torch.cat([slerp(a, b, t) for a, b in ends])
     return torch.cat([generator(chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
 
 
@@ -438,7 +432,7 @@ def evaluate(
 
     history_csv = checkpoint_path.parent.parent / HISTORY_NAME
     history = read_history(history_csv) if history_csv.is_file() else meta["history"]
-    loss_plot = plot_history(history, out / "losses.png") if history else None
+    loss_plot = plot_losses(history, out / "losses.png") if history else None
     final = history[-1] if history else {}
     metrics.update({f"final_{k}": final.get(k) for k in ("loss_d", "loss_g", "d_x", "d_g_z")})
     metrics.update(
@@ -464,8 +458,6 @@ def evaluate(
             "definitions": METRIC_DEFINITIONS,
         },
     )
-    if config.record_history:
-        record_evaluation(metrics_path, out)
     log(
         "Evaluation: "
         + ", ".join(

@@ -1,13 +1,13 @@
 """New car designs from a trained generator: a grid plus one PNG per design, and latent walks.
 
-The latent vectors come from a CPU generator seeded with ``seed``, so the same seed gives the
-same designs on any machine (up to floating-point differences between devices).
+The latent vectors come from a CPU generator seeded with ``seed``
+(:func:`carmodels.latent.sample_noise`), so the same seed gives the same designs on any machine
+(up to floating-point differences between devices).
 
 :func:`interpolate` walks from the single design of one seed (``generate(n=1, seed=a)``) to
 that of another, once along the straight line between the two latent vectors and once along
-the great circle (spherical interpolation). In 100 dimensions N(0, I) samples lie near a
-sphere of radius sqrt(nz); the straight line cuts through its inside, where the midpoints have
-an unusually small norm, which the spherical path avoids.
+the great circle (:func:`carmodels.latent.lerp` and :func:`~carmodels.latent.slerp`; see
+:mod:`carmodels.latent` for why the spherical path looks better midway).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from carmodels.checkpoint import load_generator
 from carmodels.device import resolve_device
 from carmodels.errors import InputError
 from carmodels.io import atomic_write
-from carmodels.train.artefacts import save_image_grid, tensor_to_pil
+from carmodels.latent import lerp, sample_noise, slerp
+from carmodels.pictures import save_image_grid, tensor_to_pil
 
 #: Folder (next to the run's checkpoints) used when no out_dir is given.
 DEFAULT_SUBDIR = "generated"
@@ -44,20 +45,6 @@ class GenerateResult:
     truncation: float | None
     weights: str  # "ema" or "generator"
     epoch: int
-
-
-def sample_noise(n: int, nz: int, seed: int, truncation: float | None = None) -> torch.Tensor:
-    """``n`` latent vectors from N(0, 1), or from it truncated to [-t, t] (the truncation trick).
-
-    Truncation trades variety for fidelity: smaller ``t`` keeps designs nearer the typical car.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    z = torch.empty(n, nz)
-    if truncation is None:
-        return z.normal_(generator=generator)
-    if truncation <= 0:
-        raise InputError(f"truncation must be positive (e.g. 0.7) or None, got {truncation}")
-    return nn.init.trunc_normal_(z, a=-truncation, b=truncation, generator=generator)
 
 
 @torch.no_grad()
@@ -128,31 +115,6 @@ class InterpolateResult:
     truncation: float | None
     weights: str
     epoch: int
-
-
-def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Straight-line interpolation of vectors ``a`` and ``b`` (nz) at fractions ``t`` (T)."""
-    t = t[:, None]
-    return a[None] * (1 - t) + b[None] * t
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation of vectors ``a`` and ``b`` (nz) at fractions ``t`` (T).
-
-    Follows the great circle between the directions of ``a`` and ``b`` while the norm changes
-    linearly. Falls back to :func:`lerp` for (nearly) parallel vectors, where the great
-    circle is undefined.
-    """
-    norm_a, norm_b = a.norm(), b.norm()
-    cos_angle = torch.dot(a / norm_a, b / norm_b).clamp(-1.0, 1.0)
-    angle = torch.arccos(cos_angle)
-    if angle.sin().abs() < 1e-6:
-        return lerp(a, b, t)
-    t = t[:, None]
-    direction = (
-        torch.sin((1 - t) * angle) * (a / norm_a)[None] + torch.sin(t * angle) * (b / norm_b)[None]
-    ) / angle.sin()
-    return direction * (norm_a * (1 - t) + norm_b * t)
 
 
 def interpolation_latents(

@@ -18,11 +18,27 @@ import contextlib
 import io
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+
+# Facing lives in carmodels.facing; these names stay importable from here.
+from carmodels.facing import FACING_HEURISTIC as FACING_HEURISTIC
+from carmodels.facing import (
+    FACING_METHODS,
+    FacingHeuristic,
+    estimate_facing,
+    estimate_facing_silhouette,
+)
+
+# JPEG markers and draft scales live in carmodels.jpeg.
+from carmodels.jpeg import JPEG_END as _JPEG_END
+from carmodels.jpeg import decode_jpeg_opencv as _decode_jpeg_opencv
+from carmodels.jpeg import draft_scale as _draft_scale
+from carmodels.jpeg import pillow_draft_scale as _pillow_draft_scale
+from carmodels.jpeg import plain_jpeg_size as _plain_jpeg_size
 
 Framing = Literal["letterbox", "crop"]
 Face = Literal["left", "right", "none"]
@@ -51,18 +67,33 @@ class ImagingConfig:
 
     #: Side of the square output in pixels.
     size: int = 128
-    #: ``letterbox`` keeps the whole car and pads the short side; ``crop`` fills the square by
-    #: cutting the long side (and often the car's bumpers) away.
-    framing: str = "letterbox"
-    #: Photos whose shorter side is below this many pixels are rejected as ``too_small``.
-    min_side: int = 64
+    framing: str = field(
+        default="letterbox",
+        metadata={
+            "help": "letterbox keeps the whole car and pads the short side; crop fills the "
+            "square by cutting the long side (and often the car's bumpers) away",
+            "choices": FRAMINGS,
+        },
+    )
+    min_side: int = field(
+        default=64,
+        metadata={"help": "photos whose shorter side is below this many pixels are rejected"},
+    )
     #: Photos whose long/short side ratio exceeds this are rejected as ``bad_aspect`` (banners,
     #: panoramas, thumbnails strips).
     max_aspect: float = 3.5
-    #: Direction every car should face after normalisation; ``none`` leaves photos as they are.
-    face: str = "left"
-    #: Reject photos whose car is seen from the front or rear.
-    drop_front_rear: bool = False
+    face: str = field(
+        default="left",
+        metadata={
+            "help": "direction every car should face after normalisation; none leaves photos "
+            "as they are",
+            "choices": FACES,
+        },
+    )
+    drop_front_rear: bool = field(
+        default=False,
+        metadata={"help": "reject photos whose car is seen from the front or rear"},
+    )
     #: Facing estimates below this confidence are not acted on (no mirroring, no dropping).
     facing_min_confidence: float = 0.25
     #: ``model`` (measured on real photos) or ``silhouette`` (see `estimate_facing`).
@@ -183,12 +214,6 @@ def decode_image(data: bytes, draft_size: tuple[int, int] | None = None) -> Imag
     return decode_with_size(data, draft_size)[0]
 
 
-#: JPEG end-of-image marker. libjpeg pads a truncated file with grey and only warns; a JPEG
-#: that does not end with this marker (truncated, or with bytes after the image) is decoded by
-#: Pillow, which reports truncation as an error.
-_JPEG_END = b"\xff\xd9"
-#: DCT scales (1/s) libjpeg can decode at.
-_JPEG_SCALES = (1, 2, 4, 8)
 #: Orientation tag value -> (transpose, flip rows, flip columns), applied in that order, that
 #: turn stored pixels upright as ``ImageOps.exif_transpose`` does (2: mirror, 3: 180 degrees,
 #: 4: flip, 5: transpose, 6: 90 degrees clockwise, 7: transverse, 8: 90 degrees anticlockwise).
@@ -220,94 +245,6 @@ class Draft:
     #: Size of the upright full-resolution photo.
     width: int
     height: int
-
-
-#: Start-of-frame markers of the Huffman-coded JPEGs that Pillow and OpenCV both decode at a
-#: DCT scale: baseline, extended sequential and progressive.
-_JPEG_SOF_HUFFMAN = frozenset({0xC0, 0xC1, 0xC2})
-#: Every start-of-frame marker (0xC4, 0xC8 and 0xCC are other segments).
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-#: Markers that stand alone, without a length: TEM and the restart markers.
-_JPEG_NO_LENGTH = frozenset({0x01, *range(0xD0, 0xD8)})
-#: Segments after which Pillow would see more than the size: APP1 (EXIF or XMP, either of
-#: which can carry an orientation) and APP14 (Adobe's colour transform).
-_JPEG_PILLOW_SEGMENTS = frozenset({0xE1, 0xEE})
-
-
-def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a three-component, Huffman-coded JPEG with no EXIF, XMP or Adobe
-    segment, from its markers; None for any other data, which takes Pillow's parse.
-
-    For such a file Pillow's header parse learns nothing else that decoding here uses (its
-    mode is RGB, there is no orientation), and walking the ~10 markers costs ~1/5 of opening
-    it with Pillow: time that hashing threads otherwise spend holding the GIL.
-    """
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    size = None
-    position, end = 2, len(data)
-    while position + 4 <= end:
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            position += 1
-            continue
-        if marker in _JPEG_NO_LENGTH:
-            position += 2
-            continue
-        if marker == 0xDA:  # start of scan: the header is over
-            return size
-        length = int.from_bytes(data[position + 2 : position + 4], "big")
-        if marker in _JPEG_PILLOW_SEGMENTS or length < 2 or position + 2 + length > end:
-            return None  # or a segment cut short
-        if marker in _JPEG_SOF:
-            if marker not in _JPEG_SOF_HUFFMAN or size is not None or length < 8:
-                return None
-            height = int.from_bytes(data[position + 5 : position + 7], "big")
-            width = int.from_bytes(data[position + 7 : position + 9], "big")
-            if data[position + 9] != 3 or not width or not height:
-                return None
-            size = (width, height)
-        position += 2 + length
-    return None
-
-
-def _pillow_draft_scale(size: tuple[int, int], requested: tuple[int, int]) -> int:
-    """The s at which Pillow's ``JpegImageFile.draft`` decodes a JPEG of ``size`` asked for
-    ``requested``: the largest DCT scale that fits in both sides' ratios."""
-    ratio = min(size[0] // requested[0], size[1] // requested[1])
-    return max((scale for scale in _JPEG_SCALES if scale <= ratio), default=1)
-
-
-def _draft_scale(draft_size: tuple[int, int], full_size: tuple[int, int]) -> int:
-    """The s of a JPEG draft decoded at 1/s: the draft has ceil(W / s) x ceil(H / s) pixels."""
-    (width, height), (full_width, full_height) = draft_size, full_size
-    for scale in _JPEG_SCALES:
-        if -(-full_width // scale) == width and -(-full_height // scale) == height:
-            return scale
-    return 1
-
-
-def _decode_jpeg_opencv(data: bytes, scale: int, shape: tuple[int, int]) -> np.ndarray | None:
-    """RGB pixels of a JPEG decoded at 1/``scale`` by OpenCV; None when it cannot.
-
-    The same libjpeg-turbo DCT scaling and colour conversion as Pillow's draft decoding, so
-    the same pixels (tested), in one C call that releases the GIL: decoding threads then run
-    in parallel, where Pillow's Python-level decoder loop serialises part of each decode.
-    """
-    import cv2  # lazy: ~0.1 s to import, and only this fast path needs it here
-
-    flag = {
-        1: cv2.IMREAD_COLOR,
-        2: cv2.IMREAD_REDUCED_COLOR_2,
-        4: cv2.IMREAD_REDUCED_COLOR_4,
-        8: cv2.IMREAD_REDUCED_COLOR_8,
-    }[scale]
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[:2] != shape or bgr.ndim != 3:
-        return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def decode_draft(data: bytes, min_side: int) -> Draft:
@@ -443,166 +380,6 @@ def _letterbox(arr: np.ndarray, size: int) -> np.ndarray:
 
 def _mean_colour(strip: np.ndarray) -> np.ndarray:
     return np.rint(strip.reshape(-1, 3).mean(axis=0)).astype(np.uint8)
-
-
-# --------------------------------------------------------------------------- facing
-
-
-@dataclass(frozen=True)
-class FacingHeuristic:
-    """Constants of ``estimate_facing``'s silhouette heuristic (see its docstring)."""
-
-    #: Thickness of the image border whose colours define "background".
-    border_px: int = 4
-    #: A pixel is foreground when its largest per-channel difference from the background
-    #: colour exceeds max(min_contrast, spread_factor * border spread).
-    min_contrast: int = 28
-    spread_factor: float = 1.5
-    #: Columns with fewer foreground pixels than this fraction of the height are background.
-    min_column_fraction: float = 0.08
-    #: Below this many car columns (fraction of the width) the silhouette is not trusted.
-    min_car_width_fraction: float = 0.25
-    #: Offset of the roof mass from the car's centre (fraction of the car's length, summed over
-    #: the photo and its mirror image) that counts as full confidence.
-    full_confidence_offset: float = 0.3
-    #: A silhouette narrower than this (length / height) and this left-right symmetric is a
-    #: front or rear view; side views are 2-3x as long as high, three-quarter views ~1.6-2.
-    frontal_max_aspect: float = 1.5
-    frontal_max_asymmetry: float = 0.12
-
-
-FACING_HEURISTIC = FacingHeuristic()
-
-
-#: How `estimate_facing` decides: the linear model of `carmodels.facing` (measured on
-#: hand-labelled photos, see docs/BENCHMARKS.md) or the older silhouette heuristic.
-FACING_METHODS: tuple[str, ...] = ("model", "silhouette")
-
-
-def estimate_facing(arr: np.ndarray, method: str = "model") -> tuple[str, float]:
-    """Which way the car in ``arr`` (HxWx3 uint8) points: ``left``, ``right`` or ``front_or_rear``.
-
-    Returns the answer and a confidence in [0, 1]. Either method is exactly antisymmetric: the
-    mirrored photo gets the opposite facing with the same confidence. ``model`` (the default)
-    scored 0.93 facing accuracy on real side and three-quarter photos by cross-validation, the
-    silhouette heuristic 0.6 (near chance) on the same photos; the heuristic is kept for clean
-    silhouettes on plain backgrounds (drawn cars) and as the baseline.
-    """
-    if method == "silhouette":
-        return estimate_facing_silhouette(arr)
-    if method != "model":
-        raise ValueError(f"Unknown facing method {method!r}; expected one of {FACING_METHODS}.")
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"estimate_facing expects an HxWx3 array, got shape {arr.shape}")
-    from carmodels.facing import load_model  # lazily: only the shard builder needs it
-
-    facing, confidence, p_side = load_model().predict(arr)
-    if p_side < 0.5:
-        return "front_or_rear", float(1.0 - 2.0 * p_side)
-    return facing, confidence
-
-
-def estimate_facing_silhouette(
-    arr: np.ndarray, heuristic: FacingHeuristic = FACING_HEURISTIC
-) -> tuple[str, float]:
-    """Which way the car in ``arr`` (HxWx3 uint8) points, from its silhouette.
-
-    Heuristic (at chance on real listing photos, whose backgrounds are cluttered; good on
-    clean silhouettes):
-
-    1. Silhouette: each side of the image border gives a background colour (its median; sky
-       above, road below) and the border's spread (75th percentile of its distances to the
-       nearest of them); pixels clearly farther than that from every side colour are the car.
-       Pass the photo's content, not letterbox bars (``normalise`` does).
-    2. Upper profile: per column, the silhouette's height above the car's bottom row.
-    3. Seen from the side, the cabin and roof sit toward the rear and the hood is long and low
-       at the front, so the mass of the profile above its median height ("roof mass") lies
-       behind the car's centre. Roof mass right of centre means the car faces left.
-    4. A front or rear view is short (length / height small) and left-right symmetric.
-
-    The direction score is computed as ``g(arr) - g(mirror(arr))``. Since floating-point
-    subtraction is exactly antisymmetric, mirroring the input gives exactly the opposite
-    facing with exactly the same confidence; the frontal test uses only quantities that are
-    exactly mirror-invariant (integer counts, medians, percentiles).
-    """
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"estimate_facing expects an HxWx3 array, got shape {arr.shape}")
-    if min(arr.shape[:2]) < 4 * heuristic.border_px:
-        return "front_or_rear", 0.0  # too small to tell a border from a car
-    mask = _foreground_mask(arr, heuristic)
-    mirrored_mask = mask[:, ::-1]
-    profile = _upper_profile(mask, heuristic)
-    if profile is None:
-        return "front_or_rear", 0.0
-    heights, length = profile
-    tallest = int(heights.max())
-    aspect = length / max(tallest, 1)
-    # |h(x) - h(mirror x)| summed in integers: exact, and the same for the mirrored photo.
-    asymmetry = int(np.abs(heights - heights[::-1]).sum()) / max(int(heights.sum()), 1)
-    if aspect < heuristic.frontal_max_aspect and asymmetry < heuristic.frontal_max_asymmetry:
-        confidence = 1.0 - asymmetry / heuristic.frontal_max_asymmetry
-        return "front_or_rear", float(np.clip(confidence, 0.0, 1.0))
-
-    score = _roof_offset(heights) - _roof_offset(_upper_profile(mirrored_mask, heuristic)[0])
-    if score == 0.0:
-        return "front_or_rear", 0.0
-    confidence = float(min(1.0, abs(score) / heuristic.full_confidence_offset))
-    return ("left" if score > 0 else "right"), confidence
-
-
-def _foreground_mask(arr: np.ndarray, heuristic: FacingHeuristic) -> np.ndarray:
-    pixels = arr.astype(np.int16)
-    b = heuristic.border_px
-    sides = [
-        pixels[:b].reshape(-1, 3),  # usually sky or wall
-        pixels[-b:].reshape(-1, 3),  # usually road or floor
-        pixels[b:-b, :b].reshape(-1, 3),
-        pixels[b:-b, -b:].reshape(-1, 3),
-    ]
-    # One background colour per side (median: robust to the car touching the border). Medians
-    # and percentiles depend on the multiset of values only, not their order, and the minimum
-    # over the sides does not care that mirroring swaps left and right, so the mask of a
-    # mirrored photo is exactly the mirrored mask.
-    backgrounds = np.stack([np.median(side, axis=0) for side in sides])
-
-    def distance_to_background(values: np.ndarray) -> np.ndarray:
-        per_side = [np.abs(values - colour).max(axis=-1) for colour in backgrounds]
-        return np.minimum.reduce(per_side)
-
-    border_distance = distance_to_background(np.concatenate(sides))
-    threshold = max(
-        heuristic.min_contrast, heuristic.spread_factor * np.percentile(border_distance, 75)
-    )
-    return distance_to_background(pixels) > threshold
-
-
-def _upper_profile(mask: np.ndarray, heuristic: FacingHeuristic) -> tuple[np.ndarray, int] | None:
-    """Silhouette height per car column (integers) and the car's length in columns."""
-    height, width = mask.shape
-    column_counts = mask.sum(axis=0)
-    car_columns = np.flatnonzero(column_counts >= heuristic.min_column_fraction * height)
-    if len(car_columns) < heuristic.min_car_width_fraction * width:
-        return None
-    first, last = int(car_columns[0]), int(car_columns[-1])
-    car = mask[:, first : last + 1]
-    rows = np.flatnonzero(car.sum(axis=1) >= heuristic.min_column_fraction * car.shape[1])
-    if len(rows) == 0:
-        return None
-    bottom = int(rows[-1])
-    has_pixels = car.any(axis=0)
-    top = np.where(has_pixels, car.argmax(axis=0), bottom + 1)
-    heights = np.clip(bottom + 1 - top, 0, None).astype(np.int64)
-    return heights, last - first + 1
-
-
-def _roof_offset(heights: np.ndarray) -> float:
-    """Centroid of the profile above its median, minus the car's centre, in car lengths."""
-    roof = np.clip(heights - np.median(heights), 0, None)
-    total = roof.sum()
-    if total <= 0 or len(heights) < 2:
-        return 0.0
-    position = np.linspace(0.0, 1.0, len(heights))
-    return float((roof * position).sum() / total - 0.5)
 
 
 # --------------------------------------------------------------------------- normalise

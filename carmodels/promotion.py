@@ -1,10 +1,13 @@
 """Evaluation history and the champion generator.
 
-Every evaluation appends one row to a Parquet history table (``history.parquet``) that is
-plotted over time (``history.png``). The *champion* is the generator in use: a checkpoint
-copy plus ``champion.json`` describing it. A candidate replaces it only when it is better on
-the chosen metric; :func:`choose` says whether and why, :func:`promote` replaces it and
-:func:`keep` keeps it.
+Every evaluation of a new generator appends one row to a Parquet history table
+(``history.parquet``) that is plotted over time (``history.png``): the callers of
+:func:`carmodels.evaluate.evaluate` that score new generators (the ``evaluate_dcgan`` asset,
+``carmodels evaluate``) call :func:`record_evaluation`; evaluating alone writes no history, so
+re-scoring the champion (:func:`rescore_checkpoint`) adds no row. The *champion* is the
+generator in use: a checkpoint copy plus ``champion.json`` describing it. A candidate replaces
+it only when it is better on the chosen metric; :func:`choose` says whether and why,
+:func:`promote` replaces it and :func:`keep` keeps it.
 
 Scores are compared only when both were measured on the same data (``eval_data_version``,
 the shards' content version that evaluation recorded): a champion scored on other data, or
@@ -29,23 +32,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from carmodels.fid import sha256_of
-from carmodels.io import (
-    atomic_save_figure,
-    atomic_write,
-    atomic_write_json,
-    atomic_write_parquet,
-)
+from carmodels.classifier import ClassifierConfig
+from carmodels.evaluate import EvalConfig, evaluate
+from carmodels.io import atomic_write, atomic_write_json, atomic_write_parquet
+from carmodels.metrics.fid import FidConfig, sha256_of
+from carmodels.pictures import plot_promotion_history
 from carmodels.versioning import VERSION_LENGTH
-
-if TYPE_CHECKING:  # carmodels.evaluate imports this module: it is imported where it is used
-    from carmodels.evaluate import EvalConfig
 
 HISTORY_FILE = "history.parquet"
 HISTORY_PLOT = "history.png"
@@ -123,31 +121,6 @@ def append_history(history_path: str | os.PathLike[str], row: dict[str, Any]) ->
     return frame
 
 
-def plot_history(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path | None:
-    """One panel per metric against evaluation time; None when there is nothing to plot."""
-    columns = [c for c in PLOTTED_METRICS if c in frame.columns and frame[c].notna().any()]
-    if frame.empty or not columns:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(columns), 1, figsize=(10, 2.4 * len(columns)), sharex=True)
-    axes = [axes] if len(columns) == 1 else list(axes)
-    when = pd.to_datetime(frame["evaluated_at"])
-    for ax, column in zip(axes, columns, strict=True):
-        ax.plot(when, frame[column], marker="o")
-        direction = METRIC_DIRECTIONS.get(column)
-        ax.set_ylabel(column + (f"\n({direction} is better)" if direction else ""))
-        ax.grid(alpha=0.3)
-    axes[0].set_title("Generator evaluations over time")
-    axes[-1].set_xlabel("evaluated at (UTC)")
-    fig.autofmt_xdate()
-    fig.tight_layout()
-    return atomic_save_figure(path, fig)
-
-
 def record_evaluation(
     metrics_path: str | os.PathLike[str], history_dir: str | os.PathLike[str]
 ) -> tuple[pd.DataFrame, Path | None]:
@@ -156,7 +129,10 @@ def record_evaluation(
     digest = metrics_json.get("checkpoint_sha256") or sha256_of(metrics_json["checkpoint"])
     row = history_row(metrics_json, digest)
     frame = append_history(Path(history_dir) / HISTORY_FILE, row)
-    return frame, plot_history(frame, Path(history_dir) / HISTORY_PLOT)
+    plot = plot_promotion_history(
+        frame, Path(history_dir) / HISTORY_PLOT, PLOTTED_METRICS, METRIC_DIRECTIONS
+    )
+    return frame, plot
 
 
 # --------------------------------------------------------------------------- champion
@@ -350,9 +326,6 @@ def eval_config_of(candidate: dict[str, Any]) -> EvalConfig:
     Keys the current dataclasses do not know are dropped, so an evaluation written by another
     version of the code still gives a usable config.
     """
-    from carmodels.classifier import ClassifierConfig
-    from carmodels.evaluate import EvalConfig
-    from carmodels.fid import FidConfig
 
     def known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         names = {f.name for f in fields(cls)}
@@ -384,8 +357,6 @@ def rescore_checkpoint(
     version, so the champion is then judged by the very classifier that judged the candidate,
     and none is trained again.
     """
-    from carmodels.evaluate import evaluate
-
     config = replace(eval_config_of(candidate), record_history=False)
     if config.classifier_cache_dir is None and classifier_cache_dir is not None:
         config = replace(config, classifier_cache_dir=str(classifier_cache_dir))

@@ -57,10 +57,12 @@ METHOD_FINETUNED = "generator (z search + fine-tune)"
 class RestorationEvalConfig:
     """Which images, which damage, which baselines, and how the generator restores."""
 
-    n_images: int = 8
+    n_images: int = field(default=8, metadata={"help": "validation images"})
     split: str = "val"
-    #: Seeds the damage (masks and noise); the restoration has its own seed in ``restore``.
-    seed: int = 0
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the damage (masks and noise); the restoration has its own seed"},
+    )
     hole_fraction: float = 0.2
     #: Standard deviation of the added noise, pixels in [0, 1].
     noise_sigma: float = 0.1

@@ -52,22 +52,30 @@ DEFAULT_FINETUNE_STEPS = 100
 class RestoreConfig:
     """How hard to search the latent space and whether to fine-tune the generator after."""
 
-    #: Random starting points optimised together (as one batch); the best one is kept.
-    restarts: int = 8
-    #: Adam steps on z.
-    steps: int = 200
+    restarts: int = field(
+        default=8,
+        metadata={
+            "help": "latent starting points, optimised together (as one batch); the best one "
+            "is kept"
+        },
+    )
+    steps: int = field(default=200, metadata={"help": "optimisation (Adam) steps on z"})
     lr: float = 0.05
     #: Pull of z towards the origin, keeping it where the generator was trained.
     latent_weight: float = 1e-3
     #: Adam steps on the generator's weights after the z search (0 = no fine-tune).
     finetune_steps: int = 0
     finetune_lr: float = 1e-3
-    #: Output size / input size for ``upscale``.
-    upscale_factor: int = 2
-    #: Seeds the starting points, so a restoration is reproducible on one device.
-    seed: int = 0
-    #: "auto" (CUDA when available), "cpu", "cuda", ...
-    device: str = "auto"
+    upscale_factor: int = field(default=2, metadata={"help": "upscale: output/input size"})
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "seed of the starting points, so a restoration is reproducible on one device"
+        },
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (CUDA when available), cpu, cuda, ..."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("restarts", "steps", "upscale_factor"):

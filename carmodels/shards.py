@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -26,7 +25,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -35,19 +33,16 @@ import pyarrow.dataset as ds
 import torch
 from PIL import Image
 
-from carmodels.dedup.schema import UNIQUE_CORE_COLUMNS, UNIQUE_FILE
 from carmodels.errors import (
     EmptySplitError,
     InputError,
-    MissingColumnError,
     MissingInputError,
     ShardsError,
     one_line,
 )
-from carmodels.imaging import ImagingConfig, Rejection, normalise_keyed
+from carmodels.imaging import ImagingConfig, NormalisedImage, Rejection
 from carmodels.io import atomic_save_image, atomic_write_json, atomic_write_parquet
-from carmodels.parallel import map_in_processes
-from carmodels.scrape.raw import iter_raw_bytes
+from carmodels.shard_inputs import ShardIndex, normalised_chunks, read_index
 
 #: Bumped whenever a column is added, removed or changes meaning.
 SHARD_SCHEMA_VERSION = 1
@@ -249,8 +244,10 @@ class ShardConfig:
     """How the kept images become training shards."""
 
     imaging: ImagingConfig = field(default_factory=ImagingConfig)
-    #: Fraction of images in the validation split (by content hash, see ``split_for``).
-    val_fraction: float = DEFAULT_VAL_FRACTION
+    val_fraction: float = field(
+        default=DEFAULT_VAL_FRACTION,
+        metadata={"help": "fraction of images in the validation split (by content hash)"},
+    )
     #: Images per Parquet file (5,000 x 48 KiB ~ 240 MiB before compression).
     images_per_shard: int = 5000
     #: Hosts whose photos are all mirrored (``example.com`` also matches ``img.example.com``),
@@ -287,8 +284,6 @@ class ShardResult:
     elapsed_s: float
 
 
-#: Columns ``unique.parquet`` holds for dedup's own use, not listing metadata.
-_DEDUP_COLUMNS = (*UNIQUE_CORE_COLUMNS, "phash_flipped", "n_bytes", "fetched_at")
 #: Reason recorded when a kept image's bytes are no longer in the raw shards.
 MISSING_SOURCE = "missing_source"
 
@@ -323,24 +318,6 @@ _REJECTS_SCHEMA = pa.schema(
 )
 
 
-def _is_mirror_source(url: str, hosts: tuple[str, ...]) -> bool:
-    host = (urlparse(url).hostname or "").lower()
-    return any(host == h.lower() or host.endswith("." + h.lower()) for h in hosts)
-
-
-def _chunked(
-    items: Iterator[tuple[str, bytes, bool]], size: int
-) -> Iterator[list[tuple[str, bytes, bool]]]:
-    chunk: list[tuple[str, bytes, bool]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _previous_generation(out_dir: Path) -> int:
     summary_path = out_dir / SUMMARY_FILE
     if not summary_path.exists():
@@ -351,33 +328,144 @@ def _previous_generation(out_dir: Path) -> int:
         return 0
 
 
-def _read_unique(unique_dir: Path) -> pd.DataFrame:
-    """``unique.parquet`` of a dedup output folder, checked before any shard is written."""
-    unique_path = unique_dir / UNIQUE_FILE
-    if not unique_path.exists():
-        raise MissingInputError(
-            f"No {UNIQUE_FILE} in {unique_dir}: materialise `unique_images` "
-            "(or run `carmodels dedup`) first."
+class _Generation:
+    """A new shard generation as it is written: its shards, rejects, counts and preview.
+
+    Normalised images come in through :meth:`add`; a shard is written whenever
+    ``images_per_shard`` of them wait. :meth:`commit` writes the summary that makes the
+    generation the current one.
+    """
+
+    def __init__(self, out_dir: Path, index: ShardIndex, config: ShardConfig) -> None:
+        self.out_dir = out_dir
+        self.index = index
+        self.config = config
+        self.number = _previous_generation(out_dir) + 1
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.schema = _shard_schema(index.metadata_columns)
+        self.shard_paths: list[Path] = []
+        self.rejects: list[dict[str, str]] = []
+        self.preview: list[np.ndarray] = []
+        self.split_counts = dict.fromkeys(SPLITS, 0)
+        self.facing_counts: dict[str, int] = {}
+        self.n_mirrored = 0
+        self._buffer: list[dict[str, object]] = []
+        self._seen: set[str] = set()
+
+    def add(self, sha256: str, outcome: NormalisedImage | Rejection) -> None:
+        self._seen.add(sha256)
+        source = self.index.rows_by_sha.loc[sha256]
+        if isinstance(outcome, Rejection):
+            self.rejects.append(
+                {
+                    "sha256": sha256,
+                    "url": source["url"],
+                    "reason": outcome.reason,
+                    "detail": outcome.detail,
+                }
+            )
+            return
+        split = split_for(sha256, self.config.val_fraction)
+        self.split_counts[split] += 1
+        self.facing_counts[outcome.facing] = self.facing_counts.get(outcome.facing, 0) + 1
+        self.n_mirrored += outcome.mirrored
+        if len(self.preview) < self.config.preview_images:
+            self.preview.append(outcome.pixels)
+        self._buffer.append(self._row(sha256, outcome, source, split))
+        if len(self._buffer) >= self.config.images_per_shard:
+            self._flush()
+
+    def _row(
+        self, sha256: str, outcome: NormalisedImage, source: pd.Series, split: str
+    ) -> dict[str, object]:
+        size = self.config.imaging.size
+        return {
+            "image": outcome.pixels.tobytes(),
+            "height": size,
+            "width": size,
+            "sha256": sha256,
+            "url": source["url"],
+            "source_width": outcome.source_width,
+            "source_height": outcome.source_height,
+            "phash": source["phash"],
+            "split": split,
+            "facing": outcome.facing,
+            "facing_confidence": outcome.facing_confidence,
+            "mirrored": outcome.mirrored,
+            **{
+                c: None if pd.isna(source[c]) else str(source[c])
+                for c in self.index.metadata_columns
+            },
+        }
+
+    def _flush(self) -> None:
+        path = self.out_dir / f"car-g{self.number:04d}-{len(self.shard_paths):05d}.parquet"
+        table = pa.Table.from_pylist(self._buffer, schema=self.schema)
+        self.shard_paths.append(atomic_write_parquet(path, table))
+        self._buffer.clear()
+
+    def finish(self) -> None:
+        """Write the last shard; reject the images whose photo is not in the raw shards."""
+        if self._buffer:
+            self._flush()
+        rows_by_sha = self.index.rows_by_sha
+        for sha256 in rows_by_sha.index.difference(pd.Index(sorted(self._seen))):
+            raw_shard = rows_by_sha.at[sha256, "raw_shard"]
+            self.rejects.append(
+                {
+                    "sha256": sha256,
+                    "url": rows_by_sha.at[sha256, "url"],
+                    "reason": MISSING_SOURCE,
+                    "detail": f"no ok row with this sha256 in {raw_shard}",
+                }
+            )
+
+    def rejects_by_reason(self) -> dict[str, int]:
+        return dict(Counter(r["reason"] for r in self.rejects).most_common())
+
+    def commit(self, rejects_by_reason: dict[str, int], started: float) -> ShardResult:
+        """Write the rejects, the preview and the summary, then delete the older shards."""
+        out_dir, config, split_counts = self.out_dir, self.config, self.split_counts
+        size = config.imaging.size
+        rejects_table = pa.Table.from_pylist(self.rejects, schema=_REJECTS_SCHEMA)
+        atomic_write_parquet(out_dir / REJECTS_FILE, rejects_table)
+        preview_path = atomic_save_image(
+            out_dir / PREVIEW_FILE, image_grid(self.preview, config.preview_columns, size)
         )
-    try:
-        unique = pd.read_parquet(unique_path)
-    except pa.ArrowException as error:
-        raise ShardsError(
-            f"{unique_path} cannot be read ({one_line(error)}); run `carmodels dedup` again "
-            "to rewrite it."
-        ) from error
-    missing = {"sha256", "url", "raw_shard", "phash"} - set(unique.columns)
-    if missing:
-        raise MissingColumnError(
-            f"{unique_path} lacks columns {sorted(missing)}; run `carmodels dedup` again to "
-            "rewrite it."
+        n_written = sum(split_counts.values())
+        summary = {
+            "schema_version": SHARD_SCHEMA_VERSION,
+            "generation": self.number,
+            "shards": [p.name for p in self.shard_paths],
+            "image_size": {"height": size, "width": size, "channels": 3},
+            "n_input": self.index.n_images,
+            "n_written": n_written,
+            "counts": split_counts,
+            "rejects_by_reason": rejects_by_reason,
+            "facing_counts": self.facing_counts,
+            "n_mirrored": self.n_mirrored,
+            "imaging": dataclasses.asdict(config.imaging),
+            "val_fraction": config.val_fraction,
+            "mirror_sources": list(config.mirror_sources),
+        }
+        # The commit point: from here on load_images reads the new set.
+        summary_path = atomic_write_json(out_dir / SUMMARY_FILE, summary)
+        current = {p.name for p in self.shard_paths}
+        for stale in out_dir.glob(SHARD_GLOB):
+            if stale.name not in current:
+                stale.unlink(missing_ok=True)
+        return ShardResult(
+            n_input=self.index.n_images,
+            n_written=n_written,
+            n_train=split_counts["train"],
+            n_val=split_counts["val"],
+            rejects_by_reason=rejects_by_reason,
+            facing_counts=self.facing_counts,
+            shard_paths=self.shard_paths,
+            summary_path=summary_path,
+            preview_path=preview_path,
+            elapsed_s=time.monotonic() - started,
         )
-    if unique.empty:
-        raise InputError(
-            f"{unique_path} lists no images, so there is nothing to shard; run `carmodels "
-            "dedup` on raw shards that hold fetched images."
-        )
-    return unique
 
 
 def build_shards(
@@ -397,144 +485,39 @@ def build_shards(
     config = config or ShardConfig()
     started = time.monotonic()
     unique_dir, raw_dir, out_dir = Path(unique_dir), Path(raw_dir), Path(out_dir)
-    unique = _read_unique(unique_dir)
-    metadata_columns = [c for c in unique.columns if c not in _DEDUP_COLUMNS]
-    schema = _shard_schema(metadata_columns)
-    rows_by_sha = unique.drop_duplicates("sha256").set_index("sha256", drop=False)
-    total = len(rows_by_sha)
-
-    generation = _previous_generation(out_dir) + 1
-    out_dir.mkdir(parents=True, exist_ok=True)
-    size = config.imaging.size
-    shard_paths: list[Path] = []
-    buffer: list[dict[str, object]] = []
-    rejects: list[dict[str, str]] = []
-    preview: list[np.ndarray] = []
-    split_counts = dict.fromkeys(SPLITS, 0)
-    facing_counts: dict[str, int] = {}
-    n_mirrored = 0
-    done = 0
-
-    def flush() -> None:
-        path = out_dir / f"car-g{generation:04d}-{len(shard_paths):05d}.parquet"
-        table = pa.Table.from_pylist(buffer, schema=schema)
-        shard_paths.append(atomic_write_parquet(path, table))
-        buffer.clear()
-
-    tasks = (
-        (sha256, data, _is_mirror_source(rows_by_sha.at[sha256, "url"], config.mirror_sources))
-        for _, sha256, data in iter_raw_bytes(
-            raw_dir, rows_by_sha.index, config.read_batch_rows, set(unique["raw_shard"])
-        )
+    index = read_index(unique_dir)
+    total = index.n_images
+    generation = _Generation(out_dir, index, config)
+    chunks = normalised_chunks(
+        index,
+        raw_dir,
+        config.imaging,
+        config.mirror_sources,
+        config.read_batch_rows,
+        config.chunk_size,
+        config.workers,
     )
-    workers = config.workers if total > config.chunk_size else 1
-    worker = functools.partial(normalise_keyed, config=config.imaging)
-    seen: set[str] = set()
+    done = 0
     if on_progress:
         on_progress(0, total)
-    for results in map_in_processes(worker, _chunked(tasks, config.chunk_size), workers):
+    for results in chunks:
         for sha256, outcome in results:
-            seen.add(sha256)
-            source = rows_by_sha.loc[sha256]
-            if isinstance(outcome, Rejection):
-                rejects.append(
-                    {
-                        "sha256": sha256,
-                        "url": source["url"],
-                        "reason": outcome.reason,
-                        "detail": outcome.detail,
-                    }
-                )
-                continue
-            split = split_for(sha256, config.val_fraction)
-            split_counts[split] += 1
-            facing_counts[outcome.facing] = facing_counts.get(outcome.facing, 0) + 1
-            n_mirrored += outcome.mirrored
-            if len(preview) < config.preview_images:
-                preview.append(outcome.pixels)
-            buffer.append(
-                {
-                    "image": outcome.pixels.tobytes(),
-                    "height": size,
-                    "width": size,
-                    "sha256": sha256,
-                    "url": source["url"],
-                    "source_width": outcome.source_width,
-                    "source_height": outcome.source_height,
-                    "phash": source["phash"],
-                    "split": split,
-                    "facing": outcome.facing,
-                    "facing_confidence": outcome.facing_confidence,
-                    "mirrored": outcome.mirrored,
-                    **{c: None if pd.isna(source[c]) else str(source[c]) for c in metadata_columns},
-                }
-            )
-            if len(buffer) >= config.images_per_shard:
-                flush()
+            generation.add(sha256, outcome)
         done += len(results)
         if on_progress:
             on_progress(done, total)
-    if buffer:
-        flush()
-    for sha256 in rows_by_sha.index.difference(pd.Index(sorted(seen))):
-        rejects.append(
-            {
-                "sha256": sha256,
-                "url": rows_by_sha.at[sha256, "url"],
-                "reason": MISSING_SOURCE,
-                "detail": f"no ok row with this sha256 in {rows_by_sha.at[sha256, 'raw_shard']}",
-            }
-        )
+    generation.finish()
     if on_progress and done < total:
         on_progress(total, total)
-    rejects_by_reason = dict(Counter(r["reason"] for r in rejects).most_common())
-    if not shard_paths:
+    rejects_by_reason = generation.rejects_by_reason()
+    if not generation.shard_paths:
         # Committing an empty set would replace the previous shards with nothing to train on.
         raise InputError(
             f"None of the {total} images in {unique_dir} survived normalising (rejected: "
             f"{rejects_by_reason}); nothing in {out_dir} was replaced. Loosen the imaging "
             "settings (e.g. --min-side) or add photos."
         )
-
-    rejects_table = pa.Table.from_pylist(rejects, schema=_REJECTS_SCHEMA)
-    atomic_write_parquet(out_dir / REJECTS_FILE, rejects_table)
-    preview_path = atomic_save_image(
-        out_dir / PREVIEW_FILE, image_grid(preview, config.preview_columns, size)
-    )
-    n_written = sum(split_counts.values())
-    summary = {
-        "schema_version": SHARD_SCHEMA_VERSION,
-        "generation": generation,
-        "shards": [p.name for p in shard_paths],
-        "image_size": {"height": size, "width": size, "channels": 3},
-        "n_input": total,
-        "n_written": n_written,
-        "counts": split_counts,
-        "rejects_by_reason": rejects_by_reason,
-        "facing_counts": facing_counts,
-        "n_mirrored": n_mirrored,
-        "imaging": dataclasses.asdict(config.imaging),
-        "val_fraction": config.val_fraction,
-        "mirror_sources": list(config.mirror_sources),
-    }
-    # The commit point: from here on load_images reads the new set.
-    summary_path = atomic_write_json(out_dir / SUMMARY_FILE, summary)
-    current = {p.name for p in shard_paths}
-    for stale in out_dir.glob(SHARD_GLOB):
-        if stale.name not in current:
-            stale.unlink(missing_ok=True)
-    return ShardResult(
-        n_input=total,
-        n_written=n_written,
-        n_train=split_counts["train"],
-        n_val=split_counts["val"],
-        rejects_by_reason=rejects_by_reason,
-        facing_counts=facing_counts,
-        shard_paths=shard_paths,
-        summary_path=summary_path,
-        preview_path=preview_path,
-        elapsed_s=time.monotonic() - started,
-    )
+    return generation.commit(rejects_by_reason, started)
 
 
 def image_grid(images: list[np.ndarray], columns: int, size: int) -> Image.Image:

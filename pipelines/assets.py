@@ -23,7 +23,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from carmodels import dedup, evaluate, scrape, shards, train
+from carmodels import dedup, evaluate, promotion, scrape, shards, train
 from carmodels.errors import InputError
 from carmodels.io import atomic_write_json
 from carmodels.layout import (
@@ -36,6 +36,7 @@ from carmodels.layout import (
     DataLayout,
 )
 from carmodels.versioning import files_version, frame_version, source_version
+from pipelines.config_fields import library_field, library_kwargs
 from pipelines.metadata import counts_table, frame_preview, image_preview, previews, rate_logger
 from pipelines.project_config import CONFIG_ENV, DEFAULT_CONFIG_NAME, defaults_from_file
 from pipelines.resources import (
@@ -210,20 +211,24 @@ def _write_json(path: Path, value: object) -> None:
 
 @defaults_from_file("raw_images")
 class RawImagesConfig(CachedConfig):
-    concurrency: int = scrape.ScrapeConfig.concurrency
-    per_host_limit: int = scrape.ScrapeConfig.per_host_limit
-    total_timeout_s: float = scrape.ScrapeConfig.total_timeout_s
-    max_retries: int = scrape.ScrapeConfig.max_retries
-    retry_failed: bool = False
-    revalidate: bool = False
-    respect_robots: bool = scrape.ScrapeConfig.respect_robots
-    per_host_rate: float = scrape.ScrapeConfig.per_host_rate
-    max_crawl_delay_s: float = scrape.ScrapeConfig.max_crawl_delay_s
-    fetch_processes: int = scrape.ScrapeConfig.fetch_processes
+    """The downloader's settings (`carmodels.scrape.ScrapeConfig`)."""
+
+    concurrency: int = library_field(scrape.ScrapeConfig, "concurrency")
+    per_host_limit: int = library_field(scrape.ScrapeConfig, "per_host_limit")
+    total_timeout_s: float = library_field(scrape.ScrapeConfig, "total_timeout_s")
+    max_retries: int = library_field(scrape.ScrapeConfig, "max_retries")
+    retry_failed: bool = library_field(scrape.ScrapeConfig, "retry_failed")
+    revalidate: bool = library_field(scrape.ScrapeConfig, "revalidate")
+    respect_robots: bool = library_field(scrape.ScrapeConfig, "respect_robots")
+    per_host_rate: float = library_field(scrape.ScrapeConfig, "per_host_rate")
+    max_crawl_delay_s: float = library_field(scrape.ScrapeConfig, "max_crawl_delay_s")
+    fetch_processes: int = library_field(scrape.ScrapeConfig, "fetch_processes")
     #: Download from private and loopback addresses (your own servers only): off by default,
     #: since a manifest could otherwise point the downloader at services inside your network.
     #: The demo catalog needs no opt-in: exactly its own origin is let through.
-    allow_private_networks: bool = False
+    allow_private_networks: bool = library_field(
+        scrape.ScrapeConfig, "allow_private_networks", default=False
+    )
 
 
 @dg.asset(
@@ -245,17 +250,7 @@ def raw_images(
         scrape_config = library_settings(
             "raw_images",
             lambda: scrape.ScrapeConfig(
-                concurrency=config.concurrency,
-                per_host_limit=config.per_host_limit,
-                total_timeout_s=config.total_timeout_s,
-                max_retries=config.max_retries,
-                retry_failed=config.retry_failed,
-                revalidate=config.revalidate,
-                respect_robots=config.respect_robots,
-                per_host_rate=config.per_host_rate,
-                max_crawl_delay_s=config.max_crawl_delay_s,
-                fetch_processes=config.fetch_processes,
-                allow_private_networks=config.allow_private_networks,
+                **library_kwargs(config, scrape.ScrapeConfig),
                 allowed_private_origins=(demo.origin,) if demo else (),
             ),
         )
@@ -308,9 +303,11 @@ def raw_images(
 
 @defaults_from_file("unique_images")
 class UniqueImagesConfig(CachedConfig):
-    hash_method: str = dedup.DedupConfig.hash_method
-    threshold: int = dedup.DedupConfig.threshold
-    flip_aware: bool = dedup.DedupConfig.flip_aware
+    """The duplicate search's settings (`carmodels.dedup.DedupConfig`)."""
+
+    hash_method: str = library_field(dedup.DedupConfig, "hash_method")
+    threshold: int = library_field(dedup.DedupConfig, "threshold")
+    flip_aware: bool = library_field(dedup.DedupConfig, "flip_aware")
 
 
 @dg.asset(
@@ -327,11 +324,7 @@ def unique_images(
     def work(layout: DataLayout) -> StepOutput:
         dedup_config = library_settings(
             "unique_images",
-            lambda: dedup.DedupConfig(
-                hash_method=config.hash_method,
-                threshold=config.threshold,
-                flip_aware=config.flip_aware,
-            ),
+            lambda: dedup.DedupConfig(**library_kwargs(config, dedup.DedupConfig)),
         )
         result = dedup.deduplicate(
             layout.raw_dir,
@@ -381,11 +374,14 @@ def unique_images(
 
 @defaults_from_file("car_shards")
 class CarShardsConfig(CachedConfig):
-    framing: str = shards.ImagingConfig.framing
-    face: str = shards.ImagingConfig.face
-    drop_front_rear: bool = shards.ImagingConfig.drop_front_rear
-    min_side: int = shards.ImagingConfig.min_side
-    val_fraction: float = shards.ShardConfig.val_fraction
+    """How photos become training images (`carmodels.shards.ImagingConfig`) and the split
+    (`carmodels.shards.ShardConfig`)."""
+
+    framing: str = library_field(shards.ImagingConfig, "framing")
+    face: str = library_field(shards.ImagingConfig, "face")
+    drop_front_rear: bool = library_field(shards.ImagingConfig, "drop_front_rear")
+    min_side: int = library_field(shards.ImagingConfig, "min_side")
+    val_fraction: float = library_field(shards.ShardConfig, "val_fraction")
 
 
 @dg.asset(
@@ -403,13 +399,8 @@ def car_shards(
         shard_config = library_settings(
             "car_shards",
             lambda: shards.ShardConfig(
-                imaging=shards.ImagingConfig(
-                    framing=config.framing,
-                    face=config.face,
-                    drop_front_rear=config.drop_front_rear,
-                    min_side=config.min_side,
-                ),
-                val_fraction=config.val_fraction,
+                imaging=shards.ImagingConfig(**library_kwargs(config, shards.ImagingConfig)),
+                **library_kwargs(config, shards.ShardConfig),
             ),
         )
         result = shards.build_shards(
@@ -463,15 +454,16 @@ class TrainDcganConfig(CachedConfig):
     batch 128); under `demo` the `small` preset at 64 px for 120 epochs
     (`$CARMODELS_DEMO_EPOCHS`)."""
 
-    preset: str | None = None
-    image_size: int | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr_g: float | None = None
-    lr_d: float | None = None
-    label_smoothing: float = train.TrainConfig.label_smoothing
-    diffaugment: str = train.TrainConfig.diffaugment
-    seed: int = train.TrainConfig.seed
+    # None: the profile's (the `training` resource), not the library's default.
+    preset: str | None = library_field(train.TrainConfig, "preset", default=None)
+    image_size: int | None = library_field(train.TrainConfig, "image_size", default=None)
+    epochs: int | None = library_field(train.TrainConfig, "epochs", default=None)
+    batch_size: int | None = library_field(train.TrainConfig, "batch_size", default=None)
+    lr_g: float | None = library_field(train.TrainConfig, "lr_g", default=None)
+    lr_d: float | None = library_field(train.TrainConfig, "lr_d", default=None)
+    label_smoothing: float = library_field(train.TrainConfig, "label_smoothing")
+    diffaugment: str = library_field(train.TrainConfig, "diffaugment")
+    seed: int = library_field(train.TrainConfig, "seed")
     resume: bool = False
 
 
@@ -575,7 +567,8 @@ class EvaluateDcganConfig(CachedConfig):
 
 @dg.asset(
     group_name=GROUP,
-    code_version=source_version(["carmodels.evaluate"]),
+    # The asset records the evaluation in the promotion history too.
+    code_version=source_version(["carmodels.evaluate", "carmodels.promotion"]),
     deps=[train_dcgan],
     kinds={"pytorch"},
     pool=GPU_POOL,
@@ -607,6 +600,8 @@ def evaluate_dcgan(
         result = evaluate.evaluate(
             checkpoint, layout.shards_dir, layout.eval_dir, eval_config, log=context.log.info
         )
+        if eval_config.record_history:  # evaluating writes no history: the callers record it
+            promotion.record_evaluation(result.metrics_path, layout.eval_dir)
         numeric = {
             k: round(float(v), 4) for k, v in result.metrics.items() if isinstance(v, int | float)
         }

@@ -13,6 +13,7 @@ from carmodels.errors import InputError
 from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
 from carmodels.versioning import files_version, source_version
 from pipelines.assets import FOLLOW_UPSTREAM, GPU_POOL
+from pipelines.config_fields import library_field
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.project_config import defaults_from_file
 from pipelines.resources import StorageResource
@@ -133,12 +134,12 @@ def design_samples(
 
 @defaults_from_file("restoration_examples")
 class RestorationExamplesConfig(CachedConfig):
-    n_images: int = restoration_eval.RestorationEvalConfig.n_images
-    seed: int = restoration_eval.RestorationEvalConfig.seed
-    restarts: int = restore.RestoreConfig.restarts
-    steps: int = restore.RestoreConfig.steps
+    n_images: int = library_field(restoration_eval.RestorationEvalConfig, "n_images")
+    seed: int = library_field(restoration_eval.RestorationEvalConfig, "seed")
+    restarts: int = library_field(restore.RestoreConfig, "restarts")
+    steps: int = library_field(restore.RestoreConfig, "steps")
     finetune_steps: int = restore.DEFAULT_FINETUNE_STEPS
-    device: str = "auto"
+    device: str = library_field(restore.RestoreConfig, "device")
 
 
 @dg.asset(

@@ -21,6 +21,7 @@ from carmodels.demo.catalog import DEFAULT_N_LISTINGS
 from carmodels.errors import InputError
 from carmodels.layout import DataLayout, default_data_root_url
 from carmodels.storage import StorageRoot
+from pipelines.config_fields import library_field
 
 #: Environment variable choosing the pipeline profile (see `profile_resources`).
 PROFILE_ENV = "CARMODELS_PROFILE"
@@ -209,15 +210,14 @@ class TrainingDefaults(dg.ConfigurableResource):
     minutes (:func:`demo_training`).
     """
 
-    preset: str = train.TrainConfig.preset
-    image_size: int = train.TrainConfig.image_size
-    epochs: int = train.TrainConfig.epochs
-    batch_size: int = train.TrainConfig.batch_size
+    preset: str = library_field(train.TrainConfig, "preset")
+    image_size: int = library_field(train.TrainConfig, "image_size")
+    epochs: int = library_field(train.TrainConfig, "epochs")
+    batch_size: int = library_field(train.TrainConfig, "batch_size")
     log_every_steps: int = train.TrainConfig.log_every_steps
     checkpoint_every: int = train.TrainConfig.checkpoint_every
     sample_every: int = train.TrainConfig.sample_every
-    #: "auto" (CUDA when available, else CPU), "cpu", "cuda:1", ...
-    device: str = train.TrainConfig.device
+    device: str = library_field(train.TrainConfig, "device")
 
     def train_config(self) -> train.TrainConfig:
         return train.TrainConfig(

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from carmodels.classifier import ClassifierConfig, NotEnoughLabels, domain_metrics, train_classifier
+from carmodels.classifier import ClassifierConfig, NotEnoughLabels, train_classifier
 from carmodels.evaluate import frechet_distance
+from carmodels.metrics.domain import domain_metrics
 
 SIZE = 16
 #: Each type is a flat colour plus noise: trivially separable, so accuracy must be high.

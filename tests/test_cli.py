@@ -29,10 +29,10 @@ def test_scrape_help_states_the_library_defaults(capsys: pytest.CaptureFixture[s
 
     with pytest.raises(SystemExit):
         main(["scrape", "--help"])
-    # The CLI states these without importing the downloader (fast --help): keep them in step.
+    # The options are made from ScrapeConfig's fields (carmodels.options): help and default.
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"simultaneous downloads (default {ScrapeConfig.concurrency})" in help_text
-    assert f"simultaneous downloads per host (default {ScrapeConfig.per_host_limit})" in help_text
+    assert f"over all hosts (default: {ScrapeConfig.concurrency})" in help_text
+    assert f"connection pool per host) (default: {ScrapeConfig.per_host_limit})" in help_text
 
 
 def test_parser_lists_every_command() -> None:

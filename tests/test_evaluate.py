@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from carmodels.cli import main
 from carmodels.evaluate import (
     METRIC_DEFINITIONS,
     EvalConfig,
@@ -18,8 +19,8 @@ from carmodels.evaluate import (
     mean_pairwise_rms,
     pixel_features,
 )
-from carmodels.fid import FidConfig
-from carmodels.promotion import HISTORY_FILE, read_history
+from carmodels.metrics.fid import FidConfig
+from carmodels.promotion import HISTORY_FILE, read_history, record_evaluation
 from carmodels.train import TrainConfig, train
 from tests.conftest import write_blocky_shards
 from tests.test_classifier import TINY, write_labelled_shards
@@ -154,9 +155,29 @@ def test_pictures_records_and_history(run: tuple[Path, Path], tmp_path: Path) ->
     assert result.metrics["fid"] is None and result.fid_record["computed"] is False
     assert "looked for" in result.fid_record["reason"] and result.fid_record["how_to_supply"]
     assert result.type_record["computed"] is False and "type" in result.type_record["reason"]
-    evaluate(checkpoint, shards, tmp_path, config)
+    # Evaluating writes no promotion history; its callers (the evaluate_dcgan asset and
+    # `carmodels evaluate`) record each evaluation, as here.
+    assert not (tmp_path / HISTORY_FILE).exists() and not (tmp_path / "history.png").exists()
+    record_evaluation(result.metrics_path, tmp_path)
+    again = evaluate(checkpoint, shards, tmp_path, config)
+    assert len(read_history(tmp_path / HISTORY_FILE)) == 1
+    record_evaluation(again.metrics_path, tmp_path)
     history = read_history(tmp_path / HISTORY_FILE)
     assert len(history) == 2 and (tmp_path / "history.png").stat().st_size > 0
+
+
+def test_the_evaluate_command_records_the_history(
+    run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, shards = run
+    args = ["evaluate", "--checkpoint", str(checkpoint), "--shards", str(shards)]
+    args += ["--out", str(tmp_path), "--n-samples", "8", "--no-fid", "--offline"]
+    for _ in range(2):
+        assert main(args) == 0
+    assert "samples:" in capsys.readouterr().out
+    history = read_history(tmp_path / HISTORY_FILE)
+    assert len(history) == 2 and (tmp_path / "history.png").stat().st_size > 0
+    assert set(history["checkpoint"]) == {str(checkpoint)}
 
 
 def test_learned_metrics_with_labels_and_inception_weights(

@@ -11,9 +11,9 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from carmodels import fid as fid_module
 from carmodels.evaluate import frechet_distance
-from carmodels.fid import (
+from carmodels.metrics import fid as fid_module
+from carmodels.metrics.fid import (
     FidConfig,
     compute_fid_kid,
     fid_kid_from_features,

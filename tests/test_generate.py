@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from carmodels.generate import generate, sample_noise
+from carmodels.generate import generate
+from carmodels.latent import sample_noise
 from carmodels.train import TrainConfig, train
 from tests.conftest import write_blocky_shards
 

@@ -10,14 +10,8 @@ import torch
 from PIL import Image
 
 from carmodels.cli import main
-from carmodels.generate import (
-    generate,
-    interpolate,
-    interpolation_latents,
-    lerp,
-    sample_noise,
-    slerp,
-)
+from carmodels.generate import generate, interpolate, interpolation_latents
+from carmodels.latent import lerp, sample_noise, slerp
 from carmodels.train import TrainConfig, train
 from tests.test_restore import SIZE, write_shards
 

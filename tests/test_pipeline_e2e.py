@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from carmodels.layout import DataLayout
+from carmodels.promotion import HISTORY_FILE, read_history
 from carmodels.shards import load_images
 from pipelines.assets import ALL_ASSETS
 from pipelines.resources import StorageResource, profile_resources
@@ -117,6 +118,9 @@ def test_shards_checkpoint_and_grid(materialised) -> None:
         assert grid.size == (side, side)
     metrics = json.loads((layout.eval_dir / "metrics.json").read_text())
     assert metrics, "evaluation wrote no metrics"
+    # The asset, not the evaluation itself, records it in the promotion history.
+    history = read_history(layout.eval_dir / HISTORY_FILE)
+    assert history["checkpoint"].tolist()[-1] == metrics["checkpoint"]
 
 
 def _dagster_cli(args: list[str], home: Path, data: Path) -> subprocess.CompletedProcess[str]:

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from carmodels.pictures import plot_promotion_history
 from carmodels.promotion import (
     ALREADY_CHAMPION,
     CHAMPION_RECORD,
     FIRST_CHAMPION,
     INVALID_CANDIDATE,
+    METRIC_DIRECTIONS,
     METRIC_MISSING,
     NOT_BETTER,
     OTHER_DATA,
+    PLOTTED_METRICS,
     PROMOTED,
     InvalidCandidate,
     PromotionConfig,
@@ -30,7 +33,6 @@ from carmodels.promotion import (
     eval_config_of,
     history_row,
     keep,
-    plot_history,
     promote,
     read_champion,
     read_history,
@@ -226,7 +228,7 @@ def test_a_champion_whose_checkpoint_is_gone_is_replaced(tmp_path: Path) -> None
 
 def test_eval_config_round_trips_through_metrics_json() -> None:
     from carmodels.evaluate import EvalConfig
-    from carmodels.fid import FidConfig
+    from carmodels.metrics.fid import FidConfig
 
     config = EvalConfig(n_samples=8, seed=3, fid_config=FidConfig(download=False, n_samples=4))
     recorded = json.loads(json.dumps(asdict(config))) | {"from_a_later_version": 1}
@@ -301,7 +303,9 @@ def test_history_appends_with_changing_columns_and_plots(tmp_path: Path) -> None
     assert frame["type_fd"].tolist() == [10.0, 8.0]
     assert frame["fid_computed"].tolist() == [False, True]
     assert frame["kid_mean"].isna().tolist() == [True, False]
-    plot = plot_history(read_history(history), tmp_path / "history.png")
+    plot = plot_promotion_history(
+        read_history(history), tmp_path / "history.png", PLOTTED_METRICS, METRIC_DIRECTIONS
+    )
     assert plot is not None and plot.stat().st_size > 0
 
 

@@ -46,19 +46,32 @@ from carmodels.scrape.raw import read_raw_index
 class DedupConfig:
     """Settings of the duplicate search."""
 
-    #: imagehash function: ``phash`` (DCT; robust to re-encoding and resizing), ``dhash``,
-    #: ``whash`` or ``colorhash`` (colour histogram; only for hash_size <= 4 to fit 64 bits).
-    hash_method: str = "phash"
+    hash_method: str = field(
+        default="phash",
+        metadata={
+            "help": "perceptual hash: phash (DCT; robust to re-encoding and resizing), dhash, "
+            "whash or colorhash (colour histogram; hash_size <= 4 to fit 64 bits)",
+            "choices": HASH_METHODS,
+        },
+    )
     #: imagehash ``hash_size`` (``binbits`` for colorhash); the hash must fit in 64 bits.
     hash_size: int = 8
-    #: Largest Hamming distance between two 64-bit hashes that makes a candidate pair (the
-    #: colour check below then confirms or rejects it).
-    #: 10: every planted copy kept, no false pair after the colour check; 12 adds only heavy
-    #: crops, at ~2x the search time (docs/benchmarks/dedup.md).
-    threshold: int = 10
-    #: Also compare each photo with the mirror image of the others, so a mirrored repost
-    #: counts as a duplicate.
-    flip_aware: bool = True
+    # 10: every planted copy kept, no false pair after the colour check; 12 adds only heavy
+    # crops, at ~2x the search time (docs/benchmarks/dedup.md).
+    threshold: int = field(
+        default=10,
+        metadata={
+            "help": "largest Hamming distance between two hashes that makes a candidate pair "
+            "(the colour check then confirms or rejects it)"
+        },
+    )
+    flip_aware: bool = field(
+        default=True,
+        metadata={
+            "help": "count a mirrored copy as a duplicate (each photo is also compared with "
+            "the mirror images of the others)"
+        },
+    )
     #: Confirm every hash candidate with the colour thumbnails (False: the hash alone decides,
     #: and ``threshold`` should then be 6, its limit without the check: docs/benchmarks/dedup.md).
     verify_colour: bool = True

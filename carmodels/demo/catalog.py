@@ -292,6 +292,147 @@ def _random_truth(
     return ImageTruth(body_type, view, facing, colour, width, height)
 
 
+_COLOURS = tuple(CAR_COLOURS)
+
+
+def _image_path(index: int, number: int) -> str:
+    return f"/images/l{index + 1:04d}-{number}.jpg"
+
+
+@dataclass(frozen=True)
+class _DefectPlan:
+    """Which listings carry which planted defect: disjoint groups drawn from one permutation."""
+
+    original_of: dict[int, int]  # re-listing -> the listing whose car it repeats
+    dead: list[int]
+    non_image_at: int
+    truncated_at: int
+
+
+def _plan_defects(
+    rng: np.random.Generator, n_listings: int, settings: CatalogSettings
+) -> _DefectPlan:
+    n_duplicates = max(1, round(settings.duplicate_fraction * n_listings))
+    order = [int(i) for i in rng.permutation(n_listings)]
+    copies, order = order[:n_duplicates], order[n_duplicates:]
+    originals, order = order[:n_duplicates], order[n_duplicates:]
+    dead, order = order[: settings.n_dead_links], order[settings.n_dead_links :]
+    return _DefectPlan(dict(zip(copies, originals, strict=True)), dead, order[0], order[1])
+
+
+@dataclass
+class _CatalogBuilder:
+    """The listings and photo recipes drawn so far, with the defects planted among them."""
+
+    seed: int
+    settings: CatalogSettings
+    plan: _DefectPlan
+    body_types: list[str]
+    body_type_p: np.ndarray
+    listings: list[DemoListing | None]
+    recipes: dict[str, _PhotoRecipe] = field(default_factory=dict)
+    truth: dict[str, ImageTruth] = field(default_factory=dict)
+    duplicate_of: dict[str, str] = field(default_factory=dict)
+    dead_links: list[str] = field(default_factory=list)
+    non_image: str = ""
+    truncated: str = ""
+
+    def add_listing(self, index: int) -> None:
+        """Draw listing ``index`` from its own random stream, planting its defects."""
+        settings = self.settings
+        listing_rng = np.random.default_rng([self.seed, 1, index])
+        source = None
+        if index in self.plan.original_of:
+            source = self.listings[self.plan.original_of[index]]
+            assert source is not None
+            spec = next(m for m in CAR_MODELS if (m.make, m.model) == (source.make, source.model))
+            year, colour = source.year, source.colour
+        else:
+            spec, year, colour = self._new_car(listing_rng)
+        age = max(settings.reference_year - year, 0)
+        mileage = int(round(age * listing_rng.uniform(*settings.miles_per_year), -1)) + int(
+            listing_rng.integers(5, 3_000)
+        )
+        price = _price(listing_rng, spec, age, mileage, settings)
+
+        n_photos = 2 if listing_rng.uniform() < settings.second_photo_fraction else 1
+        paths = self._draw_photos(listing_rng, index, n_photos, spec.body_type, colour)
+        if source is not None:
+            self._plant_duplicate(listing_rng, paths[0], source.image_paths[0])
+        paths.extend(self._plant_extra_link(index, _image_path(index, n_photos + 1)))
+        self.listings[index] = DemoListing(
+            id=f"L{index + 1:04d}",
+            name=f"{year} {spec.make} {spec.model}",
+            make=spec.make,
+            model=spec.model,
+            year=year,
+            body_type=spec.body_type,
+            colour=colour,
+            price=price,
+            mileage=mileage,
+            image_paths=tuple(paths),
+        )
+
+    def _new_car(self, listing_rng: np.random.Generator) -> tuple[CarModelSpec, int, str]:
+        pick = int(listing_rng.choice(len(self.body_types), p=self.body_type_p))
+        body_type = self.body_types[pick]
+        candidates = [m for m in CAR_MODELS if m.body_type == body_type]
+        spec = candidates[int(listing_rng.integers(len(candidates)))]
+        year = int(listing_rng.integers(self.settings.years[0], self.settings.years[1] + 1))
+        colour = _COLOURS[int(listing_rng.integers(len(_COLOURS)))]
+        return spec, year, colour
+
+    def _draw_photos(
+        self,
+        listing_rng: np.random.Generator,
+        index: int,
+        n_photos: int,
+        body_type: str,
+        colour: str,
+    ) -> list[str]:
+        paths = []
+        for number in range(1, n_photos + 1):
+            path = _image_path(index, number)
+            paths.append(path)
+            photo_truth = _random_truth(listing_rng, body_type, colour, self.settings)
+            low, high = self.settings.jpeg_quality
+            quality = int(listing_rng.integers(low, high + 1))
+            kind = "truncated" if (index == self.plan.truncated_at and number == 1) else "drawn"
+            entropy = (self.seed, 2, index, number)
+            self.recipes[path] = _PhotoRecipe(kind, entropy, photo_truth, quality)
+            self.truth[path] = photo_truth
+            if kind == "truncated":
+                self.truncated = path
+        return paths
+
+    def _plant_duplicate(
+        self, listing_rng: np.random.Generator, copy_path: str, source_path: str
+    ) -> None:
+        """The re-listing's first photo: the original's first photo, resized and re-saved."""
+        low, high = self.settings.duplicate_quality
+        quality = int(listing_rng.integers(low, high + 1))
+        self.recipes[copy_path] = _PhotoRecipe("duplicate", quality=quality, source=source_path)
+        original = self.truth[source_path]
+        self.truth[copy_path] = replace(
+            original,
+            width=round(original.width * self.settings.duplicate_scale),
+            height=round(original.height * self.settings.duplicate_scale),
+        )
+        self.duplicate_of[copy_path] = source_path
+
+    def _plant_extra_link(self, index: int, extra: str) -> list[str]:
+        """The extra image path of a listing chosen for a dead link or the non-image, if any."""
+        paths = []
+        if index in self.plan.dead:
+            paths.append(extra)
+            self.dead_links.append(extra)
+        if index == self.plan.non_image_at:
+            paths.append(extra)
+            self.recipes[extra] = _PhotoRecipe("non_image")
+            self.non_image = extra
+        return paths
+
+
 def build_catalog(
     seed: int = 0,
     n_listings: int = DEFAULT_N_LISTINGS,
@@ -309,106 +450,25 @@ def build_catalog(
     if unknown:
         raise ValueError(f"settings.body_type_weights names unknown body types {sorted(unknown)}")
     weights = np.array([w for _, w in settings.body_type_weights])
-    colours = list(CAR_COLOURS)
-
-    # Which listings carry which defect: disjoint groups drawn from one permutation.
-    n_duplicates = max(1, round(settings.duplicate_fraction * n_listings))
-    order = [int(i) for i in rng.permutation(n_listings)]
-    copies, order = order[:n_duplicates], order[n_duplicates:]
-    originals, order = order[:n_duplicates], order[n_duplicates:]
-    dead, order = order[: settings.n_dead_links], order[settings.n_dead_links :]
-    non_image_at, truncated_at = order[0], order[1]
-    original_of = dict(zip(copies, originals, strict=True))
-
-    listings: list[DemoListing | None] = [None] * n_listings
-    recipes: dict[str, _PhotoRecipe] = {}
-    truth: dict[str, ImageTruth] = {}
-    duplicate_of: dict[str, str] = {}
-    dead_links: list[str] = []
-    non_image = truncated = ""
-
-    def image_path(index: int, number: int) -> str:
-        return f"/images/l{index + 1:04d}-{number}.jpg"
-
+    plan = _plan_defects(rng, n_listings, settings)
+    builder = _CatalogBuilder(
+        seed, settings, plan, body_types, weights / weights.sum(), [None] * n_listings
+    )
     # Originals first, so that each copy can repeat its original's car.
-    for index in sorted(range(n_listings), key=lambda i: i in original_of):
-        listing_rng = np.random.default_rng([seed, 1, index])
-        if index in original_of:
-            source = listings[original_of[index]]
-            assert source is not None
-            spec = next(m for m in CAR_MODELS if (m.make, m.model) == (source.make, source.model))
-            year, colour = source.year, source.colour
-        else:
-            pick = int(listing_rng.choice(len(body_types), p=weights / weights.sum()))
-            body_type = body_types[pick]
-            candidates = [m for m in CAR_MODELS if m.body_type == body_type]
-            spec = candidates[int(listing_rng.integers(len(candidates)))]
-            year = int(listing_rng.integers(settings.years[0], settings.years[1] + 1))
-            colour = colours[int(listing_rng.integers(len(colours)))]
-        age = max(settings.reference_year - year, 0)
-        mileage = int(round(age * listing_rng.uniform(*settings.miles_per_year), -1)) + int(
-            listing_rng.integers(5, 3_000)
-        )
-        price = _price(listing_rng, spec, age, mileage, settings)
-
-        n_photos = 2 if listing_rng.uniform() < settings.second_photo_fraction else 1
-        paths = []
-        for number in range(1, n_photos + 1):
-            path = image_path(index, number)
-            paths.append(path)
-            photo_truth = _random_truth(listing_rng, spec.body_type, colour, settings)
-            low, high = settings.jpeg_quality
-            quality = int(listing_rng.integers(low, high + 1))
-            kind = "truncated" if (index == truncated_at and number == 1) else "drawn"
-            recipes[path] = _PhotoRecipe(kind, (seed, 2, index, number), photo_truth, quality)
-            truth[path] = photo_truth
-            if kind == "truncated":
-                truncated = path
-        if index in original_of:
-            # The re-listing's first photo is the original's first photo, resized and re-saved.
-            copy_path, source_path = paths[0], source.image_paths[0]
-            low, high = settings.duplicate_quality
-            quality = int(listing_rng.integers(low, high + 1))
-            recipes[copy_path] = _PhotoRecipe("duplicate", quality=quality, source=source_path)
-            original = truth[source_path]
-            truth[copy_path] = replace(
-                original,
-                width=round(original.width * settings.duplicate_scale),
-                height=round(original.height * settings.duplicate_scale),
-            )
-            duplicate_of[copy_path] = source_path
-        extra = image_path(index, n_photos + 1)
-        if index in dead:
-            paths.append(extra)
-            dead_links.append(extra)
-        if index == non_image_at:
-            paths.append(extra)
-            recipes[extra] = _PhotoRecipe("non_image")
-            non_image = extra
-        listings[index] = DemoListing(
-            id=f"L{index + 1:04d}",
-            name=f"{year} {spec.make} {spec.model}",
-            make=spec.make,
-            model=spec.model,
-            year=year,
-            body_type=spec.body_type,
-            colour=colour,
-            price=price,
-            mileage=mileage,
-            image_paths=tuple(paths),
-        )
+    for index in sorted(range(n_listings), key=lambda i: i in plan.original_of):
+        builder.add_listing(index)
 
     defects = DemoDefects(
-        duplicate_of=duplicate_of,
-        dead_links=tuple(sorted(dead_links)),
-        non_image=non_image,
-        truncated=truncated,
+        duplicate_of=builder.duplicate_of,
+        dead_links=tuple(sorted(builder.dead_links)),
+        non_image=builder.non_image,
+        truncated=builder.truncated,
     )
     return DemoCatalog(
         seed=seed,
-        listings=[listing for listing in listings if listing is not None],
-        truth=truth,
+        listings=[listing for listing in builder.listings if listing is not None],
+        truth=builder.truth,
         defects=defects,
         settings=settings,
-        _recipes=recipes,
+        _recipes=builder.recipes,
     )

@@ -43,6 +43,7 @@ from carmodels.scrape.fetch import (
     open_fetcher,
 )
 from carmodels.scrape.raw import (
+    ExistingRaw,
     RawShardWriter,
     metadata_column_names,
     raw_schema,
@@ -171,25 +172,24 @@ def _metadata_value(value: Any) -> str | None:
     return str(value)
 
 
-async def adownload_images(
-    manifest_df: pd.DataFrame,
-    out_dir: str | os.PathLike[str],
-    config: ScrapeConfig | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> ScrapeResult:
-    """Async form of :func:`download_images`."""
-    # Imported here: the fetch processes run this module's fetcher, so they import it.
-    from carmodels.scrape.processes import (
-        FetchProcessFailed,
-        RemoteFetcher,
-        fetch_process_count,
-    )
+@dataclass
+class _Plan:
+    """What one run fetches: the manifest, the URLs still to fetch, and the shard writer."""
 
-    config = config or ScrapeConfig()
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest: pd.DataFrame
+    todo: pd.DataFrame
+    existing: ExistingRaw
+    #: Manifest column → raw shard column, for every metadata column.
+    metadata_names: dict[str, str]
+    writer: RawShardWriter
 
+    @property
+    def n_skipped(self) -> int:
+        return len(self.manifest) - len(self.todo)
+
+
+def _plan(manifest_df: pd.DataFrame, out_dir: Path, config: ScrapeConfig) -> _Plan:
+    """The manifest's URLs less those ``out_dir`` already has, and a writer numbering after it."""
     manifest = _prepare_manifest(manifest_df)
     existing = scan_existing(out_dir, with_validators=config.revalidate)
 
@@ -202,7 +202,6 @@ async def adownload_images(
         return config.revalidate and url in existing.validators
 
     todo = manifest.loc[manifest["url"].map(wanted)]
-    n_skipped = len(manifest) - len(todo)
     metadata_names = metadata_column_names(manifest.columns)
     writer = RawShardWriter(
         out_dir,
@@ -212,33 +211,99 @@ async def adownload_images(
         max_bytes=config.shard_max_bytes,
         max_age_s=config.flush_interval_s,
     )
-    log.info("downloading %d URL(s) into %s (%d already there)", len(todo), out_dir, n_skipped)
+    return _Plan(manifest, todo, existing, metadata_names, writer)
 
-    outcome_counts: Counter[str] = Counter()
-    revalidation_counts: Counter[str] = Counter()
-    failures: list[tuple[str, str, int | None]] = []
-    total = len(todo)
-    if on_progress is not None:
-        on_progress(0, total)
 
-    # Small queues: they exist to keep workers busy, not to hold the manifest in memory.
-    jobs: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * config.concurrency)
-    results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=config.concurrency)
+class _DownloadRun:
+    """One run's queues, workers, shard writing and tallies.
 
-    async def produce() -> None:
+    A producer puts the plan's URLs on ``jobs``; ``concurrency`` workers fetch them and put
+    rows on ``results``; one writer task streams the rows into shards. The fetchers and the
+    writer run in one task group, so if either fails the other stops.
+    """
+
+    def __init__(
+        self, plan: _Plan, config: ScrapeConfig, on_progress: ProgressCallback | None
+    ) -> None:
+        self.plan = plan
+        self.config = config
+        self.on_progress = on_progress
+        self.writer = plan.writer
+        self.total = len(plan.todo)
+        self.outcome_counts: Counter[str] = Counter()
+        self.revalidation_counts: Counter[str] = Counter()
+        self.failures: list[tuple[str, str, int | None]] = []
+        # Small queues: they exist to keep workers busy, not to hold the manifest in memory.
+        self.jobs: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=2 * config.concurrency)
+        self.results: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
+            maxsize=config.concurrency
+        )
+
+    async def run(self) -> None:
+        """Open the fetcher (in this process or in fetch processes) and fetch and write all."""
+        # Imported here: the fetch processes run this module's fetcher, so they import it.
+        from carmodels.scrape.processes import RemoteFetcher, fetch_process_count
+
+        processes = fetch_process_count(self.config, self.total)
+        if processes > 1:
+            log.info("fetching in %d processes", processes)
+            fetchers = RemoteFetcher.open(self.config, processes)
+        else:
+            fetchers = open_fetcher(self.config)
+        async with fetchers as fetcher:
+            try:
+                # One group: if the writer fails the fetchers stop, and the other way round.
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._fetch_all(fetcher))
+                    group.create_task(self._write())
+            except BaseExceptionGroup as group_error:
+                raise _first_error(group_error) from None
+
+    def result(self, out_dir: Path, elapsed: float) -> ScrapeResult:
+        return ScrapeResult(
+            out_dir=out_dir,
+            n_urls=len(self.plan.manifest),
+            n_skipped_existing=self.plan.n_skipped,
+            n_fetched=self.total,
+            outcome_counts=dict(self.outcome_counts),
+            elapsed_s=elapsed,
+            images_per_s=self.outcome_counts["ok"] / elapsed if elapsed > 0 else 0.0,
+            failures=pd.DataFrame(self.failures, columns=["url", "outcome", "status"]).astype(
+                {"status": "Int32"}
+            ),
+            shard_paths=list(self.writer.written),
+            revalidation_counts=dict(self.revalidation_counts),
+        )
+
+    # -- queue and workers
+
+    async def _fetch_all(self, fetcher: RowFetcher) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._produce())
+            for _ in range(self.config.concurrency):
+                group.create_task(self._work(fetcher))
+        await self.results.put(None)
+
+    async def _produce(self) -> None:
+        jobs, plan = self.jobs, self.plan
+        metadata_names = plan.metadata_names
+        validators = plan.existing.validators if self.config.revalidate else None
         columns = ["url", *metadata_names]
-        for url, *values in todo[columns].itertuples(index=False, name=None):
+        for url, *values in plan.todo[columns].itertuples(index=False, name=None):
             metadata = {
                 metadata_names[c]: _metadata_value(v)
                 for c, v in zip(metadata_names, values, strict=True)
             }
             # validators exist for ok rows only: a URL retried after a failure is a plain fetch.
-            known = existing.validators.get(url) if config.revalidate else None
+            known = validators.get(url) if validators is not None else None
             await jobs.put(_Job(url, metadata, known))
-        for _ in range(config.concurrency):
+        for _ in range(self.config.concurrency):
             await jobs.put(None)
 
-    async def work(fetcher: RowFetcher) -> None:
+    async def _work(self, fetcher: RowFetcher) -> None:
+        from carmodels.scrape.processes import FetchProcessFailed  # see run()
+
+        jobs, results = self.jobs, self.results
         while (job := await jobs.get()) is not None:
             try:
                 row = await fetcher.fetch(job.url, job.known)
@@ -250,20 +315,16 @@ async def adownload_images(
             row.update(job.metadata)
             if job.known is not None:
                 verdict = _revalidation_verdict(row, job.known)
-                revalidation_counts[verdict] += 1
+                self.revalidation_counts[verdict] += 1
                 if verdict != "changed":
                     row = {"url": job.url, "outcome": _NOT_WRITTEN}  # the old row stays
             await results.put(row)
 
-    async def fetch_all(fetcher: RowFetcher) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(produce())
-            for _ in range(config.concurrency):
-                group.create_task(work(fetcher))
-        await results.put(None)
+    # -- drain and finalise
 
-    async def write() -> None:
-        done = 0
+    async def _write(self) -> None:
+        done, total, on_progress = 0, self.total, self.on_progress
+        results, writer = self.results, self.writer
         # The shard being written, in a thread, while the next one fills: fetching never
         # waits for the disk unless a whole shard's rows arrive first. At most two shards'
         # rows are in memory.
@@ -271,13 +332,11 @@ async def adownload_images(
         try:
             while (row := await results.get()) is not None:
                 if row["outcome"] != _NOT_WRITTEN:
-                    outcome_counts[row["outcome"]] += 1
-                    if row["outcome"] != "ok":
-                        failures.append((row["url"], row["outcome"], row.get("status")))
+                    self._count(row)
                     if writer.add(row):
                         if writing is not None:
                             await writing
-                        writing = asyncio.create_task(write_batch(writer.take_batch()))
+                        writing = asyncio.create_task(self._write_batch(writer.take_batch()))
                 done += 1
                 if on_progress is not None:
                     on_progress(done, total)
@@ -287,62 +346,59 @@ async def adownload_images(
             # Crash or Ctrl-C: save the rows already fetched, so a resumed run skips them
             # (unless writing is what hangs: trying again would hang the run's end).
             if not isinstance(error, ShardWriteTimeout):
-                await save_after_error(writing)
+                await self._save_after_error(writing)
             raise
-        await write_batch(writer.take_batch())
+        await self._write_batch(writer.take_batch())
 
-    async def save_after_error(writing: asyncio.Task[None] | None) -> None:
+    def _count(self, row: dict[str, Any]) -> None:
+        self.outcome_counts[row["outcome"]] += 1
+        if row["outcome"] != "ok":
+            self.failures.append((row["url"], row["outcome"], row.get("status")))
+
+    async def _save_after_error(self, writing: asyncio.Task[None] | None) -> None:
         try:
             if writing is not None:
                 await writing  # the shard that was being written when the error came
-            writer.flush()
+            self.writer.flush()
         except Exception:
             log.exception("could not save the rows fetched since the last shard")
 
-    async def write_batch(batch: tuple[Path, list[list[Any]]] | None) -> None:
+    async def _write_batch(self, batch: tuple[Path, list[list[Any]]] | None) -> None:
         if batch is None:
             return
         # In a thread so downloads go on meanwhile; under a deadline so a hung disk or
         # network filesystem stops the run with an error instead of hanging it forever.
+        timeout_s = self.config.shard_write_timeout_s
         try:
-            async with asyncio.timeout(config.shard_write_timeout_s):
-                await _in_daemon_thread(writer.write_batch, *batch)
+            async with asyncio.timeout(timeout_s):
+                await _in_daemon_thread(self.writer.write_batch, *batch)
         except TimeoutError:
             raise ShardWriteTimeout(
-                f"writing raw shard {batch[0]} took over {config.shard_write_timeout_s:g} s; "
+                f"writing raw shard {batch[0]} took over {timeout_s:g} s; "
                 "check the disk (full? hung network mount?) and run again to resume"
             ) from None
 
-    processes = fetch_process_count(config, total)
-    if processes > 1:
-        log.info("fetching in %d processes", processes)
-        fetchers = RemoteFetcher.open(config, processes)
-    else:
-        fetchers = open_fetcher(config)
-    async with fetchers as fetcher:
-        try:
-            # One group: if the writer fails the fetchers stop, and the other way round.
-            async with asyncio.TaskGroup() as group:
-                group.create_task(fetch_all(fetcher))
-                group.create_task(write())
-        except BaseExceptionGroup as group_error:
-            raise _first_error(group_error) from None
 
-    elapsed = time.perf_counter() - started
-    return ScrapeResult(
-        out_dir=out_dir,
-        n_urls=len(manifest),
-        n_skipped_existing=n_skipped,
-        n_fetched=total,
-        outcome_counts=dict(outcome_counts),
-        elapsed_s=elapsed,
-        images_per_s=outcome_counts["ok"] / elapsed if elapsed > 0 else 0.0,
-        failures=pd.DataFrame(failures, columns=["url", "outcome", "status"]).astype(
-            {"status": "Int32"}
-        ),
-        shard_paths=list(writer.written),
-        revalidation_counts=dict(revalidation_counts),
+async def adownload_images(
+    manifest_df: pd.DataFrame,
+    out_dir: str | os.PathLike[str],
+    config: ScrapeConfig | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> ScrapeResult:
+    """Async form of :func:`download_images`."""
+    config = config or ScrapeConfig()
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(manifest_df, out_dir, config)
+    log.info(
+        "downloading %d URL(s) into %s (%d already there)", len(plan.todo), out_dir, plan.n_skipped
     )
+    run = _DownloadRun(plan, config, on_progress)
+    if on_progress is not None:
+        on_progress(0, run.total)
+    await run.run()
+    return run.result(out_dir, time.perf_counter() - started)
 
 
 def download_images(

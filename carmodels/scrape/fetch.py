@@ -25,7 +25,7 @@ import re
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -93,25 +93,46 @@ DECODE_POOLS = ("thread", "process", "inline")
 class ScrapeConfig:
     """Every knob of the downloader, with the defaults the pipeline uses."""
 
-    #: Requests in flight at once, over all hosts.
-    concurrency: int = 64
-    #: Requests in flight at once to one host (politeness; also the connection pool per host).
-    per_host_limit: int = 16
-    #: Requests started per second per host at most; 0 for no limit. Off by default because
-    #: ``per_host_limit`` already bounds the load; set it for sites that ask for a pace.
-    #: A robots.txt ``Crawl-delay`` (with ``respect_robots``) spaces requests too: the slower
-    #: of the two wins.
-    per_host_rate: float = 0.0
-    #: Cap on a robots.txt ``Crawl-delay``; a site asking for more gets this and a warning.
-    max_crawl_delay_s: float = 60.0
+    concurrency: int = field(
+        default=64, metadata={"help": "requests in flight at once, over all hosts"}
+    )
+    per_host_limit: int = field(
+        default=16,
+        metadata={
+            "help": "requests in flight at once to one host (politeness; also the connection "
+            "pool per host)"
+        },
+    )
+    # Off by default because ``per_host_limit`` already bounds the load; set it for sites that
+    # ask for a pace. A robots.txt ``Crawl-delay`` (with ``respect_robots``) spaces requests
+    # too: the slower of the two wins.
+    per_host_rate: float = field(
+        default=0.0, metadata={"help": "requests started per second per host at most; 0 = no cap"}
+    )
+    max_crawl_delay_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "cap in seconds on a robots.txt Crawl-delay; a site asking for more gets "
+            "this and a warning"
+        },
+    )
     #: Seconds to open a TCP (and TLS) connection.
     connect_timeout_s: float = 10.0
     #: Seconds without receiving a byte before a response counts as stalled.
     read_timeout_s: float = 20.0
-    #: Deadline for one attempt at one URL, redirects and body included.
-    total_timeout_s: float = 60.0
-    #: Extra attempts after a transient failure (connection error, timeout, 5xx, 408, 429).
-    max_retries: int = 3
+    total_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "deadline in seconds for one attempt at one URL, redirects and body included"
+        },
+    )
+    max_retries: int = field(
+        default=3,
+        metadata={
+            "help": "extra attempts after a transient failure (connection error, timeout, 5xx, "
+            "408, 429)"
+        },
+    )
     #: First backoff delay; doubles per retry, plus up to as much random jitter.
     backoff_base_s: float = 0.5
     #: Cap on the exponential backoff delay.
@@ -133,29 +154,47 @@ class ScrapeConfig:
     #: ``thread``, ``process`` or ``inline``: where images are decoded and hashed (see
     #: DECODE_POOLS). Fetch processes turn ``thread`` into ``inline``.
     decode_pool: str = "thread"
-    #: Processes fetching and decoding, each with its own event loop and a share of the
-    #: limits (see :mod:`carmodels.scrape.processes`); 0 means one per CPU core when a run
-    #: fetches at least ``PROCESSES_MIN_URLS`` URLs (a process costs about a second to start)
-    #: and 1 (all in this process) otherwise.
-    fetch_processes: int = 0
-    #: Fetch private, loopback and link-local addresses (local test servers only).
-    allow_private_networks: bool = False
+    # Each process has its own event loop and a share of the limits (see
+    # :mod:`carmodels.scrape.processes`). "Large" is ``PROCESSES_MIN_URLS`` URLs or more: a
+    # process costs about a second to start; smaller runs fetch all in this process.
+    fetch_processes: int = field(
+        default=0,
+        metadata={
+            "help": "processes fetching and decoding; 0 = one per CPU core for large runs, else 1"
+        },
+    )
+    allow_private_networks: bool = field(
+        default=False,
+        metadata={
+            "help": "fetch private, loopback and link-local addresses (local test servers "
+            "only, such as the demo server)"
+        },
+    )
     #: Private ``scheme://host:port`` origins fetched all the same, and no others: the
     #: demo catalog the pipeline serves itself on 127.0.0.1.
     allowed_private_origins: tuple[str, ...] = ()
     #: Sent with every request so that site operators can see who is fetching.
     user_agent: str = DEFAULT_USER_AGENT
-    #: Obey robots.txt (outcome ``robots_denied``) and ``X-Robots-Tag: noai``/``noimageai``
-    #: (outcome ``opted_out``). Turn off only for sources you own.
-    respect_robots: bool = True
+    respect_robots: bool = field(
+        default=True,
+        metadata={
+            "help": "obey robots.txt (outcome robots_denied) and X-Robots-Tag: noai/noimageai "
+            "(outcome opted_out); turn off only for sources you own"
+        },
+    )
     #: Deadline for fetching one robots.txt.
     robots_timeout_s: float = 15.0
-    #: Fetch again the URLs whose latest outcome in ``out_dir`` is transient.
-    retry_failed: bool = False
-    #: Ask again for URLs already fetched ``ok``, conditionally (``If-None-Match`` /
-    #: ``If-Modified-Since``): 304 or identical bytes keep the old row, changed content adds
-    #: a new row that supersedes it, and a failure keeps the old image.
-    revalidate: bool = False
+    retry_failed: bool = field(
+        default=False,
+        metadata={"help": "fetch again the URLs whose latest outcome is a transient failure"},
+    )
+    # Conditionally (``If-None-Match`` / ``If-Modified-Since``): 304 or identical bytes keep
+    # the old row, changed content adds a new row that supersedes it, and a failure keeps the
+    # old image.
+    revalidate: bool = field(
+        default=False,
+        metadata={"help": "ask again for URLs already fetched ok, with their ETag/Last-Modified"},
+    )
     #: Write a shard when its oldest buffered row is this old, so a kill loses little.
     flush_interval_s: float = 30.0
     #: Deadline for writing one shard; past it the run stops with an error instead of hanging.

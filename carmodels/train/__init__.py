@@ -20,9 +20,10 @@ The package, read in this order:
 * :mod:`.step`: :class:`TrainStep` (one D + one G update), shared with ``bench/train_gpu.py``
   so the benchmark times exactly the code that trains, and the epoch order;
 * :mod:`.loop`: :func:`train`, prepare -> resume -> epochs -> checkpoint -> finish;
-* :mod:`.monitor` (per-epoch sample quality), :mod:`.artefacts` (history, pictures,
-  TensorBoard), :mod:`.state` (the global RNGs);
-* checkpoints are :mod:`carmodels.checkpoint`'s and devices :mod:`carmodels.device`'s; their
+* :mod:`.monitor` (per-epoch sample quality), :mod:`.artefacts` (history, TensorBoard),
+  :mod:`.state` (the global RNGs);
+* checkpoints are :mod:`carmodels.checkpoint`'s and devices :mod:`carmodels.device`'s; the
+  grids, ``losses.png`` and ``progress.gif`` are drawn by :mod:`carmodels.pictures`. Their
   names are re-exported here for the callers that know them as ``carmodels.train.*``.
 """
 
@@ -42,6 +43,7 @@ from carmodels.checkpoint import (
     load_generator,
 )
 from carmodels.device import AMP_MODES, resolve_amp, resolve_device
+from carmodels.pictures import plot_losses, save_image_grid, save_progress_gif, tensor_to_pil
 from carmodels.train.artefacts import (
     GIF_NAME,
     GRID_SIDE,
@@ -50,11 +52,7 @@ from carmodels.train.artefacts import (
     LOSS_PLOT_NAME,
     SAMPLES_DIR,
     TENSORBOARD_DIR,
-    plot_history,
     read_history,
-    save_image_grid,
-    save_progress_gif,
-    tensor_to_pil,
     write_history,
 )
 from carmodels.train.config import TrainConfig, TrainingDiverged, TrainResult
@@ -111,7 +109,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_generator",
-    "plot_history",
+    "plot_losses",
     "read_history",
     "resolve_amp",
     "resolve_device",

@@ -2,8 +2,9 @@
 
 Under ``out_dir``: ``samples/epoch-NNNN.png`` (the fixed-noise grid), ``history.csv`` (one row
 per log point), ``losses.png``, ``progress.gif`` and ``tensorboard/`` events; the checkpoints
-are :mod:`carmodels.checkpoint`'s. :class:`RunLog` holds the history, the TensorBoard writer
-and the throughput of a run in progress.
+are :mod:`carmodels.checkpoint`'s and the pictures are drawn by :mod:`carmodels.pictures`.
+:class:`RunLog` holds the history, the TensorBoard writer and the throughput of a run in
+progress.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from carmodels.checkpoint import CHECKPOINT_DIR
-from carmodels.io import atomic_save_figure, atomic_write, atomic_write_bytes
+from carmodels.io import atomic_write_bytes
+from carmodels.pictures import tensor_to_pil
 
 SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"
@@ -45,28 +47,6 @@ HISTORY_COLUMNS = (
 GRID_SIDE = 8
 
 
-def tensor_to_pil(images: torch.Tensor, nrow: int, padding: int = 2) -> Any:
-    """A grid of images in [-1, 1] (N x 3 x H x W) as a PIL image."""
-    from PIL import Image  # imported lazily: the GPU benchmark needs neither
-    from torchvision.utils import make_grid
-
-    grid = make_grid(
-        images.detach().float().cpu(),
-        nrow=nrow,
-        padding=padding,
-        normalize=True,
-        value_range=(-1, 1),
-    )
-    array = grid.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike[str], nrow: int) -> Path:
-    """Save images in [-1, 1] as one PNG grid, atomically."""
-    image = tensor_to_pil(images, nrow)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
-
-
 def read_history(path: str | os.PathLike[str]) -> list[dict[str, float]]:
     """Rows of history.csv as floats; empty cells (epoch-only columns) are left out."""
     with open(path, newline="") as f:
@@ -83,65 +63,6 @@ def write_history(path: str | os.PathLike[str], history: list[dict[str, float]])
     for row in history:
         writer.writerow({k: row.get(k, "") for k in HISTORY_COLUMNS})
     return atomic_write_bytes(path, buffer.getvalue().encode())
-
-
-def plot_history(history: list[dict[str, float]], path: str | os.PathLike[str]) -> Path:
-    """Two panels against the training step: D/G losses, and D(x)/D(G(z))."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [row["step"] for row in history]
-    fig, (ax_loss, ax_prob) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    ax_loss.plot(steps, [r["loss_d"] for r in history], label="discriminator loss")
-    ax_loss.plot(steps, [r["loss_g"] for r in history], label="generator loss")
-    ax_loss.set_ylabel("BCE loss")
-    ax_loss.set_title("DCGAN training")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_prob.plot(steps, [r["d_x"] for r in history], label="D(x): real images")
-    ax_prob.plot(steps, [r["d_g_z"] for r in history], label="D(G(z)): generated images")
-    ax_prob.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="undecided (0.5)")
-    ax_prob.set_ylim(0, 1)
-    ax_prob.set_ylabel("mean discriminator output")
-    ax_prob.set_xlabel("training step")
-    ax_prob.legend()
-    ax_prob.grid(alpha=0.3)
-    fig.tight_layout()
-    return atomic_save_figure(path, fig)
-
-
-def save_progress_gif(
-    frame_paths: list[Path],
-    path: str | os.PathLike[str],
-    max_frames: int,
-    width: int,
-    frame_ms: int,
-) -> Path | None:
-    """Animate sample grids (evenly thinned to ``max_frames``, always ending on the last)."""
-    from PIL import Image
-
-    if not frame_paths:
-        return None
-    if len(frame_paths) > max_frames:
-        picks = np.linspace(0, len(frame_paths) - 1, max_frames).round().astype(int)
-        frame_paths = [frame_paths[i] for i in sorted(set(picks.tolist()))]
-    frames = []
-    for frame_path in frame_paths:
-        with Image.open(frame_path) as image:
-            image = image.convert("RGB")
-            if image.width > width:
-                image = image.resize(
-                    (width, round(image.height * width / image.width)), Image.Resampling.LANCZOS
-                )
-            frames.append(image)
-    return atomic_write(
-        path,
-        lambda tmp: frames[0].save(
-            tmp, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0
-        ),
-    )
 
 
 def clear_previous_run(run_dir: Path, log: Callable[[str], None]) -> None:

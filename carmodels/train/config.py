@@ -9,7 +9,7 @@ from typing import Any
 
 from carmodels.augment import parse_policy
 from carmodels.device import AMP_MODES
-from carmodels.models import ModelSpec, get_preset
+from carmodels.models import PRESETS, ModelSpec, get_preset
 
 
 class TrainingDiverged(RuntimeError):
@@ -40,18 +40,29 @@ class TrainingDiverged(RuntimeError):
 class TrainConfig:
     """Every training setting. ``None`` learning rates and betas mean "the preset's"."""
 
-    preset: str = "seed"
-    image_size: int = 128
-    epochs: int = 170
-    batch_size: int = 128
-    lr_g: float | None = None
-    lr_d: float | None = None
+    preset: str = field(
+        default="seed",
+        metadata={"help": "model preset (small and tiny suit CPUs)", "choices": sorted(PRESETS)},
+    )
+    image_size: int = field(
+        default=128, metadata={"help": "side of the training images in pixels: 64 or 128"}
+    )
+    epochs: int = field(default=170, metadata={"help": "epochs to train"})
+    batch_size: int = field(default=128, metadata={"help": "images per step"})
+    lr_g: float | None = field(
+        default=None, metadata={"help": "generator learning rate; unset = the preset's"}
+    )
+    lr_d: float | None = field(
+        default=None, metadata={"help": "discriminator learning rate; unset = the preset's"}
+    )
     beta1: float | None = None
     beta2: float | None = None
     nz: int | None = None
-    #: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
-    seed: int = 0
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed"})
     checkpoint_every: int = 1
     #: How many epoch checkpoints to keep (None keeps all); ``latest.pt`` is always kept.
     keep_last: int | None = 3
@@ -63,8 +74,12 @@ class TrainConfig:
     #: torch.compile G and D. Off by default: on an H200 (torch 2.11) eager bf16 with
     #: channels_last was ~25% faster than compiled (see bench/train_gpu.py).
     compile: bool = False
-    #: Cap on steps per epoch (tests, smoke runs); None = one pass over the data.
-    max_steps_per_epoch: int | None = None
+    max_steps_per_epoch: int | None = field(
+        default=None,
+        metadata={
+            "help": "cap on steps per epoch (tests, smoke runs); unset = one pass over the data"
+        },
+    )
     # The next three defaults were chosen by measurement (bench/train_options.py, figures in
     # docs/BENCHMARKS.md "Training options", 2026-11-28): the small preset, 64 px, 30 epochs
     # on the 1,188 cars-sample training photos, 2 seeds, scored on the val split.
@@ -72,13 +87,22 @@ class TrainConfig:
     #: On: the EMA generator scored better than the raw one on both seeds and both metrics
     #: (type_fd 32.4 vs 44.3, pixel_fd_16 3.9 vs 6.8).
     ema_decay: float | None = 0.999
-    #: One-sided label smoothing: the discriminator's target for real images is 1 - this.
-    #: Off: 0.1 was within noise (type_fd 35.1 vs 32.4, seed-to-seed range 6.4).
-    label_smoothing: float = 0.0
-    #: DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" = off.
-    #: Off: that policy was within noise on type_fd (35.1 vs 32.4) and worse on pixel_fd_16
-    #: (5.8 vs 3.9, both seeds); off also costs nothing.
-    diffaugment: str = ""
+    # Off: 0.1 was within noise (type_fd 35.1 vs 32.4, seed-to-seed range 6.4).
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "one-sided label smoothing: the discriminator's target for real images is "
+            "1 - this"
+        },
+    )
+    # Off: that policy was within noise on type_fd (35.1 vs 32.4) and worse on pixel_fd_16
+    # (5.8 vs 3.9, both seeds); off also costs nothing.
+    diffaugment: str = field(
+        default="",
+        metadata={
+            "help": "DiffAugment policy for D's inputs, e.g. color,translation,cutout; '' = off"
+        },
+    )
     #: Also keep ``best.pt``: the checkpoint with the lowest ``sample_fd`` (see SampleMonitor).
     keep_best: bool = True
     #: Warn of mode collapse when the fixed-noise samples' diversity falls below this

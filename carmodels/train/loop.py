@@ -33,6 +33,7 @@ from carmodels.device import resolve_amp, resolve_device
 from carmodels.distributed import DistContext, device_for_rank, init_from_env, shutdown
 from carmodels.errors import CheckpointError
 from carmodels.models import ModelSpec
+from carmodels.pictures import plot_losses, save_image_grid, save_progress_gif
 from carmodels.train.artefacts import (
     GIF_NAME,
     GRID_SIDE,
@@ -42,9 +43,6 @@ from carmodels.train.artefacts import (
     TENSORBOARD_DIR,
     RunLog,
     clear_previous_run,
-    plot_history,
-    save_image_grid,
-    save_progress_gif,
     tensorboard_writer,
     write_history,
 )
@@ -403,7 +401,7 @@ def _finish(run: _Run) -> TrainResult:
     if run.dist.is_main:
         if grid_path is None and grids:
             grid_path = grids[-1]
-        loss_plot = plot_history(history, run_dir / LOSS_PLOT_NAME) if history else None
+        loss_plot = plot_losses(history, run_dir / LOSS_PLOT_NAME) if history else None
         gif = save_progress_gif(
             grids,
             run_dir / GIF_NAME,

@@ -1,28 +1,6 @@
-"""Asset data under a configurable storage root: a local folder or any fsspec URL.
+"""``StorageRoot``: a storage root, its working copy, and ``pull``/``push`` between them.
 
-The library writes its outputs with ``pathlib``, atomic renames, pyarrow and ``torch.save``,
-all of which need a real file system; object stores have no rename. So a remote root
-(``s3://bucket/prefix``, ``gcs://...``, ``memory://...``) is worked on through a local working
-copy that is synchronised folder by folder:
-
-- ``StorageRoot.parse(root)`` decides: a plain path or ``file://`` URL is used as it is (sync is a
-  no-op); any other fsspec URL gets a working copy under the cache folder
-  (``$CARMODELS_CACHE``, else ``~/.cache/carmodels``), one per root URL.
-- ``pull("unique", "raw")`` before a step brings its inputs in, ``push("shards")`` after it
-  publishes its outputs. Both transfer only what changed: a per-folder record of the last sync
-  (local size and mtime, remote ETag) says which files are unchanged without reading them; with
-  no record, equal sizes are confirmed by comparing the local MD5 with the remote ETag.
-
-Ordering rule of ``push``, so that a reader of the remote never sees a commit marker (a
-``summary.json``, ``champion.json``, ``latest.pt``, ...: see ``DEFAULT_MARKERS``) that names a
-missing file: (1) new and changed data files, (2) new and changed markers, (3) only then the
-deletion of remote files that are gone locally (an older shard generation stays readable until
-the marker that replaced it is in place). ``pull`` reads the markers first and lists the data
-after them, so every file a downloaded marker names was uploaded before it.
-
-A push never wipes the remote because of a broken working copy: pushing a folder that does not
-exist locally, or whose last pull did not finish, is an error, and so is pushing an empty folder
-over a non-empty remote one unless ``allow_empty=True``.
+See :mod:`carmodels.storage` for the rules a sync follows.
 """
 
 from __future__ import annotations
@@ -35,8 +13,7 @@ import posixpath
 import re
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +22,24 @@ from typing import Any
 import fsspec
 import upath
 from filelock import FileLock
-from fsspec.registry import known_implementations
 
-from carmodels.errors import InputError
 from carmodels.layout import DataLayout
+from carmodels.storage.errors import (
+    StorageError,
+    StorageInputError,
+    explain,
+    is_setup_problem,
+    require_implementation,
+)
+from carmodels.storage.files import (
+    LocalFile,
+    RemoteFile,
+    SyncReport,
+    in_parallel,
+    remote_file,
+    same_bytes,
+    sync_record,
+)
 
 #: Environment variable naming the folder that holds the working copies of remote roots.
 CACHE_ENV = "CARMODELS_CACHE"
@@ -65,53 +56,12 @@ DEFAULT_MARKERS: tuple[str, ...] = (
 )
 #: Protocols that name the local file system: such roots are used in place.
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
-#: Concurrent transfers of one pull or push (s3fs and friends are thread-safe).
-MAX_TRANSFERS = 8
 
 #: Temporary files of `carmodels.io.atomic_write` (``name.tmp-<pid>``): never synchronised.
 _TMP_FILE = re.compile(r"\.tmp-\d+$")
-_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 #: Storage options that hold secrets; left out of the working copy's folder name.
 _SECRET_OPTION = re.compile(r"key|secret|token|password|credential|sas", re.IGNORECASE)
 _STATE_VERSION = 1
-
-
-class StorageError(RuntimeError):
-    """A storage root that cannot be used as asked; the message names the root and the fix."""
-
-
-class StorageInputError(StorageError, InputError):
-    """A storage root named wrongly or unusable with the credentials at hand: a bad URL, a
-    protocol without its package, a missing bucket, refused credentials. Both a `StorageError`
-    and an `InputError` (so a ``ValueError``), for callers of either."""
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    """What one ``pull`` or ``push`` did; names are relative to the root (``shards/x.parquet``)."""
-
-    copied: tuple[str, ...] = ()
-    deleted: tuple[str, ...] = ()
-    unchanged: int = 0
-    bytes_copied: int = 0
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class _LocalFile:
-    path: Path
-    size: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True)
-class _RemoteFile:
-    path: str
-    size: int
-    #: Changes whenever the object does: the ETag where the store has one, else size + time.
-    fingerprint: str
-    #: The object's MD5 when its ETag is one (single-part uploads), else None.
-    md5: str | None
 
 
 @dataclass(frozen=True)
@@ -162,7 +112,7 @@ class StorageRoot:
             local = Path(urllib.parse.unquote(path) if protocol else path).expanduser()
             return cls(url=text, local_root=local.resolve(), markers=tuple(markers))
 
-        _require_implementation(text, protocol)
+        require_implementation(text, protocol)
         url = text.rstrip("/")
         if not path.strip("/"):
             raise StorageInputError(
@@ -261,12 +211,14 @@ class StorageRoot:
                 markers = {n: f for n, f in listed.items() if self._is_marker(n)}
                 local = self._list_local(rel)
                 fetch_markers = [
-                    n for n, f in markers.items() if not _same(n, local.get(n), f, records)
+                    n for n, f in markers.items() if not same_bytes(n, local.get(n), f, records)
                 ]
                 unchanged += len(markers) - len(fetch_markers)
                 self._download(fetch_markers, markers, records)
                 data = {n: f for n, f in self._list_remote(rel).items() if not self._is_marker(n)}
-                fetch_data = [n for n, f in data.items() if not _same(n, local.get(n), f, records)]
+                fetch_data = [
+                    n for n, f in data.items() if not same_bytes(n, local.get(n), f, records)
+                ]
                 unchanged += len(data) - len(fetch_data)
                 self._download(fetch_data, data, records)
 
@@ -277,7 +229,7 @@ class StorageRoot:
                     deleted.append(name)
                 fetched = fetch_markers + fetch_data
                 for name in wanted.keys() - set(fetched):  # refresh records found equal by MD5
-                    records[name] = _record(self.local_root / name, wanted[name])
+                    records[name] = sync_record(self.local_root / name, wanted[name])
                 copied += fetched
                 n_bytes += sum(wanted[name].size for name in fetched)
                 state["complete"] = True
@@ -325,12 +277,14 @@ class StorageRoot:
                         "Pass allow_empty=True if that is meant."
                     )
                 records = states[rel]["files"]
-                changed = [n for n, f in local.items() if not _same(n, f, remote.get(n), records)]
+                changed = [
+                    n for n, f in local.items() if not same_bytes(n, f, remote.get(n), records)
+                ]
                 plans.append((rel, local, remote, changed))
 
             data = [(n, loc[n]) for _, loc, _, ch in plans for n in ch if not self._is_marker(n)]
             marks = [(n, loc[n]) for _, loc, _, ch in plans for n in ch if self._is_marker(n)]
-            _in_parallel(lambda item: self._upload(*item), data)
+            in_parallel(lambda item: self._upload(*item), data)
             for item in marks:  # after every data file, in the order the folders were given
                 self._upload(*item)
             stale = [self._remote_path(n) for _, loc, rem, _ in plans for n in rem if n not in loc]
@@ -346,7 +300,7 @@ class StorageRoot:
                 records = {}
                 for name, file in local.items():
                     if name in after:
-                        records[name] = _record(file.path, after[name])
+                        records[name] = sync_record(file.path, after[name])
                 states[rel]["files"] = records
                 self._save_state(rel, states[rel])
                 copied += changed
@@ -407,7 +361,7 @@ class StorageRoot:
                 "not exist: create it or fix the root."
             ) from None
 
-    def _list_remote(self, rel: str) -> dict[str, _RemoteFile]:
+    def _list_remote(self, rel: str) -> dict[str, RemoteFile]:
         base = self._remote_path("")
         prefix = base + "/"
         files = {}
@@ -417,10 +371,10 @@ class StorageRoot:
             name = path[len(prefix) :]
             if _TMP_FILE.search(name):
                 continue
-            files[name] = _remote_file(path, info)
+            files[name] = remote_file(path, info)
         return files
 
-    def _list_local(self, rel: str) -> dict[str, _LocalFile]:
+    def _list_local(self, rel: str) -> dict[str, LocalFile]:
         folder = self.local_root / rel
         files = {}
         if folder.is_dir():
@@ -429,11 +383,11 @@ class StorageRoot:
                     continue
                 stat = path.stat()
                 name = path.relative_to(self.local_root).as_posix()
-                files[name] = _LocalFile(path, stat.st_size, stat.st_mtime_ns)
+                files[name] = LocalFile(path, stat.st_size, stat.st_mtime_ns)
         return files
 
     def _download(
-        self, names: list[str], files: dict[str, _RemoteFile], records: dict[str, Any]
+        self, names: list[str], files: dict[str, RemoteFile], records: dict[str, Any]
     ) -> None:
         def fetch(name: str) -> None:
             target = self.local_root / name
@@ -444,11 +398,11 @@ class StorageRoot:
                 os.replace(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
-            records[name] = _record(target, files[name])
+            records[name] = sync_record(target, files[name])
 
-        _in_parallel(fetch, names)
+        in_parallel(fetch, names)
 
-    def _upload(self, name: str, file: _LocalFile) -> None:
+    def _upload(self, name: str, file: LocalFile) -> None:
         self.fs.put_file(str(file.path), self._remote_path(name))
 
     def _state_path(self, rel: str, suffix: str) -> Path:
@@ -496,30 +450,8 @@ class StorageRoot:
         except StorageError:
             raise
         except Exception as exc:
-            error = StorageInputError if input_errors and _is_setup_problem(exc) else StorageError
-            raise error(_explain(self.url, action, exc)) from exc
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _require_implementation(root: str, protocol: str) -> None:
-    """Fail early, naming the package to install, when fsspec cannot open ``protocol``."""
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        raise StorageInputError(
-            f"Storage root {root!r}: {protocol!r} is not a protocol fsspec knows. Use a local "
-            "folder or a URL such as s3://bucket/prefix, gcs://bucket/prefix, memory://name."
-        ) from None
-    except ImportError as exc:
-        if protocol in ("s3", "s3a"):
-            hint = "install S3 support with `pip install 'carmodels[s3]'` (s3fs)"
-        else:
-            hint = known_implementations.get(protocol, {}).get("err") or str(exc)
-        raise StorageInputError(
-            f"Storage root {root!r} needs a package fsspec lacks: {hint}."
-        ) from exc
+            error = StorageInputError if input_errors and is_setup_problem(exc) else StorageError
+            raise error(explain(self.url, action, exc)) from exc
 
 
 def _cache_base(cache_dir: str | os.PathLike[str] | None) -> Path:
@@ -558,92 +490,3 @@ def _clean_relative(relative: str, allow_root: bool = False) -> str:
             "the whole root is never synced at once."
         )
     return norm
-
-
-def _remote_file(path: str, info: dict[str, Any]) -> _RemoteFile:
-    size = int(info.get("size") or 0)
-    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-    if etag:
-        fingerprint = f"etag:{etag}"
-    else:
-        when = next(
-            (info[k] for k in ("LastModified", "mtime", "updated", "created") if k in info), ""
-        )
-        fingerprint = f"size:{size}:{when}"
-    return _RemoteFile(path, size, fingerprint, etag if _PLAIN_MD5.match(etag) else None)
-
-
-def _record(path: Path, remote: _RemoteFile) -> dict[str, Any]:
-    stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "remote": remote.fingerprint}
-
-
-def _same(
-    name: str, local: _LocalFile | None, remote: _RemoteFile | None, records: dict[str, Any]
-) -> bool:
-    """Whether a local and a remote file hold the same bytes, reading the file only if unavoidable.
-
-    Unchanged on both sides since the last sync (local size and mtime, remote fingerprint) means
-    equal. Otherwise equal sizes are confirmed through the MD5 an ETag carries, when it does one.
-    """
-    if local is None or remote is None or local.size != remote.size:
-        return False
-    record = records.get(name)
-    if (
-        record is not None
-        and record.get("size") == local.size
-        and record.get("mtime_ns") == local.mtime_ns
-        and record.get("remote") == remote.fingerprint
-    ):
-        return True
-    if remote.md5 is not None:
-        return _md5(local.path) == remote.md5
-    return False
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _in_parallel(fn: Callable[[Any], None], items: Sequence[Any]) -> None:
-    """Run ``fn`` over ``items`` on a few threads; the first error is raised."""
-    if len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    pool = ThreadPoolExecutor(max_workers=min(MAX_TRANSFERS, len(items)))
-    try:
-        for future in [pool.submit(fn, item) for item in items]:
-            future.result()
-    finally:
-        # On an error, transfers not yet started are dropped; running ones finish.
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _is_setup_problem(exc: Exception) -> bool:
-    """Whether ``exc`` says the root or its credentials are wrong (see `_explain`)."""
-    kinds = {cls.__name__ for cls in type(exc).__mro__}
-    return isinstance(exc, PermissionError | FileNotFoundError) or any(
-        "Credential" in k for k in kinds
-    )
-
-
-def _explain(root: str, action: str, exc: Exception) -> str:
-    kinds = {cls.__name__ for cls in type(exc).__mro__}
-    if isinstance(exc, PermissionError) or any("Credential" in k for k in kinds):
-        hint = (
-            "check the credentials for this root (for S3: AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key/secret in the storage options) and that "
-            "they may read and write it"
-        )
-    elif isinstance(exc, FileNotFoundError):
-        hint = "check that the bucket and prefix exist"
-    elif isinstance(exc, ConnectionError | TimeoutError) or "Endpoint" in "".join(kinds):
-        hint = "check the endpoint URL and the network"
-    else:
-        hint = "see the error above"
-    return f"Storage root {root}: {action} failed ({type(exc).__name__}: {exc}); {hint}."

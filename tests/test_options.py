@@ -1,0 +1,67 @@
+"""Command-line options made from a config dataclass's fields (`carmodels.options`)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import pytest
+
+from carmodels.options import add_dataclass_options, field_help, from_args
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int = field(default=64, metadata={"help": "side in pixels, 100% of it"})
+    rate: float | None = field(default=None, metadata={"help": "rate; unset = none"})
+    mode: str = field(default="fast", metadata={"help": "how", "choices": ("fast", "slow")})
+    verbose: bool = field(default=False, metadata={"help": "say more"})
+    mirror: bool = field(default=True, metadata={"help": "mirror the images"})
+    hidden: int = 3
+
+
+NAMES = ("size", "rate", "mode", "verbose", "mirror")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="test")
+    add_dataclass_options(p, Settings, NAMES, flags={"mode": "--how", "mirror": "--no-mirror"})
+    return p
+
+
+def test_left_out_options_keep_the_dataclass_defaults() -> None:
+    assert from_args(Settings, parser().parse_args([]), NAMES) == Settings()
+
+
+def test_given_options_are_parsed_with_the_field_types() -> None:
+    args = parser().parse_args(
+        ["--size", "32", "--rate", "0.5", "--how", "slow", "--verbose", "--no-mirror"]
+    )
+    assert from_args(Settings, args, NAMES) == Settings(
+        size=32, rate=0.5, mode="slow", verbose=True, mirror=False
+    )
+
+
+def test_overrides_win_and_none_overrides_are_left_out() -> None:
+    args = parser().parse_args(["--size", "32"])
+    assert from_args(Settings, args, NAMES, size=16, hidden=None).size == 16
+
+
+def test_help_shows_the_field_help_and_default() -> None:
+    text = " ".join(parser().format_help().split())
+    assert "--size SIZE side in pixels, 100% of it (default: 64)" in text
+    assert "--rate RATE rate; unset = none" in text  # no default shown for None
+    assert "--how {fast,slow} how (default: fast)" in text
+    assert "--no-mirror turn off: mirror the images" in text
+
+
+def test_a_bad_choice_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--how", "medium"])
+
+
+def test_fields_without_help_or_on_by_default_without_a_no_flag_are_refused() -> None:
+    with pytest.raises(AttributeError, match="hidden"):
+        field_help(Settings, "hidden")
+    with pytest.raises(ValueError, match="--no-"):
+        add_dataclass_options(argparse.ArgumentParser(), Settings, ["mirror"])
