@@ -20,6 +20,19 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """``items`` in lists of ``size`` (the last one shorter), read lazily: the unit of work the
+    maps below hand to a worker."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def map_in_threads(
     fn: Callable[[T], R], chunks: Iterable[T], workers: int, max_in_flight: int | None = None
 ) -> Iterator[R]:
@@ -68,4 +81,4 @@ def _map_bounded(
         yield pending.popleft().result()
 
 
-__all__ = ["map_in_processes", "map_in_threads"]
+__all__ = ["chunked", "map_in_processes", "map_in_threads"]

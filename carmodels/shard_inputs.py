@@ -28,7 +28,7 @@ from carmodels.errors import (
     one_line,
 )
 from carmodels.imaging import ImagingConfig, NormalisedImage, Rejection, normalise_keyed
-from carmodels.parallel import map_in_processes
+from carmodels.parallel import chunked, map_in_processes
 from carmodels.scrape.raw import iter_raw_bytes
 
 #: Columns ``unique.parquet`` holds for dedup's own use, not listing metadata.
@@ -107,25 +107,12 @@ def normalised_chunks(
     )
     workers = workers if index.n_images > chunk_size else 1
     worker = functools.partial(normalise_keyed, config=imaging)
-    return map_in_processes(worker, _chunked(tasks, chunk_size), workers)
+    return map_in_processes(worker, chunked(tasks, chunk_size), workers)
 
 
 def _is_mirror_source(url: str, hosts: tuple[str, ...]) -> bool:
     host = (urlparse(url).hostname or "").lower()
     return any(host == h.lower() or host.endswith("." + h.lower()) for h in hosts)
-
-
-def _chunked(
-    items: Iterator[tuple[str, bytes, bool]], size: int
-) -> Iterator[list[tuple[str, bytes, bool]]]:
-    chunk: list[tuple[str, bytes, bool]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 __all__ = ["ShardIndex", "normalised_chunks", "read_index"]

@@ -220,16 +220,8 @@ class TrainingDefaults(dg.ConfigurableResource):
     device: str = library_field(train.TrainConfig, "device")
 
     def train_config(self) -> train.TrainConfig:
-        return train.TrainConfig(
-            preset=self.preset,
-            image_size=self.image_size,
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            log_every_steps=self.log_every_steps,
-            checkpoint_every=self.checkpoint_every,
-            sample_every=self.sample_every,
-            device=self.device,
-        )
+        # The fields are TrainConfig's, by name; the rest keep the trainer's defaults.
+        return train.TrainConfig(**self.model_dump())
 
 
 #: What the demo profile trains: the trainer's full code path with a model small enough to

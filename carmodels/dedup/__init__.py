@@ -21,10 +21,11 @@ mirrored. Exact copies share a sha256; the others are found with a 64-bit percep
 
 One module per step: ``carmodels.scrape.raw`` (reading the raw shards, step 1), ``hashing``
 and ``cache`` (step 2), ``search`` and ``verify`` (step 3), ``cluster`` (step 4), then
-``contact_sheet``; ``stage`` holds ``DedupConfig``, ``DedupResult`` and ``deduplicate``, which
-runs them in order, and ``schema`` the names of the outputs. The public names below are
-imported on first use (PEP 562), so that ``carmodels.dedup.schema``, which readers of the
-outputs such as ``carmodels.shards`` import, does not load the stage (scipy, OpenCV, ...).
+``contact_sheet``; ``config`` holds ``DedupConfig``, ``stage`` ``DedupResult`` and
+``deduplicate``, which runs them in order, and ``schema`` the names of the outputs. The public
+names below are imported on first use (PEP 562), so that ``carmodels.dedup.schema``, which
+readers of the outputs such as ``carmodels.shards`` import, does not load the stage (scipy,
+OpenCV, ...).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _EXPORTS = {
     "HASHES_FILE": ".schema",
     "UNIQUE_CORE_COLUMNS": ".schema",
     "UNIQUE_FILE": ".schema",
-    "HASH_METHODS": ".hashing",
+    "HASH_METHODS": ".config",
     "colour_thumbnails": ".hashing",
     "hash_to_hex": ".hashing",
     "hex_to_hash": ".hashing",
@@ -48,8 +49,8 @@ _EXPORTS = {
     "phash_distance": ".hashing",
     "phash_pair": ".hashing",
     "phash_pixels": ".hashing",
-    "HASH_CACHE_VERSION": ".cache",
-    "HASH_BITS": ".search",
+    "HASH_CACHE_VERSION": ".config",
+    "HASH_BITS": ".config",
     "SearchStats": ".search",
     "find_near_duplicates": ".search",
     "search_masks": ".search",
@@ -57,7 +58,7 @@ _EXPORTS = {
     "stack_thumbnails": ".verify",
     "verify_pairs": ".verify",
     "write_contact_sheet": ".contact_sheet",
-    "DedupConfig": ".stage",
+    "DedupConfig": ".config",
     "DedupResult": ".stage",
     "deduplicate": ".stage",
     # Moved to the raw shards' module; still here for ``pipelines/assets.py``.

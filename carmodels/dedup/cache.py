@@ -11,7 +11,7 @@ and its invalidation are one concern, versioned by ``HASH_CACHE_VERSION``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,17 +29,14 @@ from carmodels.dedup.hashing import (
     _lanczos_weights,
 )
 from carmodels.io import atomic_write_parquet
-from carmodels.parallel import map_in_processes, map_in_threads
+from carmodels.parallel import chunked, map_in_processes, map_in_threads
 from carmodels.scrape.raw import iter_raw_bytes
 
 if TYPE_CHECKING:
-    from carmodels.dedup.stage import DedupConfig
+    from carmodels.dedup.config import DedupConfig
 
 #: Parquet key-value metadata saying which hash function filled ``hashes.parquet``.
 _HASH_SPEC_KEY = b"carmodels.hash_spec"
-#: Layout version of ``hashes.parquet``; part of the spec, so a cache written by an older
-#: version (v1 had no thumbnails) is hashed again rather than misread.
-HASH_CACHE_VERSION = 3
 
 _HASH_SCHEMA = pa.schema(
     [
@@ -106,7 +103,7 @@ def _hash_new_images(
         )
         processes = max(1, min(config.workers, total // config.min_images_per_worker))
         worker = functools.partial(_hash_chunk, config=config)
-        chunks = _chunks(tasks, config.chunk_size)
+        chunks = chunked(tasks, config.chunk_size)
         # Resampling weights are cached per photo size within a run, not across runs: a run
         # costs what it costs in a fresh process, and the cache does not outlive it.
         _lanczos_weights.cache_clear()
@@ -138,14 +135,3 @@ def _hash_new_images(
     frames = [frame for frame in (cached, new) if len(frame)]
     hashes = pd.concat(frames, ignore_index=True) if frames else cached
     return hashes, len(new)
-
-
-def _chunks(items: Iterator[_HashTask], size: int) -> Iterator[list[_HashTask]]:
-    chunk: list[_HashTask] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -21,7 +21,7 @@ from carmodels.io import atomic_write
 from carmodels.scrape.raw import iter_raw_bytes
 
 if TYPE_CHECKING:
-    from carmodels.dedup.stage import DedupConfig
+    from carmodels.dedup.config import DedupConfig
 
 _KEPT_COLOUR = (40, 170, 60)
 _DROPPED_COLOUR = (210, 50, 50)

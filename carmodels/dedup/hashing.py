@@ -24,9 +24,7 @@ from carmodels.imaging import Box, ImageDecodeError, decode_draft
 if TYPE_CHECKING:
     import imagehash
 
-    from carmodels.dedup.stage import DedupConfig
-
-HASH_METHODS = ("phash", "dhash", "whash", "colorhash")
+    from carmodels.dedup.config import DedupConfig
 
 
 def phash_distance(a: int, b: int) -> int:
@@ -271,7 +269,6 @@ def _hash_chunk_one_blas_thread(
 
 
 __all__ = [
-    "HASH_METHODS",
     "colour_thumbnails",
     "hash_to_hex",
     "hex_to_hash",

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from carmodels.dedup.config import HASH_BITS
 from carmodels.parallel import map_in_threads
-
-#: Bits per hash the search works on (one uint64).
-HASH_BITS = 64
 
 
 def _band_layout(n_bands: int, bits: int = HASH_BITS) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ import pandas as pd
 from carmodels.dedup.schema import HASHES_FILE
 
 if TYPE_CHECKING:
-    from carmodels.dedup.stage import DedupConfig
+    from carmodels.dedup.config import DedupConfig
 
 
 def colour_distances(
