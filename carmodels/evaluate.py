@@ -361,6 +361,81 @@ def _type_metrics(
     }
 
 
+def _fid_record(
+    shards_dir: Path,
+    val_all: torch.Tensor | None,
+    generated: torch.Tensor,
+    config: EvalConfig,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """FID/KID of ``generated`` against as many validation images, or why they were not
+    computed."""
+    if not config.fid:
+        return {"computed": False, "reason": "disabled in EvalConfig.fid"}
+    if val_all is None or len(val_all) < 2:
+        return {"computed": False, "reason": f"{shards_dir} has fewer than 2 val images"}
+    record = compute_fid_kid(
+        _seeded_subset(val_all, len(generated), config.seed),
+        generated,
+        config.fid_config,
+        device,
+        seed=config.seed,
+        log=log,
+    )
+    record["real_split"] = "val"
+    return record
+
+
+def _training_losses(
+    checkpoint_path: Path, meta: dict[str, Any], out: Path
+) -> tuple[Path | None, dict[str, Any]]:
+    """The loss plot of the run that wrote the checkpoint, and its last history row. The run's
+    ``history.csv`` is preferred to the copy in the checkpoint (it has every epoch)."""
+    history_csv = checkpoint_path.parent.parent / HISTORY_NAME
+    history = read_history(history_csv) if history_csv.is_file() else meta["history"]
+    loss_plot = plot_losses(history, out / "losses.png") if history else None
+    return loss_plot, (history[-1] if history else {})
+
+
+def _write_metrics(
+    out: Path,
+    metrics: dict[str, Any],
+    fid_record: dict[str, Any],
+    type_record: dict[str, Any],
+    checkpoint_path: Path,
+    meta: dict[str, Any],
+    shards_dir: Path,
+    config: EvalConfig,
+) -> Path:
+    """``metrics.json``: the metrics, the records behind them and what was evaluated."""
+    return atomic_write_json(
+        out / "metrics.json",
+        {
+            **metrics,
+            "fid_record": fid_record,
+            "type_record": type_record,
+            "checkpoint": str(checkpoint_path),
+            # Which bytes were evaluated: promotion refuses the file if it changed since.
+            "checkpoint_sha256": sha256_of(checkpoint_path),
+            "weights": meta["weights"],
+            "data_version": meta["data_version"],
+            "eval_data_version": data_version_of(shards_dir),
+            "config": asdict(config),
+            "definitions": METRIC_DEFINITIONS,
+        },
+    )
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    """The defined metrics that have a value, for the log."""
+    return ", ".join(
+        f"{k}={v:.4g}"
+        for k, v in metrics.items()
+        if isinstance(v, float) and k in METRIC_DEFINITIONS
+    )
+
+
 def evaluate(
     checkpoint_path: str | os.PathLike[str],
     shards_dir: str | os.PathLike[str],
@@ -404,20 +479,7 @@ def evaluate(
     metrics = compute_metrics(generated, val, scan, config)
     nearest_path = _nearest_grid(scan, generated, config, out)
 
-    if not config.fid:
-        fid_record: dict[str, Any] = {"computed": False, "reason": "disabled in EvalConfig.fid"}
-    elif val_all is None or len(val_all) < 2:
-        fid_record = {"computed": False, "reason": f"{shards_dir} has fewer than 2 val images"}
-    else:
-        fid_record = compute_fid_kid(
-            _seeded_subset(val_all, n_fid, config.seed),
-            pool[:n_fid],
-            config.fid_config,
-            device,
-            seed=config.seed,
-            log=log,
-        )
-        fid_record["real_split"] = "val"
+    fid_record = _fid_record(shards_dir, val_all, pool[:n_fid], config, device, log)
     metrics.update({name: fid_record.get(name) for name in ("fid", "kid_mean", "kid_std")})
 
     type_record = _type_metrics(
@@ -430,10 +492,7 @@ def evaluate(
         }
     )
 
-    history_csv = checkpoint_path.parent.parent / HISTORY_NAME
-    history = read_history(history_csv) if history_csv.is_file() else meta["history"]
-    loss_plot = plot_losses(history, out / "losses.png") if history else None
-    final = history[-1] if history else {}
+    loss_plot, final = _training_losses(checkpoint_path, meta, out)
     metrics.update({f"final_{k}": final.get(k) for k in ("loss_d", "loss_g", "d_x", "d_g_z")})
     metrics.update(
         n_generated=len(generated),
@@ -442,30 +501,10 @@ def evaluate(
         epoch=int(meta["epoch"]),
         step=int(meta["step"]),
     )
-    metrics_path = atomic_write_json(
-        out / "metrics.json",
-        {
-            **metrics,
-            "fid_record": fid_record,
-            "type_record": type_record,
-            "checkpoint": str(checkpoint_path),
-            # Which bytes were evaluated: promotion refuses the file if it changed since.
-            "checkpoint_sha256": sha256_of(checkpoint_path),
-            "weights": meta["weights"],
-            "data_version": meta["data_version"],
-            "eval_data_version": data_version_of(shards_dir),
-            "config": asdict(config),
-            "definitions": METRIC_DEFINITIONS,
-        },
+    metrics_path = _write_metrics(
+        out, metrics, fid_record, type_record, checkpoint_path, meta, shards_dir, config
     )
-    log(
-        "Evaluation: "
-        + ", ".join(
-            f"{k}={v:.4g}"
-            for k, v in metrics.items()
-            if isinstance(v, float) and k in METRIC_DEFINITIONS
-        )
-    )
+    log("Evaluation: " + _summary(metrics))
     return EvalResult(
         metrics=metrics,
         samples_path=grids.pop("evaluated"),

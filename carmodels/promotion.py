@@ -410,9 +410,29 @@ def choose(
         )
         return Choice(decision, champion, None)
 
+    problem = _checkpoint_problem(candidate)
+    if problem is not None:
+        return invalid(*problem)
+    digest = sha256_of(candidate["checkpoint"])
+    champion, note, rescore_info = _comparable_champion(
+        champion, Path(champion_dir), candidate, digest, metric, rescore
+    )
+    decision = decide(candidate, champion, config, digest)
+    decision.rescore = rescore_info
+    if rescore_info is not None:
+        _explain_rescore(decision, rescore_info, candidate, metric)
+    if note:
+        decision.reason = note + decision.reason
+        if decision.outcome == FIRST_CHAMPION:
+            decision.outcome = PROMOTED
+    return Choice(decision, champion, digest)
+
+
+def _checkpoint_problem(candidate: dict[str, Any]) -> tuple[str, str] | None:
+    """``(problem, fix)`` when the evaluated checkpoint cannot be promoted, else None."""
     checkpoint = candidate.get("checkpoint")
     if not checkpoint or not Path(checkpoint).is_file():
-        return invalid(
+        return (
             f"the evaluated checkpoint {checkpoint} does not exist (any more)",
             "re-materialise train_dcgan and evaluate_dcgan",
         )
@@ -421,56 +441,68 @@ def choose(
     if evaluated is not None and evaluated != digest:
         # The trainer wrote a new checkpoint under the same name after this evaluation:
         # promoting the file would crown a generator nobody evaluated.
-        return invalid(
+        return (
             f"the checkpoint {checkpoint} changed after it was evaluated (sha256 "
             f"{evaluated[:12]} then, {digest[:12]} now)",
             "re-materialise evaluate_dcgan",
         )
-    note = ""
-    rescore_info = None
-    if champion is not None:
-        champion_file = Path(champion_dir) / champion.get("checkpoint", "")
-        if not champion_file.is_file():
-            # A record without its checkpoint generates nothing and cannot be re-scored: the
-            # candidate takes its place as if there were no champion (even the same
-            # checkpoint: promoting it puts the file back).
-            note = f"the champion's checkpoint {champion_file} is missing; "
-            champion = None
-        elif (
-            champion.get("checkpoint_sha256") != digest
-            and rescore is not None
-            and needs_rescore(candidate, champion, metric)
-        ):
-            before = champion
-            champion = rescored_record(champion, rescore(champion_file))
-            rescore_info = Rescore(
-                before.get("eval_data_version"),
-                champion.get("eval_data_version"),
-                _value(before.get("metrics", {}), metric),
-                _value(champion["metrics"], metric),
-            )
-    decision = decide(candidate, champion, config, digest)
-    decision.rescore = rescore_info
-    if rescore_info is not None:
-        if decision.outcome == OTHER_DATA:
-            # Re-scored on the shards as they are now, which are no longer the ones the
-            # candidate was evaluated on: still nothing comparable.
-            decision.reason = (
-                f"champion kept: the shards changed after the candidate was evaluated (it was "
-                f"scored on data {candidate.get('eval_data_version')}, the shards are now "
-                f"{rescore_info.to_data_version}); re-materialise evaluate_dcgan."
-            )
-        else:
-            decision.reason += (
-                f" The champion was re-scored on data {rescore_info.to_data_version}: {metric} "
-                f"{_number(rescore_info.value_before)} on data {rescore_info.from_data_version} "
-                f"-> {_number(rescore_info.value_after)}."
-            )
-    if note:
-        decision.reason = note + decision.reason
-        if decision.outcome == FIRST_CHAMPION:
-            decision.outcome = PROMOTED
-    return Choice(decision, champion, digest)
+    return None
+
+
+def _comparable_champion(
+    champion: dict[str, Any] | None,
+    champion_dir: Path,
+    candidate: dict[str, Any],
+    digest: str,
+    metric: str,
+    rescore: Callable[[Path], dict[str, Any]] | None,
+) -> tuple[dict[str, Any] | None, str, Rescore | None]:
+    """The champion's record as the candidate is compared with it: ``(record, note, rescore)``.
+
+    A record whose checkpoint is gone counts as no champion (``note`` says so); one scored on
+    other data (or without the metric) is re-scored when ``rescore`` is given."""
+    if champion is None:
+        return None, "", None
+    champion_file = champion_dir / champion.get("checkpoint", "")
+    if not champion_file.is_file():
+        # A record without its checkpoint generates nothing and cannot be re-scored: the
+        # candidate takes its place as if there were no champion (even the same
+        # checkpoint: promoting it puts the file back).
+        return None, f"the champion's checkpoint {champion_file} is missing; ", None
+    if (
+        champion.get("checkpoint_sha256") == digest
+        or rescore is None
+        or not needs_rescore(candidate, champion, metric)
+    ):
+        return champion, "", None
+    rescored = rescored_record(champion, rescore(champion_file))
+    info = Rescore(
+        champion.get("eval_data_version"),
+        rescored.get("eval_data_version"),
+        _value(champion.get("metrics", {}), metric),
+        _value(rescored["metrics"], metric),
+    )
+    return rescored, "", info
+
+
+def _explain_rescore(
+    decision: Decision, info: Rescore, candidate: dict[str, Any], metric: str
+) -> None:
+    """Say in ``decision.reason`` that (and how) the champion was re-scored."""
+    if decision.outcome == OTHER_DATA:
+        # Re-scored on the shards as they are now, which are no longer the ones the
+        # candidate was evaluated on: still nothing comparable.
+        decision.reason = (
+            f"champion kept: the shards changed after the candidate was evaluated (it was "
+            f"scored on data {candidate.get('eval_data_version')}, the shards are now "
+            f"{info.to_data_version}); re-materialise evaluate_dcgan."
+        )
+    else:
+        decision.reason += (
+            f" The champion was re-scored on data {info.to_data_version}: {metric} "
+            f"{_number(info.value_before)} on data {info.from_data_version} "
+            f"-> {_number(info.value_after)}."
+        )
 
 
 def keep(champion_dir: str | os.PathLike[str], choice: Choice) -> dict[str, Any] | None:
