@@ -150,22 +150,33 @@ def _closure(roots: tuple[str, ...], prefix: str) -> tuple[tuple[str, Path], ...
         name = pending.pop()
         if name in seen or not (name == prefix or name.startswith(prefix + ".")):
             continue
-        path = _module_file(name)
-        if path is None:
+        found = _module_links(name)
+        if found is None:
             continue
+        path, imported, data_files = found
         seen[name] = path
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-        is_package = path.name == "__init__.py"
-        pending.extend(_imported_names(tree, name, is_package))
-        if is_package and name != prefix:
+        pending.extend(imported)
+        if path.name == "__init__.py" and name != prefix:
             pending.extend(
                 f"{name}.{child.stem}"
                 for child in path.parent.glob("*.py")
                 if child.stem != "__init__"
             )
-        for data in _data_files(tree, path):
+        for data in data_files:
             seen[f"{name}:{data.name}"] = data
     return tuple(sorted(seen.items()))
+
+
+@cache
+def _module_links(name: str) -> tuple[Path, set[str], list[Path]] | None:
+    """``(source file, imported module names, named data files)`` of module ``name``, or None
+    when it has no source. Parsed once per process: the assets' closures share most modules,
+    and every Dagster step process computes all of them when the code location loads."""
+    path = _module_file(name)
+    if path is None:
+        return None
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    return path, _imported_names(tree, name, path.name == "__init__.py"), _data_files(tree, path)
 
 
 def source_version(modules: Iterable[str], prefix: str = "carmodels") -> str:

@@ -35,6 +35,7 @@ from carmodels.layout import (
     UNIQUE_DIR,
     DataLayout,
 )
+from carmodels.scrape.raw import raw_shard_files
 from carmodels.versioning import files_version, frame_version, source_version
 from pipelines.config_fields import library_field, library_kwargs
 from pipelines.metadata import counts_table, frame_preview, image_preview, previews, rate_logger
@@ -164,7 +165,7 @@ def listing_manifest(
         storage,
         Step(requires=None, upstream=(), output=MANIFEST_DIR, push=[MANIFEST_DIR], cached=False),
         settings=config.model_dump(),
-        force=True,
+        force=False,  # not cached: the step re-reads its source every run
         work=work,
     )
 
@@ -266,7 +267,7 @@ def raw_images(
                 )
         ok = result.outcome_counts.get("ok", 0)
         return StepOutput(
-            data_version=files_version(dedup.raw_shard_files(layout.raw_dir)),
+            data_version=files_version(raw_shard_files(layout.raw_dir)),
             metadata={
                 "urls": result.n_urls,
                 "fetched": result.n_fetched,

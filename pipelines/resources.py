@@ -140,7 +140,9 @@ class DemoOrigin:
 
     @property
     def start_url(self) -> str:
-        return f"{self.origin}/listings?page=1"
+        from carmodels.demo.server import START_PATH
+
+        return f"{self.origin}{START_PATH}"
 
     def to_record(self) -> dict[str, object]:
         return {"demo_catalog": asdict(self), "allowed_private_origins": [self.origin]}

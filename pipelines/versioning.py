@@ -174,8 +174,9 @@ def start_step(
     fingerprint = input_fingerprint(
         context, upstream=upstream, settings=settings, storage_uri=storage.uri()
     )
+    # A forced step never skips: spare it the look at storage (a request on a remote root).
     skipped = unchanged_result(
-        context, fingerprint, force=force, output_present=storage.exists(output)
+        context, fingerprint, force=force, output_present=not force and storage.exists(output)
     )
     return fingerprint, skipped
 
@@ -252,24 +253,17 @@ def run_step(
     Bad input fails the step with one line (:func:`input_errors_fail_the_step`).
     """
     with input_errors_fail_the_step():
-        if step.cached:
-            fingerprint, skipped = start_step(
-                context,
-                storage,
-                requires=step.requires,
-                upstream=step.upstream,
-                settings=settings,
-                force=force,
-                output=step.output,
-            )
-            if skipped is not None:
-                return skipped
-        else:
-            if step.requires is not None:
-                require_upstream(storage, step.requires)
-            fingerprint = input_fingerprint(
-                context, upstream=step.upstream, settings=settings, storage_uri=storage.uri()
-            )
+        fingerprint, skipped = start_step(
+            context,
+            storage,
+            requires=step.requires,
+            upstream=step.upstream,
+            settings=settings,
+            force=force or not step.cached,
+            output=step.output,
+        )
+        if skipped is not None:
+            return skipped
         with storage.working_copy(pull=step.pull, push=step.push) as layout:
             output = work(layout)
     return versioned_result(

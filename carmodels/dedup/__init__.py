@@ -61,8 +61,6 @@ _EXPORTS = {
     "DedupConfig": ".config",
     "DedupResult": ".stage",
     "deduplicate": ".stage",
-    # Moved to the raw shards' module; still here for ``pipelines/assets.py``.
-    "raw_shard_files": "carmodels.scrape.raw",
 }
 
 __all__ = sorted(_EXPORTS)

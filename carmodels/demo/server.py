@@ -31,6 +31,8 @@ from aiohttp import web
 from carmodels.demo.catalog import DEFAULT_N_LISTINGS, DemoCatalog, DemoListing, build_catalog
 
 LISTINGS_PER_PAGE = 24
+#: The first listing page, where a crawl of the catalog starts.
+START_PATH = "/listings?page=1"
 #: When the photos were "uploaded": fixed, so that responses are reproducible.
 PHOTOS_LAST_MODIFIED = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 #: How long `DemoServer.start` waits for the socket, and `stop` for the thread, in seconds.
@@ -95,7 +97,7 @@ def _page(title: str, head: str, body: str) -> str:
 
 
 async def _root(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPFound("/listings?page=1")
+    raise web.HTTPFound(START_PATH)
 
 
 async def _listings(request: web.Request) -> web.Response:
@@ -136,7 +138,7 @@ async def _listing(request: web.Request) -> web.Response:
     except KeyError:
         raise web.HTTPNotFound(text="no such listing") from None
     head = _json_ld_script(car_json_ld(listing, str(request.url.origin())))
-    body = _listing_card(listing) + '\n<p><a href="/listings?page=1">All listings</a></p>'
+    body = _listing_card(listing) + f'\n<p><a href="{START_PATH}">All listings</a></p>'
     return web.Response(text=_page(listing.name, head, body), content_type="text/html")
 
 
@@ -236,7 +238,7 @@ class DemoServer:
     @property
     def start_url(self) -> str:
         """The first listing page, where a crawl starts."""
-        return f"{self.base_url}/listings?page=1"
+        return f"{self.base_url}{START_PATH}"
 
     @property
     def manifest_url(self) -> str:
