@@ -12,6 +12,7 @@ import dagster as dg
 from pipelines.assets import ALL_ASSETS, missing_source_reason
 from pipelines.designs import DESIGN_ASSETS
 from pipelines.jobs import ingest_job, retrain_job
+from pipelines.pipes import pipes_subprocess_client
 from pipelines.project_config import check_asset_names, registered_configs
 from pipelines.promotion import PROMOTION_ASSETS, PROMOTION_CHECKS
 from pipelines.resources import ListingSource, StorageResource, resources_from_environment
@@ -30,7 +31,7 @@ defs = dg.Definitions(
     sensors=[manifest_sensor, automation_sensor],
     resources={
         "storage": StorageResource(),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "pipes_subprocess_client": pipes_subprocess_client(),
         **profile,
     },
 )

@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from pipelines.assets import car_shards, listing_manifest, train_dcgan
+from pipelines.pipes import pipes_subprocess_client
 from pipelines.resources import StorageResource, profile_resources
 
 
@@ -18,7 +19,7 @@ def _failure(assets, root: Path, run_config: dict, profile: str = "full") -> str
             assets,
             resources={
                 "storage": StorageResource(root=str(root)),
-                "pipes_subprocess_client": dg.PipesSubprocessClient(),
+                "pipes_subprocess_client": pipes_subprocess_client(),
                 **profile_resources(profile),
             },
             instance=instance,

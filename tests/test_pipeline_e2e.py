@@ -18,6 +18,7 @@ from carmodels.layout import DataLayout
 from carmodels.promotion import HISTORY_FILE, read_history
 from carmodels.shards import load_images
 from pipelines.assets import ALL_ASSETS
+from pipelines.pipes import pipes_subprocess_client
 from pipelines.resources import StorageResource, profile_resources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def materialised(tmp_path_factory: pytest.TempPathFactory):
             resources={
                 "storage": storage,
                 **profile_resources("demo", demo_listings=DEMO_LISTINGS),
-                "pipes_subprocess_client": dg.PipesSubprocessClient(),
+                "pipes_subprocess_client": pipes_subprocess_client(),
             },
             instance=instance,
             run_config={
