@@ -283,20 +283,76 @@ def _options_figure(runs: list[Run]) -> str:
         ("label_smoothing", "label smoothing"),
         ("diffaugment", "DiffAugment"),
     ):
-        fd = comparisons[name]["type_fd"]
+        metric = "judge_fd" if "judge_fd" in comparisons[name] else "type_fd"  # before 12-06
+        fd = comparisons[name][metric]
         parts.append(
             f"{label} {comparisons[name]['overall']} "
-            f"(type_fd {fd['base_mean']:.1f} → {fd['option_mean']:.1f})"
+            f"({metric} {fd['base_mean']:.1f} → {fd['option_mean']:.1f})"
         )
     return "; ".join(parts)
 
 
 def _options_against(runs: list[Run]) -> str:
     d = runs[-1].data
-    noise = d["comparisons"]["ema"]["type_fd"]["noise"]
+    metric = "judge_fd" if "judge_fd" in d["comparisons"]["ema"] else "type_fd"
+    noise = d["comparisons"]["ema"][metric]["noise"]
     return (
         f"the baseline (EMA: the raw generator), {d['preset']} preset at {d['image_size']} px; "
-        f"seed-to-seed noise {noise:.1f} in type_fd"
+        f"seed-to-seed noise {noise:.1f} in {metric}"
+    )
+
+
+def _judge_figure(runs: list[Run]) -> str:
+    d = runs[-1].data
+    ranking = " > ".join(f"{row['judge_fd']:.1f}" for row in d["ranking"])
+    return (
+        f"monotone {d['monotone_steps']}/{d['steps']} steps, floor {d['floor']:.2f}, type "
+        f"accuracy {d['accuracies']['type']:.3f}; ranking "
+        f"{'right' if d['ranked_right'] else 'wrong'} ({ranking}, worst first)"
+    )
+
+
+def _judge_against(runs: list[Run]) -> str:
+    d = runs[-1].data
+    return (
+        f"each disturbance level against the one before; real val vs real train as the floor "
+        f"({d['n_val']} val, {d['n_train']} train photos at 128 px)"
+    )
+
+
+def _quality_figure(runs: list[Run]) -> str:
+    d = runs[-1].data
+    best, seed = d["table"][d["best"]], d["table"]["seed"]
+    return (
+        f"best {d['best']}: judge_fd {best['judge_fd']:.1f} ± {best['judge_fd_spread']:.1f} "
+        f"vs seed {seed['judge_fd']:.1f} ± {seed['judge_fd_spread']:.1f} (ratio "
+        f"{d['fd_ratio']:.2f}; KID ratio {d['kid_ratio']:.2f}), budget {d['args']['budget']}, "
+        f"{d['total_s'] / 60:.0f} min"
+    )
+
+
+def _quality_against(runs: list[Run]) -> str:
+    d = runs[-1].data
+    return (
+        f"the seed recipe at equal images seen ({d['budget']['images_seen']:,} per run), 2 seeds; "
+        f"seed-to-seed range {d['seed_noise_fd']:.0f} in judge_fd"
+    )
+
+
+def _truncation_figure(runs: list[Run]) -> str:
+    d = runs[-1].data
+    best = d["best"]
+    return (
+        f"best {best['method']} t={best['value']}: judge_fd {best['judge_fd']:.1f}, precision "
+        f"{best['judge_precision']:.3f}, recall {best['judge_recall']:.3f}"
+    )
+
+
+def _truncation_against(runs: list[Run]) -> str:
+    none = runs[-1].data["rows"][0]
+    return (
+        f"no truncation: judge_fd {none['judge_fd']:.1f}, precision "
+        f"{none['judge_precision']:.3f}, recall {none['judge_recall']:.3f}"
     )
 
 
@@ -415,6 +471,39 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         figure=_options_figure,
         against=_options_against,
         omit=("images", "work"),
+    ),
+    Benchmark(
+        key="judge",
+        what="the judge behind judge_fd: 4 disturbances x 4 levels, blob vs car generator",
+        page="judge.md",
+        script="bench/judge.py",
+        pattern=r"judge(-.+)?",
+        figure=_judge_figure,
+        against=_judge_against,
+        headline={"size": "128"},
+        omit=("images", "work"),
+        machine="2-core x86_64 CPU (loaded)",
+    ),
+    Benchmark(
+        key="quality-cpu64",
+        what="recipe study: 8 recipes x 2 seeds at equal images seen, 64 px on a CPU",
+        page="quality.md",
+        script="bench/quality.py",
+        pattern=r"quality-cpu64(-.+)?",
+        figure=_quality_figure,
+        against=_quality_against,
+        omit=("images", "work", "images_seen"),
+        machine="2-core x86_64 CPU (loaded)",
+    ),
+    Benchmark(
+        key="truncation",
+        what="truncation: fidelity against diversity, by method and value",
+        page="truncation.md",
+        script="bench/truncation.py",
+        pattern=r"truncation(-.+)?",
+        figure=_truncation_figure,
+        against=_truncation_against,
+        machine="2-core x86_64 CPU (loaded)",
     ),
 )
 

@@ -10,7 +10,10 @@ hits both alike:
   ``BCELoss``, D run separately on the real and fake batch, D's weight gradients computed in
   the G step too, and a ``.item()`` read of the losses every step;
 * **carmodels**: :class:`carmodels.train.TrainStep`, the step ``carmodels train`` runs, on
-  the same images decoded once into a uint8 tensor (as the trainer holds its shards).
+  the same images decoded once into a uint8 tensor (as the trainer holds its shards), in the
+  precision ``carmodels train`` picks by default (``amp="auto"``: bf16 autocast where the CPU
+  computes in bf16 natively and the start-up probe of :mod:`carmodels.train.cpu_amp` measures
+  it faster, else fp32; printed, and in the JSON as ``amp``).
 
 After a warm-up, each round times ``--steps`` steps of each, the two sides taking turns to
 go first (ABBA), so that a load that rises or falls during the run hits both alike. Each side's
@@ -48,7 +51,14 @@ from carmodels.models import (  # noqa: E402
     get_preset,
     set_cpu_gemm,
 )
-from carmodels.train import TrainConfig, TrainStep, epoch_batches, epoch_permutation  # noqa: E402
+from carmodels.train import (  # noqa: E402
+    AmpChoice,
+    TrainConfig,
+    TrainStep,
+    choose_amp,
+    epoch_batches,
+    epoch_permutation,
+)
 
 DEFAULT_IMAGES = Path("/work/shared/data/cars-sample/images")
 IMAGE_SIZE = 128
@@ -133,14 +143,17 @@ class CarmodelsLoop:
 
     def __init__(self, images: torch.Tensor, batch_size: int) -> None:
         preset = get_preset(PRESET)
+        cpu = torch.device("cpu")
+        # As `carmodels train` decides it (TrainConfig's default amp, "auto").
+        self.amp: AmpChoice = choose_amp(TrainConfig().amp, cpu, preset.spec, batch_size)
         self.trainer = TrainStep.create(
             preset.spec,
             lr_g=preset.lr_g,
             lr_d=preset.lr_d,
             beta1=preset.beta1,
             beta2=preset.beta2,
-            device=torch.device("cpu"),
-            amp_dtype=None,  # no native bf16 on most CPUs: see docs/BENCHMARKS.md
+            device=cpu,
+            amp_dtype=self.amp.dtype,
             channels_last=True,
             compile=False,
             ema_decay=TrainConfig().ema_decay,  # the trainer's default
@@ -226,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"seed preset, {IMAGE_SIZE}px, batch {args.batch_size}, {len(subset)} photos from "
             f"{args.images}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}; carmodels: "
+            f"{carmodels.amp.describe()}"
         )
         for loop in (seed, carmodels):
             timed(loop, args.warmup)
@@ -265,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amp": carmodels.amp.to_dict(),
             "args": {k: str(v) for k, v in vars(args).items()},
             "n_photos": n_used,
             "gflop_per_image": gflop,

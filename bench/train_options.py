@@ -5,8 +5,9 @@ The issue asks for these three defaults to be chosen by measurement. This benchm
 for a fixed number of epochs, once per variant and seed, and scores every generator with
 :func:`carmodels.evaluate.evaluate` against the *val* split:
 
-* ``type_fd``: Fréchet distance in the features of the project's car-type classifier (trained
-  once on the train split and cached): the closest thing to FID available offline;
+* ``judge_fd``: Fréchet distance in the features of the judge, the project's car classifier
+  (trained once on the train split and cached; validated by bench/judge.py): the closest thing
+  to FID available offline (runs before 2026-12-06 used the older ``type_fd``);
 * ``pixel_fd_16``: Fréchet distance of 16x16 pixel statistics (colour and layout);
 * ``diversity_ratio``: spread of the samples over the spread of the val images (collapse
   check). FID itself needs Inception weights, which are not available offline.
@@ -24,8 +25,8 @@ that other work on the machine is not starved (``--jobs 2`` trains two runs at o
 Comparisons are paired by seed. An option counts as better (or worse) only when it is better
 (worse) for every seed and its mean difference exceeds the run-to-run noise of a score,
 taken as the seed-to-seed range of the reference (``baseline`` with EMA weights); otherwise
-it is reported as within noise. ``type_fd`` decides; ``pixel_fd_16`` can only veto (an option
-better on ``type_fd`` but worse on ``pixel_fd_16`` is within noise). With two seeds this is a
+it is reported as within noise. ``judge_fd`` decides; ``pixel_fd_16`` can only veto (an option
+better on ``judge_fd`` but worse on ``pixel_fd_16`` is within noise). With two seeds this is a
 coarse test: read the table. Last line::
 
     train options: ema <verdict> (...), label smoothing <verdict> (...), diffaugment <verdict> (...)
@@ -36,8 +37,6 @@ Usage: ``python bench/train_options.py [--images DIR] [--epochs 30] [--seeds 0,1
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import json
 import multiprocessing
 import os
@@ -52,27 +51,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a bare checkout
 
+from _common import build_sample_shards  # noqa: E402
+
 from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
-from carmodels.dedup import DedupConfig, deduplicate  # noqa: E402
 from carmodels.evaluate import EvalConfig, evaluate  # noqa: E402
-from carmodels.imaging import ImagingConfig  # noqa: E402
-from carmodels.scrape.raw import raw_schema, shard_path  # noqa: E402
-from carmodels.shards import ShardConfig, build_shards, data_version_of  # noqa: E402
+from carmodels.shards import data_version_of  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "cars-sample"
 PRESET = "small"
 IMAGE_SIZE = 64
 VAL_FRACTION = 0.2
-#: Manifest columns carried into the shards (``type`` labels the car-type classifier).
-METADATA_COLUMNS = ("make", "model", "year", "type")
 EMA_DECAY = 0.999
 VARIANTS: dict[str, dict[str, Any]] = {
     "baseline": {"label_smoothing": 0.0, "diffaugment": ""},
@@ -80,10 +74,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "diffaugment": {"label_smoothing": 0.0, "diffaugment": "color,translation,cutout"},
 }
 #: Metrics compared (all "lower is closer"); the first decides when the two disagree.
-METRICS = ("type_fd", "pixel_fd_16")
+METRICS = ("judge_fd", "pixel_fd_16")
 #: Its seed-to-seed range is the run-to-run noise every comparison is held against.
 REFERENCE = ("baseline", "ema")
-SHOWN = ("type_fd", "pixel_fd_16", "type_overlap", "diversity_ratio", "nn_ratio")
+SHOWN = ("judge_fd", "pixel_fd_16", "type_overlap", "diversity_ratio", "nn_ratio")
 
 
 @dataclass
@@ -93,52 +87,6 @@ class Run:
     weights: str  # "ema" or "raw"
     metrics: dict[str, float | None]
     train_s: float
-
-
-def build_sample_shards(images_dir: Path, work: Path) -> tuple[Path, str]:
-    """The photos of ``images_dir/manifest.csv`` through raw shard, dedup and shards; shards
-    already in ``work`` (a kept ``--work`` folder) are reused, and so is the car-type
-    classifier cached for them."""
-    raw_dir, unique_dir, shards_dir = work / "raw", work / "unique", work / "shards"
-    if (shards_dir / "summary.json").is_file():
-        summary = json.loads((shards_dir / "summary.json").read_text())
-        return shards_dir, f"shards reused from {shards_dir}: {summary.get('counts', summary)}"
-    manifest = images_dir / "manifest.csv"
-    with manifest.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = [c for c in ("image", *METADATA_COLUMNS) if rows and c not in rows[0]]
-    if not rows or missing:
-        raise ValueError(f"{manifest} needs an image column and {METADATA_COLUMNS}; {missing=}")
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    for stale in raw_dir.glob("raw-*.parquet"):
-        stale.unlink()
-    fetched_at = datetime.now(UTC)
-    records = []
-    for row in rows:
-        data = (images_dir / row["image"]).read_bytes()
-        records.append(
-            {
-                "url": f"file://{images_dir.resolve() / row['image']}",
-                "status": 200,
-                "outcome": "ok",
-                "content_type": "image/jpeg",
-                "image_bytes": data,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "fetched_at": fetched_at,
-                **{c: row[c] for c in METADATA_COLUMNS},
-            }
-        )
-    table = pa.Table.from_pylist(records, schema=raw_schema(list(METADATA_COLUMNS)))
-    pq.write_table(table, shard_path(raw_dir, 0), compression="zstd")
-    deduplicate(raw_dir, unique_dir, DedupConfig(workers=1))
-    config = ShardConfig(
-        imaging=ImagingConfig(size=IMAGE_SIZE), val_fraction=VAL_FRACTION, workers=1
-    )
-    result = build_shards(unique_dir, raw_dir, shards_dir, config)
-    return shards_dir, (
-        f"{len(rows)} photos -> {result.n_written} images ({result.n_train} train, "
-        f"{result.n_val} val) at {IMAGE_SIZE} px"
-    )
 
 
 def train_and_score(
@@ -309,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         started = time.perf_counter()
-        shards_dir, source = build_sample_shards(args.images, work)
+        shards_dir, source = build_sample_shards(args.images, work, IMAGE_SIZE, VAL_FRACTION)
         print(f"shards: {source} in {time.perf_counter() - started:.0f} s", flush=True)
         print(
             f"{PRESET} preset, {args.epochs} epochs, batch {args.batch_size}, seeds {seeds}, "

@@ -2,9 +2,10 @@
 
 A checkpoint is a ``torch.save``'d dictionary of tensors and primitives only (so it loads with
 ``weights_only=True``): the keys in :data:`CHECKPOINT_KEYS` plus ``format``, and, from the
-trainer, ``hyperparameters`` and ``best``. A run keeps ``checkpoints/epoch-NNNN.pt`` files,
-``latest.pt`` (always the newest) and ``best.pt`` (the lowest ``sample_fd``), each of the two
-a hard link to (or copy of) an epoch file, so pruning old epochs never removes them.
+trainer, ``hyperparameters``, ``best`` and ``amp`` (what ``config["amp"]`` resolved to). A
+run keeps ``checkpoints/epoch-NNNN.pt`` files, ``latest.pt`` (always the newest) and
+``best.pt`` (the lowest ``sample_fd``), each of the two a hard link to (or copy of) an epoch
+file, so pruning old epochs never removes them.
 
 Everything that reads a trained generator (generate, evaluate, restore, promotion) goes through
 :func:`load_generator`, as stylegan2's ``legacy.py`` is its one loader; the trainer writes

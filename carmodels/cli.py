@@ -22,7 +22,7 @@ from typing import NoReturn, TypeAlias
 
 from carmodels.errors import InputError, MissingInputError, one_line
 from carmodels.layout import DATA_ROOT_ENV, DataLayout, default_data_root_url
-from carmodels.options import add_dataclass_options, from_args
+from carmodels.options import add_dataclass_options, field_default, field_help, from_args
 
 #: What `build_parser` hands each command's ``add_*_arguments``.
 _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -246,9 +246,16 @@ _TRAIN_OPTIONS = (
     "max_steps_per_epoch",
     "label_smoothing",
     "diffaugment",
+    "loss",
+    "r1_gamma",
+    "r1_every",
+    "spectral_norm",
+    "base_channels",
+    "batch_norm",
 )
-#: `train` options forwarded to every torchrun rank as ``--dest-name VALUE`` (``--resume``,
-#: a switch, is forwarded on its own).
+#: `train` options forwarded to every torchrun rank as ``--dest-name VALUE``, or as
+#: ``--dest-name`` / ``--no-dest-name`` for a true / false switch (``--resume``, a switch, is
+#: forwarded on its own).
 _TRAIN_FORWARDED = ("shards", "out", *_TRAIN_OPTIONS)
 
 
@@ -263,7 +270,7 @@ def add_train_arguments(sub: _Subparsers) -> None:
     p.add_argument(
         "--nproc-per-node",
         type=int,
-        help="data-parallel processes (one per GPU) through torchrun; default: one process",
+        help="data-parallel processes (one per GPU) through torchrun; unset = one process",
     )
     p.set_defaults(func=cmd_train)
 
@@ -278,8 +285,11 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     forwarded.append("train")
     for dest in _TRAIN_FORWARDED:
         value = getattr(args, dest)
-        if value is not None:
-            forwarded += ["--" + dest.replace("_", "-"), str(value)]
+        flag = "--" + dest.replace("_", "-")
+        if isinstance(value, bool):
+            forwarded.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            forwarded += [flag, str(value)]
     if args.resume:
         forwarded.append("--resume")
     return launch(args.nproc_per_node, forwarded)
@@ -312,19 +322,30 @@ def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `EvalConfig` and `FidConfig` settings that `evaluate` takes as options; FidConfig's
+#: ``n_samples`` is ``--fid-samples`` (dest ``fid_samples``: EvalConfig has an ``n_samples``).
+_EVAL_OPTIONS = ("n_samples", "seed", "fid")
+_FID_OPTIONS = ("weights_path",)
+
+
 def add_evaluate_arguments(sub: _Subparsers) -> None:
+    from carmodels.evaluate import EvalConfig
+    from carmodels.metrics.fid import FidConfig
+
     p = sub.add_parser("evaluate", help="sample grid, loss plot and metrics of a checkpoint")
     p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
     p.add_argument("--shards", help="shards folder (default: DATA/shards)")
     p.add_argument("--out", help="output folder (default: DATA/eval)")
-    p.add_argument("--n-samples", type=int, help="generated images to score (default: 256)")
-    p.add_argument("--seed", type=int, help="random seed of the samples (default: 0)")
-    p.add_argument("--inception-weights", help="local Inception weights file for FID/KID")
+    add_dataclass_options(p, EvalConfig, _EVAL_OPTIONS, flags={"fid": "--no-fid"})
+    add_dataclass_options(p, FidConfig, _FID_OPTIONS, flags={"weights_path": "--inception-weights"})
+    gpu_samples, cpu_samples = (field_default(FidConfig, n) for n in ("gpu_samples", "cpu_samples"))
     p.add_argument(
-        "--fid-samples", type=int, help="images scored for FID/KID (default: 10000 GPU, 500 CPU)"
+        "--fid-samples",
+        type=int,
+        help=f"{field_help(FidConfig, 'n_samples')} (gpu_samples: {gpu_samples}, "
+        f"cpu_samples: {cpu_samples})",
     )
-    p.add_argument("--offline", action="store_true", help="never download Inception weights")
-    p.add_argument("--no-fid", action="store_true", help="skip FID/KID")
+    p.add_argument("--offline", action="store_true", help="never download the Inception weights")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -336,15 +357,14 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
     out = Path(args.out) if args.out else layout.eval_dir
     from carmodels.metrics.fid import FidConfig
 
-    fid_config = FidConfig(
-        **_given(weights_path=args.inception_weights, n_samples=args.fid_samples),
-        download=not args.offline,
+    fid_config = from_args(
+        FidConfig,
+        args,
+        _FID_OPTIONS,
+        n_samples=args.fid_samples,
+        download=False if args.offline else None,
     )
-    config = evaluate.EvalConfig(
-        **_given(n_samples=args.n_samples, seed=args.seed),
-        fid=not args.no_fid,
-        fid_config=fid_config,
-    )
+    config = from_args(evaluate.EvalConfig, args, _EVAL_OPTIONS, fid_config=fid_config)
     result = evaluate.evaluate(checkpoint, shards_dir, out, config)
     if config.record_history:  # evaluating writes no history: the callers record it
         from carmodels.promotion import record_evaluation
@@ -360,14 +380,18 @@ def cmd_evaluate(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `GenerateConfig` settings that `generate` takes as options (``interpolation_steps`` is
+#: ``--steps``).
+_GENERATE_OPTIONS = ("n", "seed", "truncation")
+_INTERPOLATE_OPTIONS = ("interpolation_steps",)
+
+
 def add_generate_arguments(sub: _Subparsers) -> None:
+    from carmodels.generate import GenerateConfig
+
     p = sub.add_parser("generate", help="generate new car designs from a checkpoint")
     p.add_argument("--checkpoint", help="checkpoint .pt (default: latest under DATA/train)")
-    p.add_argument("--n", type=int, default=64, help="number of designs (default: %(default)s)")
-    p.add_argument(
-        "--seed", type=int, default=0, help="same seed, same designs (default: %(default)s)"
-    )
-    p.add_argument("--truncation", type=float, default=None, help="latent truncation, e.g. 0.7")
+    add_dataclass_options(p, GenerateConfig, _GENERATE_OPTIONS)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--interpolate",
@@ -377,8 +401,8 @@ def add_generate_arguments(sub: _Subparsers) -> None:
         help="instead of designs, write linear and spherical strips from the design of "
         "--n 1 --seed SEED_A to that of --n 1 --seed SEED_B",
     )
-    p.add_argument(
-        "--steps", type=int, default=8, help="images per interpolation strip (default: %(default)s)"
+    add_dataclass_options(
+        p, GenerateConfig, _INTERPOLATE_OPTIONS, flags={"interpolation_steps": "--steps"}
     )
     p.set_defaults(func=cmd_generate)
 
@@ -387,21 +411,28 @@ def cmd_generate(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import generate
 
     checkpoint = _checkpoint(args, layout)
+    config = from_args(generate.GenerateConfig, args, (*_GENERATE_OPTIONS, *_INTERPOLATE_OPTIONS))
     if args.interpolate:
         seed_a, seed_b = args.interpolate
         walk = generate.interpolate(
             checkpoint,
             seed_a,
             seed_b,
-            steps=args.steps,
+            steps=config.interpolation_steps,
             out_dir=Path(args.out),
-            truncation=args.truncation,
+            truncation=config.truncation,
+            device=config.device,
         )
         for mode, path in walk.strip_paths.items():
             print(f"{mode:<10} {path}")
         return 0
     result = generate.generate(
-        checkpoint, n=args.n, seed=args.seed, out_dir=Path(args.out), truncation=args.truncation
+        checkpoint,
+        n=config.n,
+        seed=config.seed,
+        out_dir=Path(args.out),
+        truncation=config.truncation,
+        device=config.device,
     )
     print(f"{len(result.image_paths)} designs in {args.out}; grid: {result.grid_path}")
     return 0
@@ -513,23 +544,28 @@ def cmd_restore_eval(args: argparse.Namespace, layout: DataLayout) -> int:
     return 0
 
 
+#: `DemoServerConfig` settings that `demo-server` takes as options (``n_listings`` is
+#: ``--listings``).
+_DEMO_SERVER_OPTIONS = ("host", "port", "seed", "n_listings")
+
+
 def add_demo_server_arguments(sub: _Subparsers) -> None:
-    from carmodels.demo.catalog import DEFAULT_N_LISTINGS
+    from carmodels.demo.server import DemoServerConfig
 
     p = sub.add_parser("demo-server", help="serve the built-in demo car catalog over HTTP")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="catalog seed (default: %(default)s)")
-    p.add_argument(
-        "--listings", type=int, default=DEFAULT_N_LISTINGS, help="listings (default: %(default)s)"
+    add_dataclass_options(
+        p, DemoServerConfig, _DEMO_SERVER_OPTIONS, flags={"n_listings": "--listings"}
     )
     p.set_defaults(func=cmd_demo_server)
 
 
 def cmd_demo_server(args: argparse.Namespace, layout: DataLayout) -> int:
-    from carmodels.demo import run_demo_server
+    from carmodels.demo.server import DemoServerConfig, run_demo_server
 
-    run_demo_server(host=args.host, port=args.port, seed=args.seed, n_listings=args.listings)
+    config = from_args(DemoServerConfig, args, _DEMO_SERVER_OPTIONS)
+    run_demo_server(
+        host=config.host, port=config.port, seed=config.seed, n_listings=config.n_listings
+    )
     return 0
 
 

@@ -5,24 +5,53 @@ and state dict) used by the networks of :mod:`carmodels.models`; on the CPU, in 
 whose low-resolution side is at most :data:`CPU_GEMM_MAX_SIDE` go through MKL's matrix
 multiply instead of oneDNN, with hand-written backward passes (:class:`_ConvGemm`,
 :class:`_ConvTransposeGemm`). :func:`set_cpu_gemm` turns the path off.
+
+Those backward passes are differentiable once only (what they save is cut from the graph), so
+they refuse ``create_graph=True`` rather than silently drop the second-order terms; code that
+needs a double backward (a gradient penalty such as R1) runs the layers inside
+:func:`native_convolutions`, which sends them to torch's kernels.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
 #: On the CPU, a (transposed) convolution whose low-resolution side is at most this many pixels
-#: runs as one im2col + matrix multiply (MKL) instead of through oneDNN. oneDNN's AVX2 kernels
-#: are fast for large feature maps but slow for small ones, its weight gradients most of all:
-#: measured on a 2-core AMD EPYC (AVX2, torch 2.14, one thread, seed model, batch 32), forward /
-#: input-gradient / weight-gradient ms of the 8x8 -> 4x4 convolution were 274/290/511 with oneDNN
-#: against 149/154/166 as a matrix multiply, and of the 4x4 -> 8x8 transposed one 265/204/513
-#: against 160/130/163; at 16x16 the two are even in forward and the matrix multiply wins the
-#: weight gradient; at 32x32 and above oneDNN wins (2x at 64x64). See docs/BENCHMARKS.md.
+#: runs as one im2col + matrix multiply (MKL) instead of through oneDNN, whose AVX2 kernels are
+#: slow on small feature maps. 8: the fastest two-thread training step of the thresholds tried
+#: (docs/benchmarks/train-cpu.md#small-feature-maps-as-matrix-multiplies).
 CPU_GEMM_MAX_SIDE = 8
+
+#: Set inside :func:`native_convolutions`.
+_native_only = False
+
+
+def _refuse_double_backward() -> None:
+    """Raise under ``create_graph=True``, the only time autograd runs a backward with grad
+    mode on: the gradients the hand-written backward passes return have no graph to their
+    saved tensors, so a double backward would silently miss terms."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "The CPU matrix-multiply convolutions are differentiable once only; run the "
+            "forward inside carmodels.conv_gemm.native_convolutions() to differentiate twice."
+        )
+
+
+@contextlib.contextmanager
+def native_convolutions() -> Iterator[None]:
+    """Inside, every :class:`Conv2d` and :class:`ConvTranspose2d` runs through torch's own
+    kernels, whose backward is differentiable again (for a gradient penalty)."""
+    global _native_only
+    previous, _native_only = _native_only, True
+    try:
+        yield
+    finally:
+        _native_only = previous
 
 
 def _im2col(x_nhwc: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:
@@ -117,6 +146,7 @@ class _ConvGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        _refuse_double_backward()
         cols, w2 = ctx.saved_tensors
         channels, height, width, out_h, out_w, kernel, stride, padding = ctx.geometry
         g2 = grad.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
@@ -162,6 +192,7 @@ class _ConvTransposeGemm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        _refuse_double_backward()
         x2, w2 = ctx.saved_tensors
         height, width, kernel, stride, padding = ctx.geometry
         # The transposed convolution's adjoint is the plain convolution of the gradient.
@@ -178,14 +209,98 @@ class _ConvTransposeGemm(torch.autograd.Function):
 
 def _use_cpu_gemm(x: torch.Tensor, low_res_side: int) -> bool:
     """Whether a layer runs as im2col + GEMM (see CPU_GEMM_MAX_SIDE): fp32 on the CPU, outside
-    autocast and torch.compile (Inductor picks its own kernels)."""
+    autocast, torch.compile (Inductor picks its own kernels) and native_convolutions."""
     return (
         low_res_side <= CPU_GEMM_MAX_SIDE
+        and not _native_only
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
+
+
+class _ConvBf16(torch.autograd.Function):
+    """A (transposed) convolution under CPU bf16 autocast: forward and input gradient through
+    torch's kernels (oneDNN's AMX / avx512_bf16 ones), the weight gradient as im2col + one bf16
+    matrix multiply.
+
+    Why: oneDNN's bf16 weight-gradient kernels (``brgconv_bwd_w``) took 200-580 ms per layer of
+    the seed model on a 2-core Xeon with AMX (torch 2.14, oneDNN 3.12), whatever the layer's
+    size (530 ms for the 1024 -> 1 convolution on 4x4 maps), against 7-140 ms as a matrix
+    multiply, while its bf16 forward and input gradients take 12-100 ms
+    (docs/benchmarks/train-cpu.md#bf16-autocast-on-avx-512-cpus). Inputs are in bf16 already
+    (the caller casts, as autocast would); the results equal autocast's up to the order of the
+    fp32 sums inside the weight gradient.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: int,
+        padding: int,
+        transposed: bool,
+    ) -> torch.Tensor:
+        conv = torch.nn.functional.conv_transpose2d if transposed else torch.nn.functional.conv2d
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding, transposed)
+        ctx.has_bias = bias is not None
+        return conv(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        _refuse_double_backward()
+        x, weight = ctx.saved_tensors
+        stride, padding, transposed = ctx.geometry
+        kernel = weight.shape[-1]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transposed,
+                [0, 0], 1, [True, False, False],
+            )[0]  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            if transposed:  # the adjoint of a transposed convolution is a plain one
+                x2 = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+                grad_cols = _im2col(grad.permute(0, 2, 3, 1), kernel, stride, padding)
+                grad_w = (x2.t() @ grad_cols).view(x.shape[1], kernel, kernel, -1)
+            else:
+                cols = _im2col(x.permute(0, 2, 3, 1), kernel, stride, padding)
+                g2 = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])
+                grad_w = (g2.t() @ cols).view(-1, kernel, kernel, x.shape[1])
+            grad_w = grad_w.permute(0, 3, 1, 2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def _use_bf16_weight_gemm(x: torch.Tensor) -> bool:
+    """Whether a layer runs as :class:`_ConvBf16`: on the CPU under bf16 autocast, outside
+    torch.compile and native_convolutions."""
+    return (
+        not _native_only
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _conv_bf16(
+    x: torch.Tensor, conv: nn.Conv2d | nn.ConvTranspose2d, transposed: bool
+) -> torch.Tensor:
+    """``conv`` on ``x`` as :class:`_ConvBf16`, with autocast's casts made here (autograd
+    records them, so the fp32 parameters get fp32 gradients, as under autocast)."""
+    weight = conv.weight.to(torch.bfloat16)
+    bias = conv.bias.to(torch.bfloat16) if conv.bias is not None else None
+    with torch.autocast("cpu", enabled=False):
+        return _ConvBf16.apply(
+            x.to(torch.bfloat16), weight, bias, conv.stride[0], int(conv.padding[0]), transposed
+        )
 
 
 def _check_gemm_compatible(conv: nn.Conv2d | nn.ConvTranspose2d) -> None:
@@ -211,6 +326,8 @@ class Conv2d(nn.Conv2d):
         out_side = (x.shape[-1] + 2 * padding - self.kernel_size[0]) // stride + 1
         if self.cpu_gemm and _use_cpu_gemm(x, min(x.shape[-1], out_side)):
             return _ConvGemm.apply(x, self.weight, self.bias, stride, padding)
+        if self.cpu_gemm and _use_bf16_weight_gemm(x):
+            return _conv_bf16(x, self, transposed=False)
         return super().forward(x)
 
 
@@ -228,6 +345,8 @@ class ConvTranspose2d(nn.ConvTranspose2d):
             return _ConvTransposeGemm.apply(
                 x, self.weight, self.bias, self.stride[0], int(self.padding[0])
             )
+        if self.cpu_gemm and output_size is None and _use_bf16_weight_gemm(x):
+            return _conv_bf16(x, self, transposed=True)
         return super().forward(x, output_size)
 
 
@@ -241,4 +360,4 @@ def set_cpu_gemm(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-__all__ = ["CPU_GEMM_MAX_SIDE", "Conv2d", "ConvTranspose2d", "set_cpu_gemm"]
+__all__ = ["CPU_GEMM_MAX_SIDE", "Conv2d", "ConvTranspose2d", "native_convolutions", "set_cpu_gemm"]

@@ -5,9 +5,10 @@
   semantics; nearest-neighbour and diversity distances flag copies and collapse.
 * FID/KID (:mod:`carmodels.metrics.fid`), the published metric, when the Inception weights are on
   disk (or can be downloaded); otherwise recorded as not computed, saying how to supply them.
-* Domain metrics (:mod:`carmodels.metrics.domain`), offline: a car-type classifier
-  (:mod:`carmodels.classifier`) trained on the shards' ``type`` labels judges the generated
-  cars (``type_fd``, ``type_overlap``).
+* Domain metrics (:mod:`carmodels.metrics.domain`), offline: the judge, a car classifier
+  (:mod:`carmodels.classifier`) trained on the shards' ``type`` and ``make`` labels, scores the
+  generated cars in its features (``judge_fd``, ``judge_kid``, precision/recall/density/coverage,
+  ``type_overlap``).
 
 Every comparison is against the *val* split. Pictures: sample grids of 64 fixed latents from
 the EMA and the raw generator, a latent interpolation strip, a nearest-neighbour grid (each
@@ -70,20 +71,47 @@ METRIC_DEFINITIONS = {
     "weights, TF-compatible resize); null when the weights are unavailable, see fid_record.",
     "kid_mean": "Kernel Inception Distance (mean over subsets), val vs generated.",
     "kid_std": "Standard deviation of KID over its subsets.",
-    "type_fd": "Frechet distance, val vs generated, in the penultimate features of a car-type "
-    "classifier trained on the shards' train split; lower is closer.",
-    "type_overlap": "Overlap of the classifier's predicted type mix on generated vs val images "
+    "judge_fd": "Frechet distance, val vs generated, in the features of the judge (a car "
+    "classifier trained on the shards' train split, validated by bench/judge.py); lower is "
+    "closer. The champion gate's default metric.",
+    "judge_kid": "Kernel distance (KID, unbiased) in the judge's features; lower is closer.",
+    "judge_precision": "Share of generated images among the real val images' nearest "
+    "neighbours in the judge's features (fidelity; Naeem et al. 2020).",
+    "judge_recall": "Share of real val images among the generated images' neighbours (diversity).",
+    "judge_density": "How many real neighbourhoods hold each generated image, over k (fidelity; "
+    "about 1 for real images).",
+    "judge_coverage": "Share of real val images whose neighbourhood holds a generated image "
+    "(diversity).",
+    "type_overlap": "Overlap of the judge's predicted body-type mix on generated vs val images "
     "(sum of the smaller shares; 1 = same mix).",
-    "type_classifier_val_accuracy": "Accuracy of that classifier on the labelled val images.",
+    "judge_type_accuracy": "The judge's body-type accuracy on the labelled val images.",
+    "judge_make_accuracy": "The judge's make accuracy on the val images (null without makes).",
 }
+#: The judge's numbers copied into the flat metrics (``judge_key`` says which judge scored them:
+#: scores by different judges are not compared).
+DOMAIN_METRICS = (
+    "judge_fd",
+    "judge_kid",
+    "judge_precision",
+    "judge_recall",
+    "judge_density",
+    "judge_coverage",
+    "type_overlap",
+    "judge_type_accuracy",
+    "judge_make_accuracy",
+    "judge_key",
+)
 #: The sample grids show this many images drawn from fixed latents (``EvalConfig.seed``).
 GRID_IMAGES = 64
 
 
 @dataclass
 class EvalConfig:
-    n_samples: int = 256
-    seed: int = 0
+    n_samples: int = field(
+        default=256,
+        metadata={"help": "generated images scored against as many validation images; >= 2"},
+    )
+    seed: int = field(default=0, metadata={"help": "random seed of the generated images"})
     batch_size: int = 64
     device: str = "auto"
     #: Evaluate the EMA generator when the run kept one.
@@ -102,10 +130,14 @@ class EvalConfig:
     #: Rows and steps of the latent interpolation strip.
     interpolation_rows: int = 4
     interpolation_steps: int = 10
-    #: FID/KID (skipped entirely when False; recorded as not computed without weights).
-    fid: bool = True
+    fid: bool = field(
+        default=True,
+        metadata={
+            "help": "FID/KID (recorded as not computed when the Inception weights are missing)"
+        },
+    )
     fid_config: FidConfig = field(default_factory=FidConfig)
-    #: The car-type classifier metrics (skipped when False or when the shards lack labels).
+    #: The judge's metrics (skipped when False or when the shards lack ``type`` labels).
     type_metrics: bool = True
     classifier_config: ClassifierConfig = field(default_factory=ClassifierConfig)
     #: Where trained classifiers are cached (by data version); None = ``<out_dir>/classifier``.
@@ -334,7 +366,7 @@ def _type_metrics(
     out: Path,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Domain metrics from the car-type classifier, or a record of why they were skipped."""
+    """Domain metrics from the judge, or a record of why they were skipped."""
     if not config.type_metrics:
         return {"computed": False, "reason": "disabled in EvalConfig.type_metrics"}
     if val is None or len(val) < 2:
@@ -342,7 +374,12 @@ def _type_metrics(
     cache_dir = Path(config.classifier_cache_dir or out / "classifier")
     try:
         classifier = train_classifier(
-            shards_dir, cache_dir, data_version_of(shards_dir), config.classifier_config, log
+            shards_dir,
+            cache_dir,
+            data_version_of(shards_dir),
+            config.classifier_config,
+            log,
+            judged_side=generated.shape[-1],
         )
     except NotEnoughLabels as error:
         log(f"Type metrics not computed: {error}")
@@ -351,6 +388,7 @@ def _type_metrics(
         "computed": True,
         **domain_metrics(classifier, val, generated, frechet_distance),
         "types": classifier.types,
+        "classes": {label: len(names) for label, names in classifier.classes.items()},
         "classifier_n_train": classifier.n_train,
         "classifier_n_val": classifier.n_val,
         "classifier_cache": str(classifier.cache_path),
@@ -485,12 +523,7 @@ def evaluate(
     type_record = _type_metrics(
         shards_dir, val_all, pool[: max(n_fid, config.n_samples)], config, out, log
     )
-    metrics.update(
-        {
-            name: type_record.get(name)
-            for name in ("type_fd", "type_overlap", "type_classifier_val_accuracy")
-        }
-    )
+    metrics.update({name: type_record.get(name) for name in DOMAIN_METRICS})
 
     loss_plot, final = _training_losses(checkpoint_path, meta, out)
     metrics.update({f"final_{k}": final.get(k) for k in ("loss_d", "loss_g", "d_x", "d_g_z")})

@@ -231,7 +231,7 @@ FACING_HEURISTIC = FacingHeuristic()
 
 
 #: How `estimate_facing` decides: the linear model of `carmodels.facing` (measured on
-#: hand-labelled photos, see docs/BENCHMARKS.md) or the older silhouette heuristic.
+#: hand-labelled photos, see docs/benchmarks/facing.md) or the older silhouette heuristic.
 FACING_METHODS: tuple[str, ...] = ("model", "silhouette")
 
 

@@ -18,9 +18,18 @@ from torch import nn
 
 from carmodels.errors import InputError
 
+#: How ``sample_noise`` truncates: ``coordinates`` redraws every coordinate until it lies in
+#: [-t, t] (BigGAN's trick), which also shrinks the latent's norm; ``sphere`` does the same,
+#: then rescales the latent to the norm sqrt(nz) of N(0, I) latents, where the generator was
+#: trained (docs/benchmarks/truncation.md measures both).
+TRUNCATION_METHODS: tuple[str, ...] = ("coordinates", "sphere")
 
-def sample_noise(n: int, nz: int, seed: int, truncation: float | None = None) -> torch.Tensor:
-    """``n`` latent vectors from N(0, 1), or from it truncated to [-t, t] (the truncation trick).
+
+def sample_noise(
+    n: int, nz: int, seed: int, truncation: float | None = None, method: str = "coordinates"
+) -> torch.Tensor:
+    """``n`` latent vectors from N(0, 1), or truncated at ``t`` by ``method`` (the truncation
+    trick, see :data:`TRUNCATION_METHODS`).
 
     Truncation trades variety for fidelity: smaller ``t`` keeps designs nearer the typical car.
     """
@@ -29,8 +38,15 @@ def sample_noise(n: int, nz: int, seed: int, truncation: float | None = None) ->
     if truncation is None:
         return z.normal_(generator=generator)
     if truncation <= 0:
-        raise InputError(f"truncation must be positive (e.g. 0.7) or None, got {truncation}")
-    return nn.init.trunc_normal_(z, a=-truncation, b=truncation, generator=generator)
+        raise InputError(f"truncation must be positive (e.g. 2.0) or None, got {truncation}")
+    if method not in TRUNCATION_METHODS:
+        raise InputError(
+            f"truncation method must be one of {', '.join(TRUNCATION_METHODS)}, got {method!r}"
+        )
+    z = nn.init.trunc_normal_(z, a=-truncation, b=truncation, generator=generator)
+    if method == "sphere":
+        z = z * (nz**0.5 / z.norm(dim=1, keepdim=True).clamp(min=1e-12))
+    return z
 
 
 def lerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -59,4 +75,4 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return direction * (norm_a * (1 - t) + norm_b * t)
 
 
-__all__ = ["lerp", "sample_noise", "slerp"]
+__all__ = ["TRUNCATION_METHODS", "lerp", "sample_noise", "slerp"]

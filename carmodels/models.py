@@ -47,6 +47,12 @@ class ModelSpec:
     ``base_channels`` is the channel count at the highest resolution (ngf = ndf in the DCGAN
     paper); it doubles at every halving of the resolution, so a 128 px model with 64 base
     channels has 1024 channels at 4x4.
+
+    ``spectral_norm`` (Miyato et al., 2018) divides every convolution weight of the
+    discriminator by its largest singular value (one power iteration per forward in training
+    mode, ``torch.nn.utils.parametrizations.spectral_norm``); the generator is unaffected.
+    It changes D's state dict (``<layer>.parametrizations.weight.original``, ``..._u``,
+    ``..._v``), so it is part of the spec.
     """
 
     nz: int = 100
@@ -58,6 +64,7 @@ class ModelSpec:
     #: Negative slope of LeakyReLU (only used by the ``leakyrelu`` activation).
     leaky_slope: float = 0.2
     image_channels: int = 3
+    spectral_norm: bool = False
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -86,7 +93,12 @@ class ModelSpec:
         return [self.base_channels * 2 ** (n - 1 - i) for i in range(n)]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.spectral_norm:
+            # Left out at its default, so a model without it is stored as before the field
+            # existed and older carmodels versions can still read the checkpoint.
+            del data["spectral_norm"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -245,6 +257,10 @@ class Discriminator(nn.Module):
         # 4x4 -> 1x1 logit.
         self.classify = Conv2d(plan[-1], 1, KERNEL_SIZE, 1, 0, bias=True)
         _init_weights(self, spec, first_fan_in=None)
+        if spec.spectral_norm:
+            # After the init, which writes the raw weights the parametrization then wraps.
+            for conv in [m for m in self.modules() if isinstance(m, nn.Conv2d)]:
+                nn.utils.parametrizations.spectral_norm(conv)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(images)).flatten()

@@ -96,9 +96,10 @@ def add_dataclass_options(
 
     The flag is ``--field-name`` unless ``flags`` names another; the option's dest is the
     field's name either way. A field off by default becomes a switch that turns it on; a
-    field on by default needs a ``--no-...`` flag in ``flags``, which turns it off. Other
-    options take the field's type and choices, default to None, and show the field's default
-    in their help.
+    field on by default needs a ``--no-...`` flag in ``flags``, which turns it off; a
+    ``bool | None`` field whose default is None (unset = decided elsewhere) gets both
+    ``--flag`` and ``--no-flag`` and stays None when neither is given. Other options take the
+    field's type and choices, default to None, and show the field's default in their help.
     """
     for name in names:
         flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
@@ -106,6 +107,11 @@ def add_dataclass_options(
         default = field_default(cls, name)
         kind = _scalar_type(cls, name)
         if kind is bool:
+            if default is None:
+                parser.add_argument(
+                    flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text
+                )
+                continue
             if not default:
                 parser.add_argument(flag, dest=name, action="store_true", help=text)
                 continue

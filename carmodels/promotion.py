@@ -52,20 +52,24 @@ CHAMPION_RECORD = "champion.json"
 METRIC_DIRECTIONS = {
     "fid": "lower",
     "kid_mean": "lower",
-    "type_fd": "lower",
+    "judge_fd": "lower",
+    "judge_kid": "lower",
     "pixel_fd_16": "lower",
     "type_overlap": "higher",
     "diversity_ratio": "higher",
+    "judge_density": "higher",
+    "judge_coverage": "higher",
 }
 #: Plotted over time in history.png (those present in the table).
-PLOTTED_METRICS = ("fid", "kid_mean", "type_fd", "type_overlap", "pixel_fd_16", "nn_ratio")
+PLOTTED_METRICS = ("fid", "kid_mean", "judge_fd", "type_overlap", "pixel_fd_16", "nn_ratio")
 
 
 @dataclass
 class PromotionConfig:
-    #: The metric a candidate must beat the champion on. ``type_fd`` works offline;
-    #: ``fid`` is the published standard where the Inception weights are available.
-    metric: str = "type_fd"
+    #: The metric a candidate must beat the champion on. ``judge_fd`` works offline and is
+    #: validated by bench/judge.py (docs/benchmarks/judge.md); ``fid`` is the published
+    #: standard where the Inception weights are available.
+    metric: str = "judge_fd"
     #: The candidate must be better by at least this fraction of the champion's value
     #: (0.02 = 2%), so evaluation noise alone does not swap generators.
     min_relative_improvement: float = 0.0
@@ -218,11 +222,9 @@ def missing_metric_message(candidate: dict[str, Any], metric: str) -> str:
             "$CARMODELS_INCEPTION_WEIGHTS)"
         )
         fix = fix.rstrip(".") + ", then re-materialise evaluate_dcgan"
-    elif metric in ("type_fd", "type_overlap"):
-        why = candidate.get("type_record", {}).get("reason") or "type metrics not computed"
-        fix = (
-            "Give the listings a car `type` so the type classifier can be trained, and re-evaluate"
-        )
+    elif metric.startswith("judge_") or metric == "type_overlap":
+        why = candidate.get("type_record", {}).get("reason") or "judge metrics not computed"
+        fix = "Give the listings a car `type` so the judge can be trained, and re-evaluate"
     else:
         why = "null in this evaluation, which needs at least 2 validation images"
         fix = "Rebuild the shards with a validation split, and re-evaluate"
@@ -288,6 +290,13 @@ def decide(
             f"champion kept: it was scored on data {theirs} and the candidate on {ours}; scores "
             "on different data are not compared. Re-score the champion on the candidate's data.",
         )
+    if _judged_by_another(candidate, champion, metric):
+        return result(
+            OTHER_DATA,
+            f"champion kept: it was scored by judge {champion.get('judge_key')} and the "
+            f"candidate by {candidate.get('judge_key')}; scores by different judges are not "
+            "compared. Re-score the champion with the candidate's judge.",
+        )
     if old is None:
         return result(
             PROMOTED, f"the champion has no {metric}; the candidate ({new:.4g}) replaces it."
@@ -317,7 +326,17 @@ def needs_rescore(candidate: dict[str, Any], champion: dict[str, Any] | None, me
         return False
     if champion.get("eval_data_version") != candidate.get("eval_data_version"):
         return True
+    if _judged_by_another(candidate, champion, metric):
+        return True
     return _value(champion.get("metrics", {}), metric) is None
+
+
+def _judged_by_another(candidate: dict[str, Any], champion: dict[str, Any], metric: str) -> bool:
+    """Whether ``metric`` is the judge's and another judge (format, settings or training data)
+    scored the champion: a judge's distances are on its own scale."""
+    if not metric.startswith("judge_"):
+        return False
+    return champion.get("judge_key") != candidate.get("judge_key")
 
 
 def eval_config_of(candidate: dict[str, Any]) -> EvalConfig:
@@ -353,9 +372,9 @@ def rescore_checkpoint(
     The same EvalConfig (sample counts, seeds, FID settings) makes the two scores comparable;
     its pictures go to a temporary folder and nothing is appended to the history, which
     records the evaluations of new generators. ``classifier_cache_dir`` should be where the
-    candidate's evaluation cached its type classifier: the classifier is cached by data
-    version, so the champion is then judged by the very classifier that judged the candidate,
-    and none is trained again.
+    candidate's evaluation cached its judge: the judge is cached by data version and side, so
+    the champion is then scored by the very judge that scored the candidate, and none is
+    trained again.
     """
     config = replace(eval_config_of(candidate), record_history=False)
     if config.classifier_cache_dir is None and classifier_cache_dir is not None:
@@ -374,6 +393,7 @@ def rescored_record(champion: dict[str, Any], rescored: dict[str, Any]) -> dict[
         "previous_metrics": champion.get("metrics", {}),
     }
     record["eval_data_version"] = rescored.get("eval_data_version")
+    record["judge_key"] = rescored.get("judge_key")
     record["metrics"] = _numbers(rescored)
     if record.get("metric"):
         record["value"] = _value(record["metrics"], record["metric"])
@@ -550,6 +570,7 @@ def promote(
         "previous_value": decision.champion_value,
         "reason": decision.reason,
         "eval_data_version": candidate.get("eval_data_version"),
+        "judge_key": candidate.get("judge_key"),
         "train_data_version": candidate.get("data_version"),
         "metrics": _numbers(candidate),
         "decision": asdict(decision),

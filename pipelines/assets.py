@@ -450,10 +450,10 @@ def car_shards(
 
 @defaults_from_file("train_dcgan")
 class TrainDcganConfig(CachedConfig):
-    """Training settings. Left unset, the model and schedule come from the profile's
-    `training` resource: under `full` the seed's model (`seed` preset, 128 px, 170 epochs,
-    batch 128); under `demo` the `small` preset at 64 px for 120 epochs
-    (`$CARMODELS_DEMO_EPOCHS`)."""
+    """Training settings. Left unset, the model, the augmentation and the schedule come from
+    the profile's `training` resource: under `full` the measured recipe (`dcgan` preset with
+    DiffAugment, 128 px, 170 epochs, batch 128; docs/benchmarks/quality.md); under `demo` the
+    `small` preset at 64 px for 120 epochs (`$CARMODELS_DEMO_EPOCHS`)."""
 
     # None: the profile's (the `training` resource), not the library's default.
     preset: str | None = library_field(train.TrainConfig, "preset", default=None)
@@ -463,7 +463,12 @@ class TrainDcganConfig(CachedConfig):
     lr_g: float | None = library_field(train.TrainConfig, "lr_g", default=None)
     lr_d: float | None = library_field(train.TrainConfig, "lr_d", default=None)
     label_smoothing: float = library_field(train.TrainConfig, "label_smoothing")
-    diffaugment: str = library_field(train.TrainConfig, "diffaugment")
+    diffaugment: str | None = library_field(train.TrainConfig, "diffaugment", default=None)
+    loss: str = library_field(train.TrainConfig, "loss")
+    r1_gamma: float = library_field(train.TrainConfig, "r1_gamma")
+    spectral_norm: bool | None = library_field(train.TrainConfig, "spectral_norm")
+    base_channels: int | None = library_field(train.TrainConfig, "base_channels")
+    batch_norm: bool | None = library_field(train.TrainConfig, "batch_norm")
     seed: int = library_field(train.TrainConfig, "seed")
     resume: bool = False
 
@@ -484,7 +489,12 @@ def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> tra
             lr_g=config.lr_g,
             lr_d=config.lr_d,
             label_smoothing=config.label_smoothing,
-            diffaugment=config.diffaugment,
+            diffaugment=base.diffaugment if config.diffaugment is None else config.diffaugment,
+            loss=config.loss,
+            r1_gamma=config.r1_gamma,
+            spectral_norm=config.spectral_norm,
+            base_channels=config.base_channels,
+            batch_norm=config.batch_norm,
             seed=config.seed,
         )
 
@@ -556,13 +566,12 @@ def train_dcgan(
 
 @defaults_from_file("evaluate_dcgan")
 class EvaluateDcganConfig(CachedConfig):
-    n_samples: int = evaluate.EvalConfig.n_samples
-    seed: int = evaluate.EvalConfig.seed
-    #: Inception weights for FID/KID (default: $CARMODELS_INCEPTION_WEIGHTS, then the torch cache).
-    inception_weights: str | None = None
-    #: Images per side for FID/KID (default: 10,000 on a GPU, fewer on a CPU).
-    fid_samples: int | None = None
-    #: Never try to download the Inception weights.
+    n_samples: int = library_field(evaluate.EvalConfig, "n_samples")
+    seed: int = library_field(evaluate.EvalConfig, "seed")
+    # FidConfig's weights_path and n_samples, named as `carmodels evaluate` names them.
+    inception_weights: str | None = library_field(evaluate.FidConfig, "weights_path")
+    fid_samples: int | None = library_field(evaluate.FidConfig, "n_samples")
+    #: Never try to download the Inception weights (FidConfig's download, turned off).
     offline: bool = False
 
 
@@ -588,10 +597,8 @@ def evaluate_dcgan(
         eval_config = library_settings(
             "evaluate_dcgan",
             lambda: evaluate.EvalConfig(
-                n_samples=config.n_samples,
-                seed=config.seed,
-                fid_config=replace(
-                    evaluate.FidConfig(),
+                **library_kwargs(config, evaluate.EvalConfig),
+                fid_config=evaluate.FidConfig(
                     weights_path=config.inception_weights,
                     n_samples=config.fid_samples,
                     download=not config.offline,

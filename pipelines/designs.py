@@ -13,7 +13,7 @@ from carmodels.errors import InputError
 from carmodels.layout import CHAMPION_DIR, SHARDS_DIR, DataLayout
 from carmodels.versioning import files_version, source_version
 from pipelines.assets import FOLLOW_UPSTREAM, GPU_POOL
-from pipelines.config_fields import library_field
+from pipelines.config_fields import library_field, library_kwargs
 from pipelines.metadata import image_preview, rate_logger
 from pipelines.project_config import defaults_from_file
 from pipelines.resources import StorageResource
@@ -48,13 +48,14 @@ def _generator_checkpoint(layout: DataLayout) -> Path:
 
 @defaults_from_file("design_samples")
 class DesignSamplesConfig(CachedConfig):
-    n: int = 64
-    seed: int = 0
-    truncation: float | None = None
+    n: int = library_field(generate.GenerateConfig, "n")
+    seed: int = library_field(generate.GenerateConfig, "seed")
+    truncation: float | None = library_field(generate.GenerateConfig, "truncation")
     #: The latent walk goes from the first design of one seed to the first of the other.
     interpolate_seeds: list[int] = [0, 1]
-    interpolation_steps: int = 8
-    device: str = "auto"
+    interpolation_steps: int = library_field(generate.GenerateConfig, "interpolation_steps")
+    # The asset runs on the pipeline's GPU when there is one; the library's default is the CPU.
+    device: str = library_field(generate.GenerateConfig, "device", default="auto")
 
 
 @dg.asset(
@@ -76,25 +77,26 @@ def design_samples(
                 f"design_samples config: interpolate_seeds must hold two seeds, got "
                 f"{config.interpolate_seeds}."
             )
+        settings = generate.GenerateConfig(**library_kwargs(config, generate.GenerateConfig))
         checkpoint = _generator_checkpoint(layout)
         out = layout.root / DESIGNS_DIR
         designs = generate.generate(
             checkpoint,
-            n=config.n,
-            seed=config.seed,
+            n=settings.n,
+            seed=settings.seed,
             out_dir=out,
-            truncation=config.truncation,
-            device=config.device,
+            truncation=settings.truncation,
+            device=settings.device,
         )
         seed_a, seed_b = config.interpolate_seeds
         walk = generate.interpolate(
             checkpoint,
             seed_a,
             seed_b,
-            steps=config.interpolation_steps,
+            steps=settings.interpolation_steps,
             out_dir=out,
-            truncation=config.truncation,
-            device=config.device,
+            truncation=settings.truncation,
+            device=settings.device,
         )
         context.log.info(f"{designs.n} designs and {len(walk.strip_paths)} latent walks in {out}")
         return StepOutput(

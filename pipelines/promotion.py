@@ -32,7 +32,7 @@ BEATS_CHAMPION_CHECK = "candidate_beats_champion"
 @defaults_from_file("champion_generator")
 class ChampionGeneratorConfig(dg.Config):
     #: The metric to compare on (lower or higher is better, see
-    #: `carmodels.promotion.METRIC_DIRECTIONS`). `type_fd` works offline; `fid` needs the
+    #: `carmodels.promotion.METRIC_DIRECTIONS`). `judge_fd` works offline; `fid` needs the
     #: Inception weights at evaluation time.
     metric: str = promotion.PromotionConfig.metric
     min_relative_improvement: float = promotion.PromotionConfig.min_relative_improvement
@@ -100,8 +100,8 @@ def _decide(
                 champion_checkpoint,
                 shards.shards_dir,
                 candidate,
-                # Where evaluate_dcgan cached the type classifier (its default): the champion
-                # is judged by the classifier that judged the candidate.
+                # Where evaluate_dcgan cached the judge (its default): the champion is scored
+                # by the judge that scored the candidate.
                 classifier_cache_dir=layout.eval_dir / "classifier",
                 log=context.log.info,
             )

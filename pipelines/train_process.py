@@ -31,6 +31,7 @@ def _run(pipes: PipesContext) -> None:
         "epochs": result.epochs_completed,
         "steps": result.steps,
         "device": result.device,
+        "amp": result.amp,
         "images_per_s": round(result.images_per_s, 1),
         **{f"final_{k}": round(float(v), 4) for k, v in result.final_losses.items()},
         "collapse_warnings": len(result.collapse_epochs),

@@ -30,9 +30,9 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> StorageResource:
     result = train(layout.shards_dir, layout.train_dir, config)
     # The design assets read the champion: crown this checkpoint, as `champion_generator`
     # does for a first evaluation when there is no champion yet.
-    first = promotion.decide({"type_fd": 1.0}, None, promotion.PromotionConfig(metric="type_fd"))
+    first = promotion.decide({"judge_fd": 1.0}, None, promotion.PromotionConfig(metric="judge_fd"))
     assert first.promote, first.reason
-    promotion.promote(result.checkpoint_path, {"type_fd": 1.0}, first, layout.champion_dir)
+    promotion.promote(result.checkpoint_path, {"judge_fd": 1.0}, first, layout.champion_dir)
     return StorageResource(root=str(layout.root))
 
 

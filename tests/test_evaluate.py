@@ -12,6 +12,7 @@ import torch
 
 from carmodels.cli import main
 from carmodels.evaluate import (
+    DOMAIN_METRICS,
     METRIC_DEFINITIONS,
     EvalConfig,
     evaluate,
@@ -36,14 +37,7 @@ def _config(**kwargs: object) -> EvalConfig:
 
 
 #: Null in these runs: no Inception weights, and the synthetic shards carry no type labels.
-LEARNED_METRICS = {
-    "fid",
-    "kid_mean",
-    "kid_std",
-    "type_fd",
-    "type_overlap",
-    "type_classifier_val_accuracy",
-}
+LEARNED_METRICS = {"fid", "kid_mean", "kid_std", *DOMAIN_METRICS}
 
 
 def _write_shards(shards_dir: Path, n_images: int, val_every: int | None) -> Path:
@@ -194,8 +188,10 @@ def test_learned_metrics_with_labels_and_inception_weights(
     config = _config(n_samples=8, fid_samples=6)
     config.fid_config.weights_path = str(random_inception)
     result = evaluate(trained.checkpoint_path, shards, tmp_path / "eval", config)
-    for name in LEARNED_METRICS:
+    for name in LEARNED_METRICS - {"judge_make_accuracy", "judge_key"}:
         assert result.metrics[name] is not None and math.isfinite(result.metrics[name]), name
+    assert result.metrics["judge_make_accuracy"] is None  # these shards have no make column
+    assert result.metrics["judge_key"] == result.type_record["judge_key"]
     assert result.fid_record["n_generated"] == 6 and result.fid_record["n_real"] == 6
     assert result.fid_record["real_split"] == "val"
     on_disk = json.loads(result.metrics_path.read_text())

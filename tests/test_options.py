@@ -1,4 +1,5 @@
-"""Command-line options made from a config dataclass's fields (`carmodels.options`)."""
+"""Command-line options made from a config dataclass's fields (`carmodels.options`), and the
+Dagster config fields made from them (`pipelines.config_fields`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from carmodels.options import add_dataclass_options, field_help, from_args
+from carmodels.options import add_dataclass_options, field_default, field_help, from_args
 
 
 @dataclass(frozen=True)
@@ -65,3 +66,49 @@ def test_fields_without_help_or_on_by_default_without_a_no_flag_are_refused() ->
         field_help(Settings, "hidden")
     with pytest.raises(ValueError, match="--no-"):
         add_dataclass_options(argparse.ArgumentParser(), Settings, ["mirror"])
+
+
+# --------------------------------------------------------------------------- Dagster config
+
+
+def _library_fields() -> list[tuple[type, str, type, str]]:
+    """(Dagster config class, its setting, library dataclass, the dataclass's field)."""
+    from carmodels.evaluate import EvalConfig
+    from carmodels.generate import GenerateConfig
+    from carmodels.metrics.fid import FidConfig
+    from pipelines.assets import EvaluateDcganConfig
+    from pipelines.designs import DesignSamplesConfig
+
+    return [
+        (EvaluateDcganConfig, "n_samples", EvalConfig, "n_samples"),
+        (EvaluateDcganConfig, "seed", EvalConfig, "seed"),
+        (EvaluateDcganConfig, "inception_weights", FidConfig, "weights_path"),
+        (EvaluateDcganConfig, "fid_samples", FidConfig, "n_samples"),
+        *(
+            (DesignSamplesConfig, name, GenerateConfig, name)
+            for name in ("n", "seed", "truncation", "interpolation_steps")
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "setting", "library", "name"),
+    _library_fields(),
+    ids=lambda value: value if isinstance(value, str) else value.__name__,
+)
+def test_dagster_settings_take_default_and_description_from_the_library(
+    config: type, setting: str, library: type, name: str
+) -> None:
+    # (Assumes no project config file sets these: its values would be the defaults.)
+    found = config.model_fields[setting]  # type: ignore[attr-defined]
+    assert found.default == field_default(library, name)
+    assert found.description and found.description.startswith(field_help(library, name))
+
+
+def test_design_samples_device_has_the_library_description_and_its_own_default() -> None:
+    from carmodels.generate import GenerateConfig
+    from pipelines.designs import DesignSamplesConfig
+
+    device = DesignSamplesConfig.model_fields["device"]
+    assert device.description == field_help(GenerateConfig, "device")
+    assert device.default == "auto"  # the asset uses the GPU when there is one

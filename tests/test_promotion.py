@@ -41,12 +41,12 @@ from carmodels.promotion import (
 )
 
 
-def _candidate(tmp_path: Path, name: str, type_fd: float | None, fid: float | None = None) -> dict:
+def _candidate(tmp_path: Path, name: str, judge_fd: float | None, fid: float | None = None) -> dict:
     checkpoint = tmp_path / f"{name}.pt"
     checkpoint.write_bytes(name.encode() * 100)
     return {
         "checkpoint": str(checkpoint),
-        "type_fd": type_fd,
+        "judge_fd": judge_fd,
         "fid": fid,
         "type_overlap": 0.5,
         "epoch": 3,
@@ -58,14 +58,14 @@ def _candidate(tmp_path: Path, name: str, type_fd: float | None, fid: float | No
 
 
 def test_first_candidate_becomes_champion_then_only_better_ones(tmp_path: Path) -> None:
-    champion_dir, config = tmp_path / "champion", PromotionConfig(metric="type_fd")
-    first = _candidate(tmp_path, "a", type_fd=10.0)
+    champion_dir, config = tmp_path / "champion", PromotionConfig(metric="judge_fd")
+    first = _candidate(tmp_path, "a", judge_fd=10.0)
     decision = decide(first, read_champion(champion_dir), config)
     assert decision.promote and "no champion yet" in decision.reason
     promote(first["checkpoint"], first, decision, champion_dir)
     assert champion_checkpoint(champion_dir).read_bytes() == Path(first["checkpoint"]).read_bytes()
 
-    worse = _candidate(tmp_path, "b", type_fd=12.0)
+    worse = _candidate(tmp_path, "b", judge_fd=12.0)
     decision = decide(worse, read_champion(champion_dir), config)
     assert not decision.promote
     assert (
@@ -75,7 +75,7 @@ def test_first_candidate_becomes_champion_then_only_better_ones(tmp_path: Path) 
         promote(worse["checkpoint"], worse, decision, champion_dir)
     assert read_champion(champion_dir)["value"] == 10.0
 
-    better = _candidate(tmp_path, "c", type_fd=8.0)
+    better = _candidate(tmp_path, "c", judge_fd=8.0)
     decision = decide(better, read_champion(champion_dir), config)
     assert decision.promote and decision.champion_value == 10.0
     record = promote(better["checkpoint"], better, decision, champion_dir)
@@ -88,7 +88,7 @@ def test_first_candidate_becomes_champion_then_only_better_ones(tmp_path: Path) 
 
 def test_higher_is_better_metrics_and_margin(tmp_path: Path) -> None:
     champion = {"metrics": {"type_overlap": 0.5}, "eval_data_version": "data-v1"}
-    candidate = _candidate(tmp_path, "a", type_fd=1.0) | {"type_overlap": 0.51}
+    candidate = _candidate(tmp_path, "a", judge_fd=1.0) | {"type_overlap": 0.51}
     assert decide(candidate, champion, PromotionConfig(metric="type_overlap")).promote
     strict = PromotionConfig(metric="type_overlap", min_relative_improvement=0.05)
     decision = decide(candidate, champion, strict)
@@ -97,26 +97,30 @@ def test_higher_is_better_metrics_and_margin(tmp_path: Path) -> None:
 
 def test_missing_metric_keeps_the_champion_and_says_how_to_fix(tmp_path: Path) -> None:
     champion = {"metrics": {"fid": 30.0}, "eval_data_version": "data-v1", "checkpoint_sha256": "x"}
-    candidate = _candidate(tmp_path, "a", type_fd=1.0, fid=None)
+    candidate = _candidate(tmp_path, "a", judge_fd=1.0, fid=None)
     candidate["fid_record"]["how_to_supply"] = "Copy the weights to /cache."
     decision = decide(candidate, champion, PromotionConfig(metric="fid"))
     assert not decision.promote and decision.outcome == METRIC_MISSING
     assert "no fid" in decision.reason and "Inception weights not found" in decision.reason
     assert "Copy the weights to /cache" in decision.reason
     # The other way out names the config and the metrics this evaluation did compute.
-    assert "champion_generator's `metric`" in decision.reason and "type_fd" in decision.reason
+    assert "champion_generator's `metric`" in decision.reason and "judge_fd" in decision.reason
 
 
 def test_without_a_champion_a_candidate_lacking_the_metric_is_crowned(tmp_path: Path) -> None:
-    candidate = _candidate(tmp_path, "a", type_fd=1.0, fid=None)
+    candidate = _candidate(tmp_path, "a", judge_fd=1.0, fid=None)
     decision = decide(candidate, None, PromotionConfig(metric="fid"))
     assert decision.promote and decision.outcome == FIRST_CHAMPION
     assert "so that a generator is in use" in decision.reason and "no fid" in decision.reason
 
 
 def test_same_checkpoint_and_other_data_are_explained(tmp_path: Path) -> None:
-    champion = {"metrics": {"type_fd": 5.0}, "checkpoint_sha256": "abc", "eval_data_version": "old"}
-    candidate = _candidate(tmp_path, "a", type_fd=1.0)
+    champion = {
+        "metrics": {"judge_fd": 5.0},
+        "checkpoint_sha256": "abc",
+        "eval_data_version": "old",
+    }
+    candidate = _candidate(tmp_path, "a", judge_fd=1.0)
     same = decide(candidate, champion, PromotionConfig(), candidate_sha256="abc")
     assert not same.promote and same.outcome == ALREADY_CHAMPION
     assert "already the champion" in same.reason
@@ -126,10 +130,10 @@ def test_same_checkpoint_and_other_data_are_explained(tmp_path: Path) -> None:
     assert "scored on data old" in other_data.reason
 
 
-def _crown(tmp_path: Path, name: str, type_fd: float | None, data: str = "data-v1") -> Path:
+def _crown(tmp_path: Path, name: str, judge_fd: float | None, data: str = "data-v1") -> Path:
     """A champion folder whose champion was scored on ``data``."""
     champion_dir = tmp_path / "champion"
-    first = _candidate(tmp_path, name, type_fd) | {"eval_data_version": data}
+    first = _candidate(tmp_path, name, judge_fd) | {"eval_data_version": data}
     promote(first["checkpoint"], first, decide(first, None, PromotionConfig()), champion_dir)
     return champion_dir
 
@@ -137,8 +141,8 @@ def _crown(tmp_path: Path, name: str, type_fd: float | None, data: str = "data-v
 class _Rescorer:
     """Stands in for an evaluation of the champion: returns fixed metrics, counts calls."""
 
-    def __init__(self, type_fd: float | None, data: str = "data-v1") -> None:
-        self.metrics = {"type_fd": type_fd, "eval_data_version": data, "fid": None}
+    def __init__(self, judge_fd: float | None, data: str = "data-v1") -> None:
+        self.metrics = {"judge_fd": judge_fd, "eval_data_version": data, "fid": None}
         self.calls: list[Path] = []
 
     def __call__(self, checkpoint: Path) -> dict:
@@ -300,7 +304,7 @@ def test_history_appends_with_changing_columns_and_plots(tmp_path: Path) -> None
     )
     frame = append_history(history, second)
     assert len(frame) == 2 and len(read_history(history)) == 2
-    assert frame["type_fd"].tolist() == [10.0, 8.0]
+    assert frame["judge_fd"].tolist() == [10.0, 8.0]
     assert frame["fid_computed"].tolist() == [False, True]
     assert frame["kid_mean"].isna().tolist() == [True, False]
     plot = plot_promotion_history(
@@ -426,7 +430,7 @@ def test_champion_asset_rescores_a_champion_from_other_data(
 
     def fake_rescore(checkpoint: Path, shards_dir: Path, candidate: dict, **kwargs: object) -> dict:
         calls.append((checkpoint, candidate["eval_data_version"]))
-        return {"type_fd": 7.0, "eval_data_version": candidate["eval_data_version"]}
+        return {"judge_fd": 7.0, "eval_data_version": candidate["eval_data_version"]}
 
     monkeypatch.setattr("carmodels.promotion.rescore_checkpoint", fake_rescore)
     success, metadata, check = _materialise_champion(

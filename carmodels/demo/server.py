@@ -21,6 +21,7 @@ import html
 import json
 import math
 import threading
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from types import TracebackType
@@ -315,11 +316,25 @@ class DemoServer:
             loop.close()
 
 
+@dataclass(frozen=True)
+class DemoServerConfig:
+    """The settings of `run_demo_server` (``carmodels demo-server``); its defaults are these."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=8765, metadata={"help": "port to listen on; 0 = a free one"})
+    seed: int = field(
+        default=0, metadata={"help": "catalog seed: same seed, same listings and photos"}
+    )
+    n_listings: int = field(
+        default=DEFAULT_N_LISTINGS, metadata={"help": "number of listings in the catalog"}
+    )
+
+
 def run_demo_server(
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    seed: int = 0,
-    n_listings: int = DEFAULT_N_LISTINGS,
+    host: str = DemoServerConfig.host,
+    port: int = DemoServerConfig.port,
+    seed: int = DemoServerConfig.seed,
+    n_listings: int = DemoServerConfig.n_listings,
 ) -> None:
     """Serve the demo catalog until Ctrl-C, printing where to start."""
     server = DemoServer(seed=seed, n_listings=n_listings, host=host, port=port)

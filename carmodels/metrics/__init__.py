@@ -6,5 +6,6 @@ trainer, the generation stage or the evaluation, so all of them can use the metr
 * :mod:`carmodels.metrics.pixel`: pixel-space Fréchet distance and diversity, cheap enough to
   run every epoch;
 * :mod:`carmodels.metrics.fid`: FID and KID with the published Inception weights, offline-aware;
-* :mod:`carmodels.metrics.domain`: ``type_fd`` and ``type_overlap`` from a car-type classifier.
+* :mod:`carmodels.metrics.domain`: ``judge_fd``, ``judge_kid``, precision/recall/density/
+  coverage and ``type_overlap``, in the features of the judge (a car classifier).
 """

@@ -1,13 +1,19 @@
-"""Domain metrics: generated cars judged by a car-type classifier.
+"""Domain metrics: generated cars scored in the features of the judge, a car classifier trained
+on the real photos (:mod:`carmodels.classifier`, which trains, validates and caches it).
 
-* ``type_fd``: Fréchet distance between the classifier's penultimate features of real val
-  images and of generated images (FID's recipe with a car-specific network; lower is closer);
-* ``type_overlap``: overlap of the type mixes the classifier predicts on generated images
-  and on real val images (sum over types of the smaller share; 1 = the same mix).
+* ``judge_fd``: Fréchet distance between the judge's features of real val images and of
+  generated images (FID's recipe with a car-specific network; lower is closer). The champion
+  gate's default metric.
+* ``judge_kid``: kernel distance (KID, Bińkowski et al. 2018: unbiased polynomial-kernel MMD
+  over random subsets) in the same features; unbiased at small sample sizes, unlike the FD.
+* ``judge_precision``/``judge_recall``/``judge_density``/``judge_coverage`` (Naeem et al.
+  2020, k nearest neighbours in the same features): fidelity (how many generated cars fall
+  among real ones) against diversity (how much of the real set the generated cars cover).
+* ``type_overlap``: overlap of the body-type mixes the judge predicts on generated images and on
+  real val images (sum over types of the smaller share; 1 = the same mix).
 
-The classifier is an argument (anything shaped like :class:`TypeJudge`, in practice
-:class:`carmodels.classifier.TrainedClassifier`, which trains and caches it): like every
-metric, this module imports no stage.
+The judge is an argument (anything shaped like :class:`Judge`): like every metric, this module
+imports no stage.
 """
 
 from __future__ import annotations
@@ -20,17 +26,27 @@ import torch
 
 from carmodels.metrics.pixel import frechet_distance
 
+#: Neighbours that set each real image's radius in precision/recall/density/coverage (Naeem
+#: et al. use 5).
+PRDC_NEIGHBOURS = 5
+#: KID's subsets (the KID paper's 100 subsets of up to 1,000 images).
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
 
-class TypeJudge(Protocol):
-    """What the domain metrics need of a trained car-type classifier."""
+
+class Judge(Protocol):
+    """What the domain metrics need of a trained judge."""
 
     types: list[str]
-    val_accuracy: float | None
+    accuracies: dict[str, float | None]
+
+    @property
+    def key(self) -> str: ...
 
     def features_and_predictions(
         self, images_uint8: torch.Tensor, batch_size: int = ...
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Penultimate features (N x D) and predicted type indices (N,) of uint8 images."""
+        """Features (N x D) and predicted type indices (N,) of uint8 images."""
         ...
 
 
@@ -40,25 +56,114 @@ def type_distribution(predictions: np.ndarray, types: list[str]) -> dict[str, fl
     return {t: float(c / max(len(predictions), 1)) for t, c in zip(types, counts, strict=True)}
 
 
+def kernel_distance(
+    real: np.ndarray,
+    generated: np.ndarray,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID (mean and standard deviation over subsets): the unbiased MMD^2 estimate with the
+    kernel (x.y / d + 1)^3, on random subsets of ``min(subset_size, n)`` images of each set."""
+    n = min(subset_size, len(real), len(generated))
+    if n < 2:
+        raise ValueError(
+            f"KID needs >= 2 images of each kind, got {len(real)} and {len(generated)}"
+        )
+    rng = np.random.default_rng(seed)
+    dim = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), n, replace=False)]
+        y = generated[rng.choice(len(generated), n, replace=False)]
+        k_xx = (x @ x.T / dim + 1) ** 3
+        k_yy = (y @ y.T / dim + 1) ** 3
+        k_xy = (x @ y.T / dim + 1) ** 3
+        off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
+        values.append(off_diagonal - 2 * k_xy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _kth_neighbour_distance(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's distance to its k-th nearest other row."""
+    distances = torch.cdist(features, features)
+    return distances.kthvalue(k + 1, dim=1).values  # +1: the row itself is at distance 0
+
+
+def precision_recall_density_coverage(
+    real: np.ndarray, generated: np.ndarray, k: int = PRDC_NEIGHBOURS
+) -> dict[str, float]:
+    """Naeem et al. (2020): each image's ball reaches its k-th nearest neighbour of its own set.
+
+    precision: share of generated images inside some real ball; recall: share of real images
+    inside some generated ball; density: real balls holding each generated image on average,
+    over k; coverage: share of real balls holding at least one generated image.
+    """
+    if min(len(real), len(generated)) <= k:
+        raise ValueError(f"precision/recall need more than k={k} images of each kind")
+    x, y = torch.from_numpy(real), torch.from_numpy(generated)
+    real_radius = _kth_neighbour_distance(x, k)
+    generated_radius = _kth_neighbour_distance(y, k)
+    real_to_generated = torch.cdist(x, y)  # rows: real, columns: generated
+    inside_real = real_to_generated < real_radius[:, None]
+    inside_generated = real_to_generated < generated_radius[None, :]
+    return {
+        "precision": float(inside_real.any(dim=0).double().mean()),
+        "recall": float(inside_generated.any(dim=1).double().mean()),
+        "density": float(inside_real.sum(dim=0).double().mean() / k),
+        "coverage": float(inside_real.any(dim=1).double().mean()),
+    }
+
+
+def feature_scores(
+    real: np.ndarray,
+    generated: np.ndarray,
+    frechet: Callable[[np.ndarray, np.ndarray], float] = frechet_distance,
+    seed: int = 0,
+) -> dict[str, float | None]:
+    """FD, KID and precision/recall/density/coverage of two feature sets, ``judge_``-named;
+    the last four are None when either set has no more than ``PRDC_NEIGHBOURS`` images."""
+    kid_mean, kid_std = kernel_distance(real, generated, seed=seed)
+    if min(len(real), len(generated)) > PRDC_NEIGHBOURS:
+        prdc: dict[str, float | None] = dict(precision_recall_density_coverage(real, generated))
+    else:
+        prdc = dict.fromkeys(("precision", "recall", "density", "coverage"))
+    return {
+        "judge_fd": frechet(real, generated),
+        "judge_kid": kid_mean,
+        "judge_kid_std": kid_std,
+        **{f"judge_{name}": value for name, value in prdc.items()},
+    }
+
+
 def domain_metrics(
-    classifier: TypeJudge,
+    judge: Judge,
     real_val_uint8: torch.Tensor,
     generated_uint8: torch.Tensor,
     frechet: Callable[[np.ndarray, np.ndarray], float] = frechet_distance,
 ) -> dict[str, Any]:
-    """type_fd, type_overlap and the type mixes behind them."""
-    real_features, real_pred = classifier.features_and_predictions(real_val_uint8)
-    gen_features, gen_pred = classifier.features_and_predictions(generated_uint8)
-    real_mix = type_distribution(real_pred, classifier.types)
-    gen_mix = type_distribution(gen_pred, classifier.types)
+    """The judge's scores of ``generated_uint8`` against real val images, and the type mixes."""
+    real_features, real_pred = judge.features_and_predictions(real_val_uint8)
+    gen_features, gen_pred = judge.features_and_predictions(generated_uint8)
+    real_mix = type_distribution(real_pred, judge.types)
+    gen_mix = type_distribution(gen_pred, judge.types)
     return {
-        "type_fd": frechet(real_features, gen_features),
-        "type_overlap": sum(min(real_mix[t], gen_mix[t]) for t in classifier.types),
+        **feature_scores(real_features, gen_features, frechet),
+        "type_overlap": sum(min(real_mix[t], gen_mix[t]) for t in judge.types),
         "types_generated": int(sum(share > 0 for share in gen_mix.values())),
-        "type_classifier_val_accuracy": classifier.val_accuracy,
+        "judge_type_accuracy": judge.accuracies.get("type"),
+        "judge_make_accuracy": judge.accuracies.get("make"),
+        "judge_key": judge.key,
         "type_mix_real_val": real_mix,
         "type_mix_generated": gen_mix,
     }
 
 
-__all__ = ["TypeJudge", "domain_metrics", "type_distribution"]
+__all__ = [
+    "Judge",
+    "domain_metrics",
+    "feature_scores",
+    "kernel_distance",
+    "precision_recall_density_coverage",
+    "type_distribution",
+]

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -57,16 +57,38 @@ DOWNLOAD_TIMEOUT_S = 15.0
 class FidConfig:
     """How FID/KID are computed. ``None`` sample counts mean "the device's default"."""
 
-    #: Local copy of the Inception weights; None = ``$CARMODELS_INCEPTION_WEIGHTS``, then the
-    #: torch hub cache.
-    weights_path: str | None = None
-    #: Download the weights into the torch hub cache when they are nowhere on disk.
-    download: bool = True
-    #: Generated images scored; None = ``gpu_samples`` on CUDA, ``cpu_samples`` elsewhere.
-    n_samples: int | None = None
-    gpu_samples: int = 10_000
-    #: The Inception pass runs at ~20 images/s on a laptop CPU, hence the smaller default.
-    cpu_samples: int = 500
+    weights_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "local Inception weights file for FID/KID; unset = "
+            "$CARMODELS_INCEPTION_WEIGHTS, then the torch hub cache"
+        },
+    )
+    download: bool = field(
+        default=True,
+        metadata={
+            "help": "download the Inception weights into the torch hub cache when they are "
+            "nowhere on disk"
+        },
+    )
+    n_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "generated images scored for FID/KID; unset = gpu_samples on CUDA, "
+            "cpu_samples on other devices"
+        },
+    )
+    gpu_samples: int = field(
+        default=10_000,
+        metadata={"help": "generated images scored for FID/KID on CUDA when n_samples is unset"},
+    )
+    # Fewer on a CPU: the Inception pass is slow there (docs/benchmarks/evaluation.md#history).
+    cpu_samples: int = field(
+        default=500,
+        metadata={
+            "help": "generated images scored for FID/KID on other devices when n_samples is unset"
+        },
+    )
     batch_size: int = 64
     #: KID: polynomial-kernel MMD averaged over random subsets (the KID paper's settings).
     kid_subsets: int = 100

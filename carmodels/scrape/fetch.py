@@ -486,7 +486,7 @@ async def open_fetcher(config: ScrapeConfig, crawl_delay_scale: int = 1) -> Asyn
     )
     # Threads by default, not processes. Pillow releases the GIL while it decodes and
     # resizes, so threads use the core this event loop leaves free without pickling each
-    # body to another process and the result back (measured in docs/BENCHMARKS.md). Either
+    # body to another process and the result back (docs/benchmarks/scrape.md). Either
     # way the event loop only awaits the pool, so downloads keep flowing.
     decode_workers = config.decode_workers or os.cpu_count() or 1
     with _decode_pool(config.decode_pool, decode_workers) as decoder:

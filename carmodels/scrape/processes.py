@@ -91,7 +91,7 @@ def worker_configs(config: ScrapeConfig, processes: int) -> list[ScrapeConfig]:
             per_host_rate=config.per_host_rate / processes,
             decode_workers=config.decode_workers or max(1, usable_cores() // processes),
             fetch_processes=1,
-            # 10% faster than a decode thread per process, measured with bench/scrape.py.
+            # Inline: faster than a decode thread per process (docs/benchmarks/scrape.md#history).
             decode_pool="inline" if config.decode_pool == "thread" else config.decode_pool,
         )
         for index in range(processes)

@@ -20,6 +20,7 @@ The package, read in this order:
 * :mod:`.step`: :class:`TrainStep` (one D + one G update), shared with ``bench/train_gpu.py``
   so the benchmark times exactly the code that trains, and the epoch order;
 * :mod:`.loop`: :func:`train`, prepare -> resume -> epochs -> checkpoint -> finish;
+* :mod:`.cpu_amp`: what ``amp="auto"`` means on a CPU (a measured fp32 / bf16 probe);
 * :mod:`.monitor` (per-epoch sample quality), :mod:`.artefacts` (history, TensorBoard),
   :mod:`.state` (the global RNGs);
 * checkpoints are :mod:`carmodels.checkpoint`'s and devices :mod:`carmodels.device`'s; the
@@ -55,7 +56,8 @@ from carmodels.train.artefacts import (
     read_history,
     write_history,
 )
-from carmodels.train.config import TrainConfig, TrainingDiverged, TrainResult
+from carmodels.train.config import MEASURED_RECIPE, TrainConfig, TrainingDiverged, TrainResult
+from carmodels.train.cpu_amp import AmpChoice, choose_amp
 from carmodels.train.loop import train
 from carmodels.train.monitor import SampleMonitor, is_collapse
 from carmodels.train.step import (
@@ -93,14 +95,17 @@ __all__ = [
     "LOSS_PLOT_NAME",
     "SAMPLES_DIR",
     "TENSORBOARD_DIR",
+    "AmpChoice",
     "EmaGenerator",
     "SampleMonitor",
     "StepStats",
+    "MEASURED_RECIPE",
     "TrainConfig",
     "TrainResult",
     "TrainStep",
     "TrainingDiverged",
     "best_checkpoint",
+    "choose_amp",
     "data_version_of",
     "epoch_batches",
     "epoch_permutation",

@@ -3,6 +3,7 @@ and :class:`TrainingDiverged`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from carmodels.augment import parse_policy
 from carmodels.device import AMP_MODES
 from carmodels.models import PRESETS, ModelSpec, get_preset
+from carmodels.train.step import LOSSES
 
 
 class TrainingDiverged(RuntimeError):
@@ -36,9 +38,17 @@ class TrainingDiverged(RuntimeError):
         )
 
 
+#: The recipe the recipe study found best at equal images seen, well beyond the seed-to-seed
+#: spread (bench/quality.py, docs/benchmarks/quality.md): DCGAN with batch norm and DiffAugment,
+#: sampled through the EMA generator (``ema_decay``'s default). The ``full`` profile trains it;
+#: ``TrainConfig``'s own defaults stay the 2019 model's.
+MEASURED_RECIPE: dict[str, str] = {"preset": "dcgan", "diffaugment": "color,translation,cutout"}
+
+
 @dataclass
 class TrainConfig:
-    """Every training setting. ``None`` learning rates and betas mean "the preset's"."""
+    """Every training setting. ``None`` learning rates, betas, ``nz``, ``base_channels``,
+    ``batch_norm`` and ``spectral_norm`` mean "the preset's"."""
 
     preset: str = field(
         default="seed",
@@ -68,11 +78,12 @@ class TrainConfig:
     keep_last: int | None = 3
     sample_every: int = 1
     log_every_steps: int = 20
-    #: "auto" = bf16 autocast on CUDA and off on CPU; "bf16" forces it; "off" is plain fp32.
+    #: "auto" = bf16 autocast on CUDA; on a CPU, bf16 only where it computes in bf16 natively
+    #: and a start-up probe measures bf16 clearly faster (carmodels.train.cpu_amp), else fp32;
+    #: "bf16" forces it; "off" is plain fp32.
     amp: str = "auto"
     channels_last: bool = True
-    #: torch.compile G and D. Off by default: on an H200 (torch 2.11) eager bf16 with
-    #: channels_last was ~25% faster than compiled (see bench/train_gpu.py).
+    #: torch.compile G and D. Off: slower than eager on an H200 (docs/benchmarks/train-gpu.md).
     compile: bool = False
     max_steps_per_epoch: int | None = field(
         default=None,
@@ -80,14 +91,10 @@ class TrainConfig:
             "help": "cap on steps per epoch (tests, smoke runs); unset = one pass over the data"
         },
     )
-    # The next three defaults were chosen by measurement (bench/train_options.py, figures in
-    # docs/BENCHMARKS.md "Training options", 2026-11-28): the small preset, 64 px, 30 epochs
-    # on the 1,188 cars-sample training photos, 2 seeds, scored on the val split.
     #: Decay of the exponential moving average of G used for samples; None disables it.
-    #: On: the EMA generator scored better than the raw one on both seeds and both metrics
-    #: (type_fd 32.4 vs 44.3, pixel_fd_16 3.9 vs 6.8).
+    #: On: the EMA generator scores better than the raw one (docs/benchmarks/train-options.md).
     ema_decay: float | None = 0.999
-    # Off: 0.1 was within noise (type_fd 35.1 vs 32.4, seed-to-seed range 6.4).
+    # Off: within noise (docs/benchmarks/train-options.md).
     label_smoothing: float = field(
         default=0.0,
         metadata={
@@ -95,13 +102,52 @@ class TrainConfig:
             "1 - this"
         },
     )
-    # Off: that policy was within noise on type_fd (35.1 vs 32.4) and worse on pixel_fd_16
-    # (5.8 vs 3.9, both seeds); off also costs nothing.
+    # Off: within noise or worse, and free when off (docs/benchmarks/train-options.md).
     diffaugment: str = field(
         default="",
         metadata={
             "help": "DiffAugment policy for D's inputs, e.g. color,translation,cutout; '' = off"
         },
+    )
+    # Recipes beyond the 2015/2019 DCGAN, for comparisons at equal images seen; all off by
+    # default, which trains bit-identically to before they existed.
+    loss: str = field(
+        default="bce",
+        metadata={
+            "help": "GAN loss: bce (non-saturating, as DCGAN) or hinge (as SN-GAN, BigGAN)",
+            "choices": LOSSES,
+        },
+    )
+    r1_gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the R1 penalty gamma/2 * E|grad D(real)|^2 on D; 0 = off "
+            "(StyleGAN2 uses 10 at 1024 px, less for smaller images)"
+        },
+    )
+    r1_every: int = field(
+        default=16,
+        metadata={
+            "help": "apply the R1 penalty every this many D steps, scaled by it (lazy "
+            "regularisation, as StyleGAN2)"
+        },
+    )
+    spectral_norm: bool | None = field(
+        default=None,
+        metadata={
+            "help": "spectral norm on the discriminator's convolutions; unset = the preset's"
+        },
+    )
+    base_channels: int | None = field(
+        default=None,
+        metadata={
+            "help": "channels at the highest resolution (doubled at each halving); unset = the "
+            "preset's"
+        },
+    )
+    batch_norm: bool | None = field(
+        default=None,
+        metadata={"help": "batch norm in G and D (and the DCGAN init); unset = the preset's"},
     )
     #: Also keep ``best.pt``: the checkpoint with the lowest ``sample_fd`` (see SampleMonitor).
     keep_best: bool = True
@@ -151,13 +197,46 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}"
             )
+        self._check_recipe()
+
+    def _check_recipe(self) -> None:
+        """The loss, the R1 penalty and the model overrides."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "hinge" and self.label_smoothing:
+            raise ValueError(
+                "TrainConfig.label_smoothing applies to the bce loss only; set it to 0 with "
+                f"loss='hinge' (got {self.label_smoothing})"
+            )
+        if not (math.isfinite(self.r1_gamma) and self.r1_gamma >= 0.0):
+            raise ValueError(f"TrainConfig.r1_gamma must be >= 0 (0 = off), got {self.r1_gamma}")
+        if self.r1_every < 1:
+            raise ValueError(f"TrainConfig.r1_every must be >= 1, got {self.r1_every}")
+        if self.base_channels is not None and self.base_channels < 1:
+            raise ValueError(
+                f"TrainConfig.base_channels must be >= 1 or None, got {self.base_channels}"
+            )
+        for name in ("spectral_norm", "batch_norm"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(
+                    f"TrainConfig.{name} must be true, false or None, got {getattr(self, name)!r}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def model_spec(self) -> ModelSpec:
+        """The preset's spec at ``image_size``, with the ``nz``, ``base_channels``,
+        ``batch_norm`` and ``spectral_norm`` overrides that are set."""
         spec = get_preset(self.preset).spec
-        return replace(spec, image_size=self.image_size, nz=self.nz or spec.nz)
+        return replace(
+            spec,
+            image_size=self.image_size,
+            nz=self.nz or spec.nz,
+            base_channels=self.base_channels or spec.base_channels,
+            batch_norm=spec.batch_norm if self.batch_norm is None else self.batch_norm,
+            spectral_norm=spec.spectral_norm if self.spectral_norm is None else self.spectral_norm,
+        )
 
     def hyperparameters(self) -> dict[str, float]:
         """Learning rates and Adam betas, filled in from the preset where not set."""
@@ -189,6 +268,9 @@ class TrainResult:
     tensorboard_dir: Path | None = None
     #: Epochs at which the fixed-noise samples' diversity collapsed.
     collapse_epochs: list[int] = field(default_factory=list)
+    #: What TrainConfig.amp resolved to, e.g. "amp auto -> bf16 on CPU (probe: fp32 1948 ms,
+    #: bf16 1373 ms, batch 8)" (also in the log and each checkpoint's "amp").
+    amp: str = ""
 
     @property
     def epochs(self) -> int:

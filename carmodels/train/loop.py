@@ -29,7 +29,7 @@ from carmodels.checkpoint import (
     resume_path,
 )
 from carmodels.checkpoint import save as save_checkpoint
-from carmodels.device import resolve_amp, resolve_device
+from carmodels.device import resolve_device
 from carmodels.distributed import DistContext, device_for_rank, init_from_env, shutdown
 from carmodels.errors import CheckpointError
 from carmodels.models import ModelSpec
@@ -47,6 +47,7 @@ from carmodels.train.artefacts import (
     write_history,
 )
 from carmodels.train.config import TrainConfig, TrainingDiverged, TrainResult
+from carmodels.train.cpu_amp import AmpChoice, choose_amp
 from carmodels.train.monitor import SampleMonitor, is_collapse
 from carmodels.train.state import capture_rng_state, restore_rng_state, seed_everything
 from carmodels.train.step import TrainStep, epoch_batches, epoch_permutation
@@ -99,6 +100,8 @@ class _Run:
     spec: ModelSpec
     hyper: dict[str, float]
     device: torch.device
+    #: The autocast dtype trained with, and why (the CPU probe's timings).
+    amp: AmpChoice
     trainer: TrainStep
     #: This rank's slice of the training images, uint8 on the device.
     images: torch.Tensor
@@ -153,7 +156,9 @@ def _prepare(
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
-    trainer = _build_trainer(config, spec, hyper, device, dist)
+    # Before the models are seeded; the CPU probe leaves the RNGs as they were.
+    amp = choose_amp(config.amp, device, spec, rank_batch, config.channels_last, dist)
+    trainer = _build_trainer(config, spec, hyper, device, dist, amp.dtype)
     history: list[dict[str, float]] = []
     start_epoch, best, last_checkpoint = 0, None, None
     if checkpoint is not None:
@@ -178,6 +183,7 @@ def _prepare(
         spec=spec,
         hyper=hyper,
         device=device,
+        amp=amp,
         trainer=trainer,
         monitor=SampleMonitor(all_images, GRID_SIDE * GRID_SIDE, config.seed) if main else None,
         # Once: every step indexes this rank's slice on the device.
@@ -201,7 +207,8 @@ def _prepare(
         f"Training {config.preset} ({spec.image_size}px) on {all_images.shape[0]} images, "
         f"{device}"
         + (f" x {world} processes" if world > 1 else "")
-        + f", epochs {start_epoch + 1}..{config.epochs}, {steps_per_epoch} steps/epoch."
+        + f", epochs {start_epoch + 1}..{config.epochs}, {steps_per_epoch} steps/epoch; "
+        + f"{amp.describe()}."
     )
     return run
 
@@ -222,7 +229,8 @@ def _load_resume_checkpoint(resume_from: Path | None, spec: ModelSpec) -> dict[s
     if checkpoint is not None and checkpoint_spec(checkpoint, resume_from) != spec:
         raise CheckpointError(
             f"Checkpoint {resume_from} has model {checkpoint['spec']}, but the config asks for "
-            f"{spec.to_dict()}; resume with the same preset, image_size and nz."
+            f"{spec.to_dict()}; resume with the same preset, image_size, nz, base_channels, "
+            "batch_norm and spectral_norm."
         )
     return checkpoint
 
@@ -252,6 +260,7 @@ def _build_trainer(
     hyper: dict[str, float],
     device: torch.device,
     dist: DistContext,
+    amp_dtype: torch.dtype | None,
 ) -> TrainStep:
     """Seed every generator, then build fresh models and optimisers."""
     seed_everything(config.seed)
@@ -261,13 +270,16 @@ def _build_trainer(
         spec,
         **hyper,
         device=device,
-        amp_dtype=resolve_amp(config.amp, device),
+        amp_dtype=amp_dtype,
         channels_last=config.channels_last,
         compile=config.compile,
         ema_decay=config.ema_decay,
         seed=config.seed,
         label_smoothing=config.label_smoothing,
         diffaugment=config.diffaugment,
+        loss=config.loss,
+        r1_gamma=config.r1_gamma,
+        r1_every=config.r1_every,
         dist_context=dist,
     )
 
@@ -381,6 +393,8 @@ def _checkpoint(run: _Run, epoch: int, is_best: bool) -> None:
         "config": run.config.to_dict(),
         "hyperparameters": run.hyper,
         "data_version": run.data_version,
+        # What config["amp"] resolved to in the process that wrote this (and the probe's times).
+        "amp": run.amp.to_dict(),
         "history": history,
         "best": run.best,
         "torch_version": str(torch.__version__),
@@ -427,4 +441,5 @@ def _finish(run: _Run) -> TrainResult:
         best_checkpoint_path=best_checkpoint(run_dir),
         tensorboard_dir=run_dir / TENSORBOARD_DIR if run.records.writer is not None else None,
         collapse_epochs=run.collapse_epochs,
+        amp=run.amp.describe(),
     )

@@ -3,6 +3,9 @@
 :class:`TrainStep` (one D + one G update, EMA included) is shared with ``bench/train_gpu.py``
 so the benchmark times exactly the code that trains. The step never calls ``.item()``: losses
 are summed on the device and read by :meth:`TrainStep.drain`, the only host sync.
+
+The losses are :func:`discriminator_loss` and :func:`generator_loss` (``bce``, the DCGAN's
+non-saturating loss, or ``hinge``) and, optionally, the R1 penalty :func:`r1_penalty`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carmodels.augment import DiffAugment
+from carmodels.conv_gemm import native_convolutions
 from carmodels.distributed import SINGLE_PROCESS, DistContext
 from carmodels.models import (
     Discriminator,
@@ -28,6 +32,47 @@ from carmodels.models import (
     build_discriminator,
     build_generator,
 )
+
+#: The GAN losses the step trains with (``TrainConfig.loss``).
+LOSSES: tuple[str, ...] = ("bce", "hinge")
+
+
+def discriminator_loss(
+    logits_real: torch.Tensor, logits_fake: torch.Tensor, loss: str = "bce", real_label: float = 1.0
+) -> torch.Tensor:
+    """D's loss on the logits of real and (detached) fake images.
+
+    ``bce``: binary cross-entropy with targets ``real_label`` (1 - label smoothing) and 0.
+    ``hinge`` (Lim & Ye 2017; Miyato et al. 2018): ``mean(relu(1 - D(x))) + mean(relu(1 +
+    D(G(z))))``, computed in fp32; ``real_label`` does not apply.
+    """
+    if loss == "hinge":
+        return F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean()
+    # One-sided label smoothing: real targets 1 - s, fake targets stay 0.
+    return F.binary_cross_entropy_with_logits(
+        logits_real, torch.full_like(logits_real, real_label)
+    ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+
+
+def generator_loss(logits_gen: torch.Tensor, loss: str = "bce") -> torch.Tensor:
+    """G's loss on D's logits of its images: ``-mean(D(G(z)))`` for ``hinge``; for ``bce``
+    the non-saturating loss (maximise log D(G(z)) rather than minimise log(1 - D(G(z))))."""
+    if loss == "hinge":
+        return -logits_gen.float().mean()
+    return F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+
+
+def r1_penalty(logits_real: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al., 2018): ``E ||grad_x D(x)||^2`` over the real batch, in fp32.
+
+    ``real`` is the tensor that required grad before D (and any augmentation) saw it; the
+    gradient keeps its graph (``create_graph``) so that the penalty trains D. It is taken
+    outside autocast: the backward of an autocast forward runs each op in its forward dtype.
+    D's forward must have run inside ``carmodels.conv_gemm.native_convolutions()`` on the CPU
+    (the matrix-multiply convolutions raise on a double backward).
+    """
+    (grad,) = torch.autograd.grad(logits_real.float().sum(), real, create_graph=True)
+    return grad.float().square().sum(dim=(1, 2, 3)).mean()
 
 
 @dataclass(frozen=True)
@@ -71,7 +116,16 @@ class TrainStep:
     """One DCGAN update (D on real + detached fake, then G with the non-saturating loss).
 
     Losses and the mean discriminator outputs are accumulated on the device; :meth:`drain`
-    reads them (one host sync) and resets the sums.
+    reads them (one host sync) and resets the sums. ``d_x`` and ``d_g_z`` are the means of
+    ``sigmoid(logits)`` whatever the loss (with ``hinge`` too), and ``loss_d`` is the
+    adversarial loss without the R1 penalty.
+
+    With ``r1_gamma > 0`` every ``r1_every``-th D step (steps 0, r1_every, 2 r1_every, ...)
+    adds ``r1_every * r1_gamma / 2 * r1_penalty`` to D's loss (lazy regularisation, Karras et
+    al. 2020). The gradient is taken with respect to the real images before DiffAugment, so it
+    flows through the augmentation, as in DiffAugment's and stylegan2-ada's code. That step
+    runs D uncompiled (``torch.compile`` does not support the double backward) and, on the
+    CPU, with torch's own convolutions (see ``carmodels.conv_gemm.native_convolutions``).
 
     Work is saved only where the result is mathematically unchanged:
 
@@ -81,7 +135,9 @@ class TrainStep:
     * in the G step D's parameters are frozen, so backward computes the gradient that flows
       into G but not D's weight gradients, which the old loop computed and then discarded;
     * on the CPU the models' convolutions on small feature maps run as im2col + matrix
-      multiply (see ``carmodels.models.CPU_GEMM_MAX_SIDE``), where oneDNN is slowest.
+      multiply (see ``carmodels.models.CPU_GEMM_MAX_SIDE``), where oneDNN is slowest; under
+      CPU bf16 autocast every convolution takes its weight gradient as a bf16 matrix multiply
+      (``carmodels.conv_gemm._ConvBf16``), where oneDNN's bf16 kernels stall.
     """
 
     def __init__(
@@ -100,8 +156,13 @@ class TrainStep:
         seed: int = 0,
         label_smoothing: float = 0.0,
         diffaugment: str = "",
+        loss: str = "bce",
+        r1_gamma: float = 0.0,
+        r1_every: int = 16,
         dist_context: DistContext = SINGLE_PROCESS,
     ) -> None:
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.generator, self.discriminator = generator, discriminator
         self.opt_g, self.opt_d = opt_g, opt_d
         self.device, self.amp_dtype, self.channels_last = device, amp_dtype, channels_last
@@ -110,6 +171,8 @@ class TrainStep:
         self.seed, self.dist = seed, dist_context
         self.real_label = 1.0 - label_smoothing
         self.augment = DiffAugment(diffaugment)
+        self.loss = loss
+        self.r1_gamma, self.r1_every = r1_gamma, r1_every
         self.concat_d_batches = not discriminator.spec.batch_norm
         g_train: nn.Module = generator
         d_train: nn.Module = discriminator
@@ -129,6 +192,8 @@ class TrainStep:
         # The G step needs no gradient synchronisation of D (it is frozen), so it calls the
         # plain (possibly compiled) module, not the DDP wrapper.
         self._d_frozen = torch.compile(discriminator) if compile else discriminator
+        # The R1 step's D: never compiled (no double backward in torch.compile).
+        self._d_r1 = d_train
         self.step = 0
         self._sums: torch.Tensor | None = None
         self._pending = 0
@@ -150,6 +215,9 @@ class TrainStep:
         seed: int,
         label_smoothing: float = 0.0,
         diffaugment: str = "",
+        loss: str = "bce",
+        r1_gamma: float = 0.0,
+        r1_every: int = 16,
         dist_context: DistContext = SINGLE_PROCESS,
     ) -> TrainStep:
         """Fresh models (initialised on the CPU, so identical on every device and rank) and Adam."""
@@ -181,6 +249,9 @@ class TrainStep:
             seed=seed,
             label_smoothing=label_smoothing,
             diffaugment=diffaugment,
+            loss=loss,
+            r1_gamma=r1_gamma,
+            r1_every=r1_every,
             dist_context=dist_context,
         )
 
@@ -197,36 +268,48 @@ class TrainStep:
         """
         self.noise.manual_seed((self.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step)
 
+    def r1_due(self) -> bool:
+        """Whether the next step adds the R1 penalty (a Python int test: no host sync)."""
+        return self.r1_gamma > 0.0 and self.step % self.r1_every == 0
+
     def __call__(self, real_uint8: torch.Tensor) -> None:
         """Train on one batch of N x 3 x S x S uint8 images already on the device."""
         real = real_uint8.float().div_(127.5).sub_(1.0)
         if self.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
+        r1 = self.r1_due()
+        if r1:
+            real.requires_grad_(True)
         n = real.shape[0]
         self._seed_noise()
         z = torch.randn(n, self.nz, 1, 1, device=self.device, generator=self.noise)
         augment, noise = self.augment, self.noise
+        d = self._d_r1 if r1 else self._d
+        # The CPU matrix-multiply convolutions are differentiable once only; R1 needs twice.
+        d_kernels = native_convolutions() if r1 else contextlib.nullcontext()
         with self._autocast():
             fake = self._g(z)
             seen_real, seen_fake = augment(real, noise), augment(fake.detach(), noise)
-            if self.concat_d_batches:
-                logits_real, logits_fake = self._d(torch.cat([seen_real, seen_fake])).split(n)
-            else:
-                logits_real, logits_fake = self._d(seen_real), self._d(seen_fake)
-            # One-sided label smoothing: real targets 1 - s, fake targets stay 0.
-            loss_d = F.binary_cross_entropy_with_logits(
-                logits_real, torch.full_like(logits_real, self.real_label)
-            ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+            with d_kernels:
+                if self.concat_d_batches:
+                    logits_real, logits_fake = d(torch.cat([seen_real, seen_fake])).split(n)
+                else:
+                    logits_real, logits_fake = d(seen_real), d(seen_fake)
+            loss_d = discriminator_loss(logits_real, logits_fake, self.loss, self.real_label)
+        d_objective = loss_d
+        if r1:
+            # Lazy regularisation: r1_every times the weight, every r1_every steps.
+            weight = self.r1_gamma / 2.0 * self.r1_every
+            d_objective = loss_d + weight * r1_penalty(logits_real, real)
         self.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        d_objective.backward()
         self.opt_d.step()
 
         self.discriminator.requires_grad_(False)
         try:
             with self._autocast():
                 logits_gen = self._d_frozen(augment(fake, noise))
-                # Non-saturating loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z))).
-                loss_g = F.binary_cross_entropy_with_logits(logits_gen, torch.ones_like(logits_gen))
+                loss_g = generator_loss(logits_gen, self.loss)
             self.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
         finally:

@@ -1,0 +1,359 @@
+"""A recipe study: GAN recipes trained on the same real photos at equal images seen, each scored
+by the validated judge (``bench/judge.py``) with at least two seeds.
+
+Recipes (every one changes one thing from the seed recipe, except ``combined``):
+
+* ``seed``: the 2019 recipe, SELU without batch norm, BCE, lr 2e-4 (G) / 3.5e-5 (D), raw weights;
+* ``ema``: the same runs, scored with the moving average of G (decay 0.999) instead;
+* ``batchnorm``: DCGAN with batch norm (Radford et al.: ReLU in G, LeakyReLU in D, lr 2e-4 both);
+* ``diffaugment``: the seed recipe with DiffAugment (colour, translation, cutout) on D's inputs,
+  the standard cure for a discriminator that memorises a small set (Zhao et al. 2020);
+* ``sn_hinge``: spectral norm on D with the hinge loss (Miyato et al. 2018), lr 2e-4 both;
+* ``r1``: the seed recipe with the R1 penalty on D (Mescheder et al. 2018), gamma 1, lazy;
+* ``crop``: the seed recipe on photos cropped to a square instead of letterboxed (scored
+  against cropped val photos: its own reference);
+* ``combined``: batch norm, DiffAugment and EMA together.
+
+Every recipe uses the same width (``base_channels``) and batch size, and trains for the same
+number of images. Budgets: ``cpu64`` (64 px, width 16, 2 runs at a time on one thread each; fits
+in about 20 minutes on 2 cores) and ``gpu128`` (128 px, the seed's width 64, on one GPU).
+
+Scores: ``judge_fd`` (Fréchet distance in the judge's features, generated vs real val photos at
+the model's size), ``judge_kid`` and precision/recall/density/coverage, per run; then mean ±
+half range over seeds per recipe. The seed-to-seed spread of the seed recipe is the noise every
+gain is held against: the best recipe's gain over the seed recipe must exceed it on both FD and
+KID. A 64-image grid per recipe (first seed) lies beside the JSON. Last line::
+
+    quality: best RECIPE FD X vs seed FD Y, ratio R, budget B
+
+Usage: ``python bench/quality.py [--images DIR] [--budget cpu64|gpu128] [--seeds 0,1]
+[--recipes a,b] [--work DIR] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a test loads this
+
+from _common import SHARED_DATA, build_sample_shards, write_report  # noqa: E402
+
+from carmodels.checkpoint import load_generator  # noqa: E402
+from carmodels.classifier import ClassifierConfig, TrainedClassifier, train_classifier  # noqa: E402
+from carmodels.generate import sample_images  # noqa: E402
+from carmodels.metrics.domain import feature_scores  # noqa: E402
+from carmodels.metrics.pixel import to_uint8  # noqa: E402
+from carmodels.pictures import save_image_grid  # noqa: E402
+from carmodels.shards import data_version_of, fit_image_size, load_images  # noqa: E402
+from carmodels.train import TrainConfig, train  # noqa: E402
+
+DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
+SHARD_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Budget:
+    image_size: int
+    base_channels: int
+    batch_size: int
+    images_seen: int
+    device: str
+    jobs: int
+    threads: int
+
+
+BUDGETS = {
+    # 40,000 images per run: the 16 runs took 24 min on a loaded 2-core machine.
+    "cpu64": Budget(64, 16, 64, 40_000, "cpu", jobs=2, threads=1),
+    "gpu128": Budget(128, 64, 128, 2_000_000, "cuda", jobs=1, threads=4),
+}
+DIFFAUGMENT = "color,translation,cutout"
+#: TrainConfig settings per recipe on top of the budget's; "weights" picks raw or EMA weights;
+#: "framing" the shards.
+RECIPES: dict[str, dict[str, Any]] = {
+    "seed": {"train": {"preset": "seed"}},
+    "ema": {"train": {"preset": "seed"}, "weights": "ema"},
+    "batchnorm": {"train": {"preset": "dcgan"}},
+    "diffaugment": {"train": {"preset": "seed", "diffaugment": DIFFAUGMENT}},
+    "sn_hinge": {"train": {"preset": "seed", "spectral_norm": True, "loss": "hinge", "lr_d": 2e-4}},
+    "r1": {"train": {"preset": "seed", "r1_gamma": 1.0}},
+    "crop": {"train": {"preset": "seed"}, "framing": "crop"},
+    "combined": {"train": {"preset": "dcgan", "diffaugment": DIFFAUGMENT}, "weights": "ema"},
+}
+EMA_DECAY = 0.999
+
+
+@dataclass
+class Run:
+    recipe: str
+    seed: int
+    scores: dict[str, float | None]
+    train_s: float
+    grid: str
+
+
+def _training_key(recipe: str) -> tuple[tuple[str, Any], ...]:
+    """Recipes that train the same way share runs (``ema`` scores the ``seed`` runs)."""
+    spec = RECIPES[recipe]
+    return (*sorted(spec["train"].items()), ("framing", spec.get("framing", "letterbox")))
+
+
+def train_run(
+    shards_dir: Path,
+    run_dir: Path,
+    overrides: dict[str, Any],
+    seed: int,
+    budget: Budget,
+    n_train: int,
+) -> tuple[Path, float]:
+    """Train one run (or reuse a finished one in ``run_dir``); its checkpoint and seconds."""
+    done = run_dir / "checkpoints" / "latest.pt"
+    marker = run_dir / "train_s.txt"
+    if done.is_file() and marker.is_file():
+        return done, float(marker.read_text())
+    steps_per_epoch = max(1, n_train // budget.batch_size)
+    epochs = max(1, round(budget.images_seen / (steps_per_epoch * budget.batch_size)))
+    config = TrainConfig(
+        image_size=budget.image_size,
+        base_channels=budget.base_channels,
+        batch_size=budget.batch_size,
+        epochs=epochs,
+        device=budget.device,
+        seed=seed,
+        ema_decay=EMA_DECAY,
+        tensorboard=False,
+        keep_last=1,
+        keep_best=False,
+        sample_every=epochs,
+        **overrides,
+    )
+    started = time.perf_counter()
+    result = train(shards_dir, run_dir, config, log=lambda message: None)
+    seconds = time.perf_counter() - started
+    assert result.checkpoint_path is not None
+    marker.write_text(f"{seconds}\n")
+    return result.checkpoint_path, seconds
+
+
+def score(
+    judge: TrainedClassifier, checkpoint: Path, shards_dir: Path, ema: bool, grid_path: Path
+) -> dict[str, float | None]:
+    """The judge's scores of a generator against the val photos at the model's size."""
+    generator, spec, _ = load_generator(checkpoint, device="cpu", ema=ema)
+    val = fit_image_size(load_images(shards_dir, "val"), spec.image_size, str(shards_dir))
+    with torch.no_grad():
+        generated = to_uint8(sample_images(generator, len(val), seed=1234))
+    real_features = judge.features_and_predictions(val)[0]
+    generated_features = judge.features_and_predictions(generated)[0]
+    save_image_grid(generated[:64].float().div(127.5).sub(1), grid_path, nrow=8)
+    return feature_scores(real_features, generated_features)
+
+
+def _job(
+    recipe_key: tuple,
+    overrides: dict[str, Any],
+    seed: int,
+    shards_dir: Path,
+    run_dir: Path,
+    budget: Budget,
+    n_train: int,
+) -> tuple[tuple, int, Path, float]:
+    checkpoint, seconds = train_run(shards_dir, run_dir, overrides, seed, budget, n_train)
+    return recipe_key, seed, checkpoint, seconds
+
+
+def run_jobs(jobs: list[tuple], budget: Budget) -> Iterator[tuple[tuple, int, Path, float]]:
+    """Every training job: ``budget.jobs`` at a time in fresh processes, or in this one."""
+    if budget.jobs == 1:
+        torch.set_num_threads(budget.threads)
+        yield from (_job(*job) for job in jobs)
+        return
+    with ProcessPoolExecutor(
+        max_workers=budget.jobs,
+        mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded torch
+        initializer=torch.set_num_threads,
+        initargs=(budget.threads,),
+    ) as pool:
+        futures = [pool.submit(_job, *job) for job in jobs]
+        yield from (future.result() for future in futures)
+
+
+def summarise(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Mean and half range over seeds of every score, per recipe."""
+    table: dict[str, dict[str, Any]] = {}
+    for recipe in dict.fromkeys(r.recipe for r in runs):
+        picked = [r for r in runs if r.recipe == recipe]
+        row: dict[str, Any] = {
+            "seeds": len(picked),
+            "train_s": statistics.fmean(r.train_s for r in picked),
+        }
+        for name in picked[0].scores:
+            values = [r.scores[name] for r in picked if r.scores[name] is not None]
+            if values:
+                row[name] = statistics.fmean(values)
+                row[f"{name}_spread"] = (max(values) - min(values)) / 2
+        table[recipe] = row
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="photos + manifest")
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu64")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
+    parser.add_argument("--images-seen", type=int, help="override the budget's images per run")
+    parser.add_argument("--work", type=Path, help="keep shards, judge and runs here")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if not (args.images / "manifest.csv").is_file():
+        print(f"quality: {args.images} has no manifest.csv; pass --images DIR", file=sys.stderr)
+        return 2
+    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = sorted(set(recipes) - set(RECIPES))
+    if unknown or "seed" not in recipes:
+        parser.error(f"--recipes must include seed and name only {list(RECIPES)}: {unknown}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    budget = BUDGETS[args.budget]
+    if args.images_seen:
+        budget = Budget(**{**budget.__dict__, "images_seen": args.images_seen})
+    if budget.device == "cuda" and not torch.cuda.is_available():
+        print("quality: the gpu128 budget needs a CUDA device", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        out = args.json.parent if args.json else work
+        started = time.perf_counter()
+        shards = {"letterbox": build_sample_shards(args.images, work, SHARD_SIZE)[0]}
+        if any(RECIPES[r].get("framing") == "crop" for r in recipes):
+            shards["crop"] = build_sample_shards(
+                args.images, work / "crop", SHARD_SIZE, framing="crop"
+            )[0]
+        judge = train_classifier(
+            shards["letterbox"],
+            work / "judge",
+            data_version_of(shards["letterbox"]),
+            ClassifierConfig(),
+            print,
+            judged_side=SHARD_SIZE,  # the validated 128 px judge; 64 px samples are scaled up
+        )
+        n_train = {k: len(load_images(p, "train")) for k, p in shards.items()}
+        print(
+            f"quality: budget {args.budget} ({budget.images_seen} images per run at "
+            f"{budget.image_size} px, width {budget.base_channels}), seeds {seeds}, judge "
+            f"{judge.key} (type accuracy {judge.val_accuracy:.3f}); setup "
+            f"{time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
+        trainings: dict[tuple, str] = {}  # the first recipe of each distinct training
+        for recipe in recipes:
+            trainings.setdefault(_training_key(recipe), recipe)
+        checkpoints: dict[tuple[tuple, int], tuple[Path, float]] = {}
+        jobs = [
+            (
+                key,
+                RECIPES[recipe]["train"],
+                seed,
+                shards[framing],
+                work / "runs" / args.budget / f"{recipe}-seed{seed}",
+                budget,
+                n_train[framing],
+            )
+            for key, recipe in trainings.items()
+            for framing in [RECIPES[recipe].get("framing", "letterbox")]
+            for seed in seeds
+        ]
+        for key, seed, checkpoint, seconds in run_jobs(jobs, budget):
+            checkpoints[(key, seed)] = (checkpoint, seconds)
+            print(f"  trained {trainings[key]} seed {seed} in {seconds:.0f} s", flush=True)
+        runs = []
+        for recipe in recipes:
+            spec = RECIPES[recipe]
+            for seed in seeds:
+                checkpoint, seconds = checkpoints[(_training_key(recipe), seed)]
+                grid = out / f"quality-{args.budget}-{recipe}-seed{seed}.png"
+                scores = score(
+                    judge,
+                    checkpoint,
+                    shards[spec.get("framing", "letterbox")],
+                    spec.get("weights") == "ema",
+                    grid,
+                )
+                runs.append(Run(recipe, seed, scores, seconds, str(grid)))
+                print(
+                    f"  {recipe} seed {seed}: judge_fd {scores['judge_fd']:.2f} "
+                    f"kid {scores['judge_kid']:.4f} precision {scores['judge_precision']:.3f} "
+                    f"recall {scores['judge_recall']:.3f}",
+                    flush=True,
+                )
+        table = summarise(runs)
+        total_s = time.perf_counter() - started
+        base = table["seed"]
+        noise_fd, noise_kid = base["judge_fd_spread"] * 2, base["judge_kid_spread"] * 2
+        best = min(table, key=lambda r: table[r]["judge_fd"])
+        ratio = table[best]["judge_fd"] / base["judge_fd"]
+        kid_ratio = table[best]["judge_kid"] / base["judge_kid"] if base["judge_kid"] > 0 else None
+        beats = (
+            base["judge_fd"] - table[best]["judge_fd"] > noise_fd
+            and base["judge_kid"] - table[best]["judge_kid"] > noise_kid
+        )
+        print(
+            "recipe | seeds | judge_fd | judge_kid | precision | recall | density | coverage"
+            " | train s"
+        )
+        for recipe, row in table.items():
+            print(
+                f"{recipe} | {row['seeds']} | "
+                f"{row['judge_fd']:.2f} ± {row['judge_fd_spread']:.2f} | "
+                f"{row['judge_kid']:.4f} ± {row['judge_kid_spread']:.4f} | "
+                + " | ".join(
+                    f"{row.get('judge_' + m, float('nan')):.3f}"
+                    for m in ("precision", "recall", "density", "coverage")
+                )
+                + f" | {row['train_s']:.0f}"
+            )
+        if args.json:
+            write_report(
+                args.json,
+                args,
+                budget=budget.__dict__,
+                judge_key=judge.key,
+                judge_accuracies=judge.accuracies,
+                runs=[r.__dict__ for r in runs],
+                table=table,
+                best=best,
+                fd_ratio=ratio,
+                kid_ratio=kid_ratio,
+                seed_noise_fd=noise_fd,
+                seed_noise_kid=noise_kid,
+                best_beats_seed_beyond_noise=beats,
+                total_s=total_s,
+            )
+    print(
+        "quality: best gain beyond the seed-to-seed spread on FD and KID: "
+        f"{'yes' if beats else 'no'}"
+        f" (KID ratio {kid_ratio if kid_ratio is None else f'{kid_ratio:.2f}'}); total "
+        f"{total_s / 60:.1f} min"
+    )
+    print(
+        f"quality: best {best} FD {table[best]['judge_fd']:.2f} vs seed FD {base['judge_fd']:.2f}, "
+        f"ratio {ratio:.2f}, budget {args.budget}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

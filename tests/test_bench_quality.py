@@ -1,0 +1,121 @@
+"""bench/judge.py, bench/quality.py and bench/truncation.py: their pieces, and smoke runs on a
+small synthetic labelled photo folder (the real study needs ../shared)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carmodels.errors import InputError
+from carmodels.latent import sample_noise
+from tests.test_bench_dedup import load_bench
+
+TYPES = ("sedan", "suv", "coupe")
+MAKES = ("audi", "bmw")
+
+
+def labelled_folder(folder: Path, per_type: int = 14) -> Path:
+    """Photos whose colour says the type and whose stripe says the make, with a manifest."""
+    (folder / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    colours = {"sedan": (190, 40, 40), "suv": (40, 170, 60), "coupe": (50, 60, 200)}
+    rows = []
+    for kind in TYPES:
+        for k in range(per_type):
+            make = MAKES[k % 2]
+            image = np.empty((72, 112, 3), dtype=np.int16)
+            image[:] = colours[kind]
+            image[20 + 20 * (k % 2) : 32 + 20 * (k % 2)] = 240
+            image += rng.integers(-40, 41, image.shape)
+            name = f"images/{kind}-{k:03d}.jpg"
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / name, quality=92)
+            rows.append([name, make, "model", "2012", kind])
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([["image", "make", "model", "year", "type"], *rows])
+    return folder
+
+
+def test_every_disturbance_grows_with_its_level() -> None:
+    judge = load_bench("judge")
+    # Smooth pictures (a swirl of noise is noise at any strength): ramps and a bright square.
+    ramp = torch.linspace(0, 200, 32)
+    images = torch.stack([ramp[None, :].expand(32, 32), ramp[:, None].expand(32, 32)] * 2)
+    images = images.reshape(4, 1, 32, 32).expand(4, 3, 32, 32).clone()
+    images[:, :, 8:16, 20:28] = 255
+    images = images.to(torch.uint8)
+    for kind, levels in judge.LEVELS.items():
+        changes = [
+            (judge.disturb(images, kind, level).float() - images.float()).abs().mean()
+            for level in levels
+        ]
+        assert all(a < b for a, b in zip(changes, changes[1:], strict=False)), (kind, changes)
+        assert judge.disturb(images, kind, levels[0]).dtype == torch.uint8
+    with pytest.raises(ValueError, match="unknown disturbance"):
+        judge.disturb(images, "fog", 1.0)
+
+
+def test_sphere_truncation_keeps_the_norm_and_coordinates_shrink_it() -> None:
+    plain = sample_noise(256, 100, seed=1)
+    sphere = sample_noise(256, 100, seed=1, truncation=0.7, method="sphere")
+    coordinates = sample_noise(256, 100, seed=1, truncation=0.7)
+    assert torch.allclose(sphere.norm(dim=1), torch.full((256,), 10.0), atol=1e-4)
+    assert coordinates.abs().max() <= 0.7 and coordinates.norm(dim=1).mean() < 5
+    assert 9 < plain.norm(dim=1).mean() < 11
+    with pytest.raises(InputError, match="truncation method"):
+        sample_noise(2, 100, seed=1, truncation=1.0, method="box")
+
+
+@pytest.mark.slow
+def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> None:
+    torch.set_num_threads(1)
+    folder = labelled_folder(tmp_path / "photos")
+    quality = load_bench("quality")
+    quality.BUDGETS["tiny"] = quality.Budget(32, 4, 8, 64, "cpu", jobs=1, threads=1)
+    result = tmp_path / "out" / "quality.json"
+    args = ["--images", str(folder), "--budget", "tiny", "--recipes", "seed,ema,combined"]
+    assert quality.main([*args, "--work", str(tmp_path / "work"), "--json", str(result)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"quality: best \w+ FD [\d.]+ vs seed FD [\d.]+, ratio [\d.]+, budget tiny", last
+    ), last
+    report = json.loads(result.read_text())
+    assert set(report["table"]) == {"seed", "ema", "combined"}
+    assert {r["recipe"] for r in report["runs"]} == {"seed", "ema", "combined"}
+    assert all(Path(r["grid"]).is_file() for r in report["runs"])
+    # The ema recipe scores the seed recipe's runs: one training, two scores.
+    assert report["table"]["ema"]["train_s"] == report["table"]["seed"]["train_s"]
+
+    judge = load_bench("judge")
+    checkpoints = sorted((tmp_path / "work" / "runs" / "tiny").glob("*/checkpoints/latest.pt"))
+    judged = tmp_path / "out" / "judge.json"
+    status = judge.main(
+        [
+            "--images",
+            str(folder),
+            "--work",
+            str(tmp_path / "work"),
+            "--models",
+            *map(str, checkpoints),
+            "--json",
+            str(judged),
+        ]
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"judge: monotone \d+/16 steps, floor [\d.]+, accuracy [\d.]+", last), last
+    report = json.loads(judged.read_text())
+    assert report["steps"] == 16 and len(report["ranking"]) == len(checkpoints)
+    assert status == (0 if report["monotone_steps"] == 16 and report["ranked_right"] else 1)
+    assert report["judge_from_cache"]  # the quality bench trained and cached it
+
+    truncation = load_bench("truncation")
+    argv = ["--checkpoint", str(checkpoints[0]), "--shards", str(tmp_path / "work" / "shards")]
+    argv += ["--judge-cache", str(tmp_path / "work" / "judge")]
+    assert truncation.main([*argv, "--json", str(tmp_path / "out" / "t.json")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("truncation: best ")
