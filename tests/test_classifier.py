@@ -119,7 +119,7 @@ def test_judges_at_the_side_of_the_images_it_judges(tmp_path: Path) -> None:
 
 
 def test_epochs_follow_the_images_seen_budget() -> None:
-    config = ClassifierConfig(epochs=30, min_images_seen=20_000, max_images_seen=120_000)
+    config = ClassifierConfig(epochs=30, min_images_seen=15_000, max_images_seen=120_000)
     assert config.epochs_for(4_755) == 25  # a large set: capped by max_images_seen
-    assert config.epochs_for(330) == 61  # a small one: raised to min_images_seen
+    assert config.epochs_for(330) == 46  # a small one: raised to min_images_seen
     assert config.epochs_for(1_000) == 30
