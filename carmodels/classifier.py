@@ -9,9 +9,9 @@ precision/recall/density/coverage).
 A judge must be validated before it is trusted: ``bench/judge.py`` checks, the way Heusel et al.
 (2017, fig. 1) checked FID, that its Fréchet distance rises with every level of four
 disturbances of real photos, and that it ranks a generator that draws blobs below one that
-draws cars. What made it pass (docs/benchmarks/judge.md): input at the shards' side (128 px),
-a network that halves the side down to 4x4, random crops and mirroring while training, and the
-make label beside the body type.
+draws cars, at 128 px and at 64 px. What made it pass (docs/benchmarks/judge.md): input at the
+judged images' own side (up to 128 px) rather than 64, a network that halves the side down to
+4x4, random crops and mirroring while training, and the make label beside the body type.
 
 The trained network is cached by the shards' data version and the judge's settings, so
 re-evaluating another checkpoint on the same data does not retrain it.
