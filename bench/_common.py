@@ -16,14 +16,21 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a bare checkout
 
+from carmodels.checkpoint import load_generator  # noqa: E402
+from carmodels.classifier import TrainedClassifier  # noqa: E402
 from carmodels.dedup import DedupConfig, deduplicate  # noqa: E402
+from carmodels.generate import sample_images  # noqa: E402
 from carmodels.imaging import ImagingConfig  # noqa: E402
+from carmodels.metrics.domain import feature_scores  # noqa: E402
+from carmodels.metrics.pixel import to_uint8  # noqa: E402
+from carmodels.pictures import save_image_grid  # noqa: E402
 from carmodels.scrape.raw import raw_schema, shard_path  # noqa: E402
-from carmodels.shards import ShardConfig, build_shards  # noqa: E402
+from carmodels.shards import ShardConfig, build_shards, fit_image_size, load_images  # noqa: E402
 
 #: The shared photos beside the project (a user's clone has none).
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -97,3 +104,37 @@ def build_sample_shards(
         f"{len(rows)} photos -> {result.n_written} images ({result.n_train} train, "
         f"{result.n_val} val) at {image_size} px"
     )
+
+
+class RealReference:
+    """The val photos of a shards folder and the judge's features of them at each side a
+    generator needs: read and judged once, however many generators are scored against them."""
+
+    def __init__(self, judge: TrainedClassifier, shards_dir: Path) -> None:
+        self.judge, self.shards_dir = judge, shards_dir
+        self._val: Any = None
+        self._features: dict[int, Any] = {}
+
+    def features(self, side: int) -> Any:
+        """The judge's features (N x D) of the val photos scaled to ``side``."""
+        if side not in self._features:
+            if self._val is None:
+                self._val = load_images(self.shards_dir, "val")
+            val = fit_image_size(self._val, side, str(self.shards_dir))
+            self._features[side] = self.judge.features_and_predictions(val)[0]
+        return self._features[side]
+
+
+def score_generator(
+    reference: RealReference, checkpoint: Path, grid_path: Path, seed: int, ema: bool = True
+) -> dict[str, float | None]:
+    """The judge's scores of a generator's samples (as many as the val photos, drawn with
+    ``seed``) against the val photos at the generator's size; its first 64 samples go to
+    ``grid_path``."""
+    generator, spec, _ = load_generator(checkpoint, device="cpu", ema=ema)
+    real = reference.features(spec.image_size)
+    with torch.no_grad():
+        generated = to_uint8(sample_images(generator, len(real), seed=seed))
+    save_image_grid(generated[:64].float().div(127.5).sub(1), grid_path, nrow=8)
+    generated_features = reference.judge.features_and_predictions(generated)[0]
+    return feature_scores(real, generated_features)

@@ -49,15 +49,18 @@ from torchvision.transforms.functional import gaussian_blur
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a test loads this
 
-from _common import SHARED_DATA, build_sample_shards, write_report  # noqa: E402
+from _common import (  # noqa: E402
+    SHARED_DATA,
+    RealReference,
+    build_sample_shards,
+    score_generator,
+    write_report,
+)
 
-from carmodels.checkpoint import load_generator  # noqa: E402
 from carmodels.classifier import ClassifierConfig, TrainedClassifier, train_classifier  # noqa: E402
-from carmodels.generate import sample_images  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
-from carmodels.metrics.pixel import to_uint8  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
-from carmodels.shards import data_version_of, fit_image_size, load_images  # noqa: E402
+from carmodels.shards import data_version_of, load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
@@ -181,20 +184,15 @@ def train_reference_models(shards_dir: Path, work: Path, n_train: int) -> list[P
 
 
 def rank_models(
-    judge: TrainedClassifier, models: list[Path], shards_dir: Path, out: Path, n: int
+    judge: TrainedClassifier, models: list[Path], shards_dir: Path, out: Path
 ) -> tuple[list[dict[str, Any]], bool]:
     """Each model's scores against the val photos at its own size; whether they rise in
     ``judge_fd`` from the last model to the first (the worst must score the largest)."""
+    reference = RealReference(judge, shards_dir)
     rows = []
     for path in models:
-        generator, spec, _ = load_generator(path, device="cpu", ema=True)
-        with torch.no_grad():
-            generated = to_uint8(sample_images(generator, n, seed=0))
-        val = fit_image_size(load_images(shards_dir, "val"), spec.image_size, str(shards_dir))
-        scores = feature_scores(_features(judge, val), _features(judge, generated))
-        grid = save_image_grid(
-            generated[:64].float().div(127.5).sub(1), out / f"model-{len(rows)}.png", nrow=8
-        )
+        grid = out / f"model-{len(rows)}.png"
+        scores = score_generator(reference, path, grid, seed=0)
         rows.append({"checkpoint": str(path), "grid": str(grid), **scores})
         print(f"  model {path}: judge_fd {scores['judge_fd']:.3f}, grid {grid}", flush=True)
     fds = [row["judge_fd"] for row in rows]
@@ -242,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         train_features = _features(judge, train_images)
         levels, monotone, floor = disturbance_study(judge, train_features, val, out)
         models = args.models or train_reference_models(shards_dir, work, len(train_images))
-        ranking, ranked = rank_models(judge, models, shards_dir, out, len(val))
+        ranking, ranked = rank_models(judge, models, shards_dir, out)
         accuracy = judge.val_accuracy or 0.0
         figures = {
             "source": source,

@@ -48,19 +48,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a test loads this
 
-from _common import SHARED_DATA, build_sample_shards, write_report  # noqa: E402
+from _common import (  # noqa: E402
+    SHARED_DATA,
+    RealReference,
+    build_sample_shards,
+    score_generator,
+    write_report,
+)
 
-from carmodels.checkpoint import load_generator  # noqa: E402
-from carmodels.classifier import ClassifierConfig, TrainedClassifier, train_classifier  # noqa: E402
-from carmodels.generate import sample_images  # noqa: E402
-from carmodels.metrics.domain import feature_scores  # noqa: E402
-from carmodels.metrics.pixel import to_uint8  # noqa: E402
-from carmodels.pictures import save_image_grid  # noqa: E402
-from carmodels.shards import data_version_of, fit_image_size, load_images  # noqa: E402
+from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
+from carmodels.shards import data_version_of, load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
 SHARD_SIZE = 128
+#: The latents every generator is scored with.
+SAMPLE_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -145,20 +148,6 @@ def train_run(
     assert result.checkpoint_path is not None
     marker.write_text(f"{seconds}\n")
     return result.checkpoint_path, seconds
-
-
-def score(
-    judge: TrainedClassifier, checkpoint: Path, shards_dir: Path, ema: bool, grid_path: Path
-) -> dict[str, float | None]:
-    """The judge's scores of a generator against the val photos at the model's size."""
-    generator, spec, _ = load_generator(checkpoint, device="cpu", ema=ema)
-    val = fit_image_size(load_images(shards_dir, "val"), spec.image_size, str(shards_dir))
-    with torch.no_grad():
-        generated = to_uint8(sample_images(generator, len(val), seed=1234))
-    real_features = judge.features_and_predictions(val)[0]
-    generated_features = judge.features_and_predictions(generated)[0]
-    save_image_grid(generated[:64].float().div(127.5).sub(1), grid_path, nrow=8)
-    return feature_scores(real_features, generated_features)
 
 
 def _job(
@@ -279,18 +268,16 @@ def main(argv: list[str] | None = None) -> int:
         for key, seed, checkpoint, seconds in run_jobs(jobs, budget):
             checkpoints[(key, seed)] = (checkpoint, seconds)
             print(f"  trained {trainings[key]} seed {seed} in {seconds:.0f} s", flush=True)
+        references = {framing: RealReference(judge, path) for framing, path in shards.items()}
         runs = []
         for recipe in recipes:
             spec = RECIPES[recipe]
             for seed in seeds:
                 checkpoint, seconds = checkpoints[(_training_key(recipe), seed)]
                 grid = out / f"quality-{args.budget}-{recipe}-seed{seed}.png"
-                scores = score(
-                    judge,
-                    checkpoint,
-                    shards[spec.get("framing", "letterbox")],
-                    spec.get("weights") == "ema",
-                    grid,
+                framing = spec.get("framing", "letterbox")
+                scores = score_generator(
+                    references[framing], checkpoint, grid, SAMPLE_SEED, spec.get("weights") == "ema"
                 )
                 runs.append(Run(recipe, seed, scores, seconds, str(grid)))
                 print(
