@@ -356,6 +356,22 @@ def _truncation_against(runs: list[Run]) -> str:
     )
 
 
+def _ray_scale_figure(runs: list[Run]) -> str:
+    identical = all(r.data["identical"] for r in runs)
+    ok = runs[-1].data["ok"]
+    return (
+        f"Ray on a local cluster {_span([r.data['ray_img_per_s'] for r in runs], ',.0f')} img/s, "
+        f"overhead {_median_span([100 * r.data['overhead'] for r in runs], '.1f', '%')}, "
+        f"outputs identical: {'yes' if identical else 'no'} "
+        f"({ok['ray']:,} of {ok['of']:,} URLs ok)"
+    )
+
+
+def _ray_scale_against(runs: list[Run]) -> str:
+    rates = [r.data["local_img_per_s"] for r in runs]
+    return f"the local downloader on the same cores {_span(rates, ',.0f')} img/s; goal: at most 15%"
+
+
 _SCRAPE_EARLIER = "an earlier run of the day (2026-11-28-scrape-quiet.json is the median of 3)"
 _GPU_BEFORE_ISSUE5 = "before issue 5's TrainStep changes (re-measured in -issue5)"
 
@@ -504,6 +520,15 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         figure=_truncation_figure,
         against=_truncation_against,
         machine="2-core x86_64 CPU (loaded)",
+    ),
+    Benchmark(
+        key="scale",
+        what="the same 10,000-URL download on a local Ray cluster and without Ray",
+        page="scale.md",
+        script="bench/scale.py",
+        pattern=r"scale(-.+)?",
+        figure=_ray_scale_figure,
+        against=_ray_scale_against,
     ),
 )
 

@@ -93,6 +93,16 @@ def _serve(images: dict[str, bytes], port_queue: multiprocessing.Queue) -> None:
     asyncio.run(main())
 
 
+def read_photos(images_dir: Path) -> dict[str, bytes]:
+    """The photos ``images_dir/manifest.csv`` lists, by file name, as the server serves them."""
+    manifest_csv = images_dir / "manifest.csv"
+    if not manifest_csv.exists():
+        raise SystemExit(f"{manifest_csv} not found: pass --images DIR with a manifest.csv")
+    with manifest_csv.open(newline="") as f:
+        names = [row["image"] for row in csv.DictReader(f)]
+    return {Path(n).name: (images_dir / n).read_bytes() for n in names}
+
+
 def start_server(images: dict[str, bytes]) -> tuple[multiprocessing.Process, int]:
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -278,12 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
 
-    manifest_csv = args.images / "manifest.csv"
-    if not manifest_csv.exists():
-        raise SystemExit(f"{manifest_csv} not found: pass --images DIR with a manifest.csv")
-    with manifest_csv.open(newline="") as f:
-        names = [row["image"] for row in csv.DictReader(f)]
-    images = {Path(n).name: (args.images / n).read_bytes() for n in names}
+    images = read_photos(args.images)
     mean_kb = sum(map(len, images.values())) / len(images) / 1024
     print(f"{len(images)} photos, mean {mean_kb:.0f} KB, {os.cpu_count()} CPU cores")
 

@@ -18,11 +18,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn, TypeAlias
+from typing import TYPE_CHECKING, NoReturn, TypeAlias
 
 from carmodels.errors import InputError, MissingInputError, one_line
 from carmodels.layout import DATA_ROOT_ENV, DataLayout, default_data_root_url
 from carmodels.options import add_dataclass_options, field_default, field_help, from_args
+
+if TYPE_CHECKING:
+    from carmodels.distributed import Rendezvous
 
 #: What `build_parser` hands each command's ``add_*_arguments``.
 _Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -244,6 +247,7 @@ _TRAIN_OPTIONS = (
     "device",
     "seed",
     "max_steps_per_epoch",
+    "memory_budget_mb",
     "label_smoothing",
     "diffaugment",
     "loss",
@@ -270,13 +274,41 @@ def add_train_arguments(sub: _Subparsers) -> None:
     p.add_argument(
         "--nproc-per-node",
         type=int,
-        help="data-parallel processes (one per GPU) through torchrun; unset = one process",
+        help="data-parallel processes (one per GPU) through torchrun; unset = one process "
+        "(one per node with --nnodes)",
+    )
+    multi_node = p.add_argument_group(
+        "several machines",
+        "run the same command on every node; the nodes meet through torchrun's c10d "
+        "rendezvous, which assigns their ranks",
+    )
+    multi_node.add_argument("--nnodes", type=int, help="machines in the job")
+    multi_node.add_argument(
+        "--rdzv-endpoint",
+        metavar="HOST:PORT",
+        help="address every node reaches and a free port there, where the nodes meet (the "
+        "node on HOST serves the rendezvous)",
+    )
+    multi_node.add_argument(
+        "--rdzv-id",
+        help="the job's rendezvous id, the same on every node; unset = " + _default_rdzv_id(),
+    )
+    multi_node.add_argument(
+        "--local-addr",
+        help="this node's address as the others reach it; unset = its hostname",
     )
     p.set_defaults(func=cmd_train)
 
 
-def _launch_torchrun(args: argparse.Namespace) -> int:
-    """Re-run this train command on --nproc-per-node local ranks through torchrun."""
+def _default_rdzv_id() -> str:
+    from carmodels.distributed import DEFAULT_RDZV_ID
+
+    return DEFAULT_RDZV_ID
+
+
+def _launch_torchrun(args: argparse.Namespace, rendezvous: Rendezvous | None = None) -> int:
+    """Re-run this train command through torchrun: --nproc-per-node ranks on this machine,
+    alone or as one node of a multi-node job."""
     from carmodels.distributed import launch
 
     forwarded = ["--data", args.data] if args.data else []
@@ -292,15 +324,20 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
             forwarded += [flag, str(value)]
     if args.resume:
         forwarded.append("--resume")
-    return launch(args.nproc_per_node, forwarded)
+    nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
+    return launch(nproc, forwarded, rendezvous)
 
 
 def cmd_train(args: argparse.Namespace, layout: DataLayout) -> int:
     from carmodels import train
-    from carmodels.distributed import launched_by_torchrun
+    from carmodels.distributed import launched_by_torchrun, rendezvous_from_flags
 
-    if args.nproc_per_node is not None and not launched_by_torchrun():
-        return _launch_torchrun(args)
+    if not launched_by_torchrun():
+        rendezvous = rendezvous_from_flags(
+            args.nnodes, args.rdzv_endpoint, args.rdzv_id, args.local_addr
+        )
+        if args.nproc_per_node is not None or rendezvous is not None:
+            return _launch_torchrun(args, rendezvous)
     shards_dir = Path(args.shards) if args.shards else layout.shards_dir
     out = Path(args.out) if args.out else layout.train_dir
     config = from_args(train.TrainConfig, args, _TRAIN_OPTIONS)

@@ -2,10 +2,19 @@
 
 ``carmodels train --nproc-per-node N`` re-launches itself through ``python -m
 torch.distributed.run``; every process then calls :func:`carmodels.train.train`, which asks
-:func:`init_from_env` whether it runs under torchrun. Each rank keeps its own slice of the
-training images on its device, G and D are wrapped in ``DistributedDataParallel`` (gradients
-are averaged, so the ranks stay in step), and only rank 0 writes checkpoints, samples,
-history and TensorBoard events.
+:func:`init_from_env` whether it runs under torchrun. Each rank trains on its own part of the
+training images (``carmodels.train.data``), G and D are wrapped in ``DistributedDataParallel``
+(gradients are averaged, so the ranks stay in step), and only rank 0 writes checkpoints,
+samples, history and TensorBoard events.
+
+One machine uses torchrun's ``--standalone`` rendezvous. Several machines (``--nnodes``) meet
+through a c10d rendezvous at ``--rdzv-endpoint HOST:PORT``: the same command runs on every
+node, the torchrun agent on the endpoint's host serves the rendezvous store, and the nodes'
+ranks are assigned as they join (torchrun's ``--node-rank`` applies to its static rendezvous
+only). Which node gets which ranks does not matter: each rank's data and noise follow from
+its rank alone. So on CPUs (gloo, the same thread count per process) two nodes of one rank
+train bit-identically to one node of two ranks (tests/test_train_ddp.py); NCCL picks its
+reduction order by topology, so on GPUs the results agree to rounding.
 
 Nothing here touches CUDA at import time.
 """
@@ -20,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from carmodels.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,14 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' ``value`` (``device``: this rank's, as NCCL needs)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
 
     def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Average a tensor over the ranks in place (no-op when not distributed)."""
@@ -85,15 +104,94 @@ def shutdown(context: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def torchrun_command(nproc_per_node: int, module_args: Sequence[str]) -> list[str]:
-    """The command that runs ``python -m carmodels.cli <module_args>`` on N local ranks."""
+#: The c10d rendezvous id when none is given: the nodes of one job must agree on it, and one
+#: endpoint serves one job at a time.
+DEFAULT_RDZV_ID = "carmodels-train"
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node job meet: torchrun's c10d rendezvous."""
+
+    #: ``HOST:PORT`` of the node that serves the rendezvous store; every node must reach it.
+    endpoint: str
+    #: Nodes in the job; torchrun waits for all of them.
+    nnodes: int
+    run_id: str = DEFAULT_RDZV_ID
+    #: This node's address as the other nodes reach it, when its hostname does not resolve
+    #: there (torchrun's default is the machine's FQDN).
+    local_addr: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise InputError(f"--nnodes must be >= 1, got {self.nnodes}.")
+        host, colon, port = self.endpoint.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(
+                f"--rdzv-endpoint {self.endpoint!r} is not HOST:PORT; pass the address and a "
+                "free port of the first node, e.g. --rdzv-endpoint node0.example:29400."
+            )
+        if not self.run_id:
+            raise InputError("--rdzv-id is empty; pass the same id on every node, or leave it out.")
+
+    def torchrun_args(self) -> list[str]:
+        args = [
+            f"--nnodes={self.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+        ]
+        if self.local_addr:
+            args.append(f"--local-addr={self.local_addr}")
+        return args
+
+
+def rendezvous_from_flags(
+    nnodes: int | None,
+    rdzv_endpoint: str | None,
+    rdzv_id: str | None,
+    local_addr: str | None,
+) -> Rendezvous | None:
+    """The rendezvous the command line's multi-node flags ask for, None for one machine.
+
+    Raises InputError, naming the flag and the fix, for a combination that cannot work."""
+    if rdzv_endpoint is None:
+        if nnodes is not None and nnodes > 1:
+            raise InputError(
+                f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the address of a node every "
+                "node can reach and a free port there (the same on every node), e.g. "
+                "--rdzv-endpoint node0.example:29400."
+            )
+        if nnodes is not None and nnodes < 1:
+            raise InputError(f"--nnodes must be >= 1, got {nnodes}.")
+        for flag, value in (("--rdzv-id", rdzv_id), ("--local-addr", local_addr)):
+            if value is not None:
+                raise InputError(
+                    f"{flag} applies to a multi-node job only: add --nnodes N and "
+                    "--rdzv-endpoint HOST:PORT, or leave it out."
+                )
+        return None
+    return Rendezvous(
+        endpoint=rdzv_endpoint,
+        nnodes=1 if nnodes is None else nnodes,
+        run_id=DEFAULT_RDZV_ID if rdzv_id is None else rdzv_id,
+        local_addr=local_addr,
+    )
+
+
+def torchrun_command(
+    nproc_per_node: int, module_args: Sequence[str], rendezvous: Rendezvous | None = None
+) -> list[str]:
+    """The command that runs ``python -m carmodels.cli <module_args>`` on N ranks of this
+    machine: alone (``--standalone``), or as one node of a multi-node job."""
     if nproc_per_node < 1:
-        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+        raise InputError(f"--nproc-per-node must be >= 1, got {nproc_per_node}.")
+    meet = ["--standalone"] if rendezvous is None else rendezvous.torchrun_args()
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *meet,
         f"--nproc-per-node={nproc_per_node}",
         "-m",
         "carmodels.cli",
@@ -101,6 +199,8 @@ def torchrun_command(nproc_per_node: int, module_args: Sequence[str]) -> list[st
     ]
 
 
-def launch(nproc_per_node: int, module_args: Sequence[str]) -> int:
+def launch(
+    nproc_per_node: int, module_args: Sequence[str], rendezvous: Rendezvous | None = None
+) -> int:
     """Run the CLI under torchrun and return its exit code (the ranks' output streams through)."""
-    return subprocess.call(torchrun_command(nproc_per_node, module_args))
+    return subprocess.call(torchrun_command(nproc_per_node, module_args, rendezvous))

@@ -2,9 +2,16 @@
 
 The input side of :func:`carmodels.shards.build_shards`, kept apart from the shard format:
 
-- ``read_index``: ``unique.parquet`` of a dedup output folder, checked, one row per image;
+- ``read_index``: ``unique.parquet`` of a dedup output folder, checked, one row per image,
+  and the raw folders its photos are read from (``PhotoSource``);
 - ``normalised_chunks``: the photos' bytes read from the raw shards and put through
   ``imaging.normalise_keyed``, chunk by chunk, in worker processes for large sets.
+
+``deduplicate`` indexes one raw folder; ``deduplicate_incremental`` indexes several
+partitions, each in its own raw folder, whose shards share names (``raw-00000.parquet`` in
+each): its ``unique.parquet`` says in a ``partition`` column whose folder holds each
+``raw_shard``. That column says where a photo is, not what the listing was, so it is not
+copied into the car shards.
 """
 
 from __future__ import annotations
@@ -19,7 +26,13 @@ from urllib.parse import urlparse
 import pandas as pd
 import pyarrow as pa
 
-from carmodels.dedup.schema import UNIQUE_CORE_COLUMNS, UNIQUE_FILE
+from carmodels.dedup.schema import (
+    PARTITION_COLUMN,
+    RECORD_FILE,
+    UNIQUE_CORE_COLUMNS,
+    UNIQUE_FILE,
+)
+from carmodels.dedup.sources import Partitions, iter_photo_bytes, partition_dirs
 from carmodels.errors import (
     InputError,
     MissingColumnError,
@@ -29,32 +42,73 @@ from carmodels.errors import (
 )
 from carmodels.imaging import ImagingConfig, NormalisedImage, Rejection, normalise_keyed
 from carmodels.parallel import chunked, map_in_processes
-from carmodels.scrape.raw import iter_raw_bytes
+from carmodels.scrape.raw import raw_shard_files
 
 #: Columns ``unique.parquet`` holds for dedup's own use, not listing metadata.
 _DEDUP_COLUMNS = (*UNIQUE_CORE_COLUMNS, "phash_flipped", "n_bytes", "fetched_at")
 
+#: Where a build finds the photos of ``unique.parquet``: the raw folder ``deduplicate``
+#: read; or, for the output of ``deduplicate_incremental``, its partitions as passed to it (a
+#: mapping partition → raw folder, or raw folders named by their folder name) or the one
+#: folder holding them as ``<folder>/<partition>/`` (the storage layout's ``raw/``).
+PhotoSource = str | os.PathLike[str] | Partitions
+
 
 @dataclass(frozen=True)
 class ShardIndex:
-    """The images to shard: ``unique.parquet`` and its rows by sha256 (one per image)."""
+    """The images to shard: ``unique.parquet``, its rows by sha256 (one per image), and the
+    raw shards that hold their photos."""
 
     unique: pd.DataFrame
     rows_by_sha: pd.DataFrame
     #: Listing metadata columns, copied into the shards as strings.
     metadata_columns: list[str]
+    #: ``(raw folder, names of its shards that hold indexed photos)``, in the order they are
+    #: read: partitions by name (the raw folders of ``deduplicate_incremental``), else the one
+    #: raw folder.
+    sources: tuple[tuple[Path, frozenset[str]], ...]
+    #: Partition → raw folder, for an index of ``deduplicate_incremental``; None for one
+    #: raw folder.
+    partitions: dict[str, Path] | None = None
 
     @property
     def n_images(self) -> int:
         return len(self.rows_by_sha)
 
+    def photo_location(self, sha256: str) -> str:
+        """Where the photo of ``sha256`` should be: its raw shard (and partition)."""
+        row = self.rows_by_sha.loc[sha256]
+        if self.partitions is None:
+            return str(row["raw_shard"])
+        partition = str(row[PARTITION_COLUMN])
+        return f"{row['raw_shard']} of partition {partition!r} ({self.partitions[partition]})"
 
-def read_index(unique_dir: Path) -> ShardIndex:
-    """The index of a dedup output folder, checked before any shard is written."""
+
+def read_index(unique_dir: Path, raw: PhotoSource) -> ShardIndex:
+    """The index of a dedup output folder and where its photos are (``raw``, see
+    ``PhotoSource``), checked before any shard is written.
+
+    Raises ``MissingInputError`` when a partition named in ``unique.parquet`` has no raw
+    folder (or one without raw shards), and ``InputError`` for partitions passed with the
+    index of one raw folder.
+    """
     unique = _read_unique(unique_dir)
-    metadata_columns = [c for c in unique.columns if c not in _DEDUP_COLUMNS]
+    folders = _photo_folders(unique_dir, unique, raw)
     rows_by_sha = unique.drop_duplicates("sha256").set_index("sha256", drop=False)
-    return ShardIndex(unique, rows_by_sha, metadata_columns)
+    if isinstance(folders, Path):
+        # The index of one raw folder: read as before there were partitions.
+        metadata_columns = [c for c in unique.columns if c not in _DEDUP_COLUMNS]
+        sources = ((folders, frozenset(unique["raw_shard"])),)
+        return ShardIndex(unique, rows_by_sha, metadata_columns, sources)
+    metadata_columns = [
+        c for c in unique.columns if c not in _DEDUP_COLUMNS and c != PARTITION_COLUMN
+    ]
+    shards_of = {
+        str(name): frozenset(shards)
+        for name, shards in unique.groupby(PARTITION_COLUMN)["raw_shard"]
+    }
+    sources = tuple((folder, shards_of[name]) for name, folder in folders.items())
+    return ShardIndex(unique, rows_by_sha, metadata_columns, sources, folders)
 
 
 def _read_unique(unique_dir: Path) -> pd.DataFrame:
@@ -86,24 +140,89 @@ def _read_unique(unique_dir: Path) -> pd.DataFrame:
     return unique
 
 
+def _photo_folders(
+    unique_dir: Path, unique: pd.DataFrame, raw: PhotoSource
+) -> Path | dict[str, Path]:
+    """The one raw folder of an index of ``deduplicate``; or the raw folder of each
+    partition an index of ``deduplicate_incremental`` names (sorted by name), each checked to
+    hold raw shards."""
+    unique_path = unique_dir / UNIQUE_FILE
+    if PARTITION_COLUMN not in unique.columns:
+        if not isinstance(raw, str | os.PathLike):
+            raise InputError(
+                f"{unique_path} has no {PARTITION_COLUMN!r} column: it indexes one raw folder "
+                "(`deduplicate`), so pass that folder rather than partitions."
+            )
+        return Path(raw)
+    # `deduplicate` passes listing columns through, so a manifest's own `partition` column can
+    # reach the index of one raw folder; only `deduplicate_incremental` commits its record
+    # beside the index. Without one, one folder is read as before and the column is listing
+    # metadata.
+    if isinstance(raw, str | os.PathLike) and not (unique_dir / RECORD_FILE).exists():
+        return Path(raw)
+    names = unique[PARTITION_COLUMN]
+    if names.isna().any():
+        raise InputError(
+            f"{unique_path} has rows without a {PARTITION_COLUMN}; run `carmodels dedup` again "
+            "to rewrite it."
+        )
+    wanted = sorted(set(names.astype(str)))
+    given = _given_folders(raw, wanted)
+    folders = {}
+    for name in wanted:
+        folder = given.get(name)
+        if folder is None:
+            raise MissingInputError(
+                f"Partition {name!r} of {unique_path} is not among the partitions given "
+                f"({', '.join(sorted(given))}): pass every partition's raw folder, as given to "
+                "the dedup, or run `carmodels dedup` again without it."
+            )
+        if not folder.is_dir():
+            raise MissingInputError(
+                f"Partition {name!r} of {unique_path} has no raw folder {folder}: restore it, "
+                "pass the partitions' raw folders as given to the dedup, or run `carmodels "
+                "dedup` again without the partition."
+            )
+        # Checked here, not when the folder is read: by then earlier partitions' images may
+        # already be in new shard files.
+        try:
+            raw_shard_files(folder)
+        except MissingInputError as error:
+            raise MissingInputError(f"Partition {name!r} of {unique_path}: {error}") from None
+        folders[name] = folder
+    return folders
+
+
+def _given_folders(raw: PhotoSource, wanted: list[str]) -> dict[str, Path]:
+    """Partition → raw folder from what the caller passed (see ``PhotoSource``)."""
+    if not isinstance(raw, str | os.PathLike):
+        return partition_dirs(raw)
+    parent = Path(raw)
+    for name in wanted:
+        # A name is joined to the folder: it must stay below it.
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise InputError(
+                f"Partition {name!r} is no folder name below {parent}; pass a mapping of "
+                "partition names to raw folders."
+            )
+    return {name: parent / name for name in wanted}
+
+
 def normalised_chunks(
     index: ShardIndex,
-    raw_dir: str | os.PathLike[str],
     imaging: ImagingConfig,
     mirror_sources: tuple[str, ...],
     read_batch_rows: int,
     chunk_size: int,
     workers: int,
 ) -> Iterator[list[tuple[str, NormalisedImage | Rejection]]]:
-    """``(sha256, normalised image or rejection)`` chunks, in order, for every indexed image
-    found in ``raw_dir`` (those not found are left out); in ``workers`` processes when there is
+    """``(sha256, normalised image or rejection)`` chunks, in the order ``index.sources``
+    holds the photos (those not found are left out); in ``workers`` processes when there is
     more than one chunk. Photos from a ``mirror_sources`` host are mirrored."""
     rows_by_sha = index.rows_by_sha
     tasks = (
         (sha256, data, _is_mirror_source(rows_by_sha.at[sha256, "url"], mirror_sources))
-        for _, sha256, data in iter_raw_bytes(
-            raw_dir, rows_by_sha.index, read_batch_rows, set(index.unique["raw_shard"])
-        )
+        for _, sha256, data in iter_photo_bytes(index.sources, rows_by_sha.index, read_batch_rows)
     )
     workers = workers if index.n_images > chunk_size else 1
     worker = functools.partial(normalise_keyed, config=imaging)
@@ -115,4 +234,4 @@ def _is_mirror_source(url: str, hosts: tuple[str, ...]) -> bool:
     return any(host == h.lower() or host.endswith("." + h.lower()) for h in hosts)
 
 
-__all__ = ["ShardIndex", "normalised_chunks", "read_index"]
+__all__ = ["PhotoSource", "ShardIndex", "normalised_chunks", "read_index"]

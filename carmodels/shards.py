@@ -29,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -42,7 +44,7 @@ from carmodels.errors import (
 )
 from carmodels.imaging import ImagingConfig, NormalisedImage, Rejection
 from carmodels.io import atomic_save_image, atomic_write_json, atomic_write_parquet
-from carmodels.shard_inputs import ShardIndex, normalised_chunks, read_index
+from carmodels.shard_inputs import PhotoSource, ShardIndex, normalised_chunks, read_index
 
 #: Bumped whenever a column is added, removed or changes meaning.
 SHARD_SCHEMA_VERSION = 1
@@ -236,6 +238,104 @@ def iter_images(
         yield _images_to_tensor(table.column("image"), height, width)
 
 
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group of a shards folder, with the number of its rows in a split.
+
+    The unit the trainer streams (`carmodels.train.data`): the builder writes each shard file
+    as one row group, so a row group can hold thousands of images, and it is read a few
+    hundred rows at a time (`iter_row_group_images`)."""
+
+    path: Path
+    index: int
+    #: Rows of the split in this row group (> 0).
+    n_images: int
+
+
+def split_row_groups(
+    path: str | os.PathLike[str], split: str | None = None
+) -> tuple[list[RowGroup], tuple[int, int]]:
+    """The row groups of a shards folder holding images of ``split`` (None: any), in the order
+    `load_images` reads them (file, then row group), and the images' (height, width).
+
+    Reads only the ``split``, ``height`` and ``width`` columns. Raises ``EmptySplitError``
+    when there are no such images and ``ShardsError`` for a damaged folder or mixed sizes.
+    """
+    groups: list[RowGroup] = []
+    sides: set[tuple[int, int]] = set()
+    _split_filter(split)  # checks the name
+    columns = ["height", "width"] + (["split"] if split else [])
+    with _unreadable_shards(path):
+        for file in shard_files(path):
+            parquet = pq.ParquetFile(file)
+            for index in range(parquet.num_row_groups):
+                table = parquet.read_row_group(index, columns=columns)
+                if split is not None:
+                    table = table.filter(pc.equal(table.column("split"), split))
+                if table.num_rows:
+                    sides.add(_image_size(table, path))
+                    groups.append(RowGroup(file, index, table.num_rows))
+    if not groups:
+        raise EmptySplitError(
+            f"No images{f' in split {split!r}' if split else ''} under {path}; "
+            "check the shards were built from enough photos."
+        )
+    if len(sides) != 1:
+        raise ShardsError(f"Shards in {path} mix image sizes {sorted(sides)}; {_REBUILD}.")
+    return groups, sides.pop()
+
+
+#: Bytes `iter_row_group_images` reads from a file at a time. Without read buffering pyarrow
+#: reads a whole column chunk (a whole shard's images, ~240 MiB) before the first batch.
+_READ_BUFFER_BYTES = 4 << 20
+
+
+def iter_row_group_images(
+    group: RowGroup,
+    split: str | None = None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    batch_rows: int = 256,
+) -> Iterator[torch.Tensor]:
+    """Images ``start:stop`` of a row group's ``split`` rows (counted among those rows), in
+    file order, as N x 3 x H x W uint8 tensors of at most ``batch_rows`` images.
+
+    At most ``batch_rows`` rows of the file (both splits) are decoded at a time, and reading
+    stops after ``stop``; the rows before ``start`` are read and dropped (Parquet has no
+    cheaper way into the middle of a column chunk). pyarrow still decompresses a whole Parquet
+    page at a time: ``build_shards`` writes pyarrow's default pages, up to 1,024 images each
+    (about 50 MB at 128 px), and a first dictionary page as large, so reading one of its
+    shards takes about 200 MB however small ``batch_rows`` is (measured: 210 MB on a 3,000
+    image row group; 24 MB with pages of 64 images and no dictionary for ``image``).
+    """
+    stop = group.n_images if stop is None else min(stop, group.n_images)
+    _split_filter(split)  # checks the name
+    with _unreadable_shards(group.path):
+        parquet = pq.ParquetFile(group.path, buffer_size=_READ_BUFFER_BYTES, pre_buffer=False)
+        batches = parquet.iter_batches(
+            batch_size=batch_rows,
+            row_groups=[group.index],
+            columns=["image", "height", "width"] + (["split"] if split else []),
+            use_threads=False,
+        )
+    seen = 0  # split rows of the row group passed so far
+    while seen < stop:
+        with _unreadable_shards(group.path):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        table = pa.Table.from_batches([batch])
+        if split is not None:
+            table = table.filter(pc.equal(table.column("split"), split))
+        first, last = max(start - seen, 0), min(stop - seen, table.num_rows)
+        seen += table.num_rows
+        if first < last:
+            part = table.slice(first, last - first)
+            height, width = _image_size(part, group.path)
+            yield _images_to_tensor(part.column("image"), height, width)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -410,13 +510,13 @@ class _Generation:
             self._flush()
         rows_by_sha = self.index.rows_by_sha
         for sha256 in rows_by_sha.index.difference(pd.Index(sorted(self._seen))):
-            raw_shard = rows_by_sha.at[sha256, "raw_shard"]
+            where = self.index.photo_location(sha256)
             self.rejects.append(
                 {
                     "sha256": sha256,
                     "url": rows_by_sha.at[sha256, "url"],
                     "reason": MISSING_SOURCE,
-                    "detail": f"no ok row with this sha256 in {raw_shard}",
+                    "detail": f"no ok row with this sha256 in {where}",
                 }
             )
 
@@ -470,12 +570,19 @@ class _Generation:
 
 def build_shards(
     unique_dir: str | os.PathLike[str],
-    raw_dir: str | os.PathLike[str],
+    raw_dir: PhotoSource,
     out_dir: str | os.PathLike[str],
     config: ShardConfig | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ShardResult:
     """Normalise every kept image of ``unique_dir`` into training shards in ``out_dir``.
+
+    ``raw_dir`` is where the photos are: the raw folder ``deduplicate`` read; for the output
+    of ``deduplicate_incremental`` (a ``unique.parquet`` with a ``partition`` column), the
+    partitions as passed to it (a mapping partition → raw folder, or the raw folders), or the
+    one folder holding them as ``<raw_dir>/<partition>/``. The images are written in the
+    order the raw shards hold them: partition by name, then shard by name, then row. A
+    partition whose folder is missing is a ``MissingInputError`` before anything is written.
 
     Replacing a previous shard set is crash-safe: the new shards get new names
     (``car-g<generation>-<n>.parquet``), ``summary.json`` is written last and lists them, which
@@ -484,13 +591,12 @@ def build_shards(
     """
     config = config or ShardConfig()
     started = time.monotonic()
-    unique_dir, raw_dir, out_dir = Path(unique_dir), Path(raw_dir), Path(out_dir)
-    index = read_index(unique_dir)
+    unique_dir, out_dir = Path(unique_dir), Path(out_dir)
+    index = read_index(unique_dir, raw_dir)
     total = index.n_images
     generation = _Generation(out_dir, index, config)
     chunks = normalised_chunks(
         index,
-        raw_dir,
         config.imaging,
         config.mirror_sources,
         config.read_batch_rows,
@@ -538,18 +644,23 @@ def data_version_of(shards_dir: str | os.PathLike[str]) -> str:
     return contents_version(shard_files(shards_dir))
 
 
-def fit_image_size(images: torch.Tensor, size: int, source: str) -> torch.Tensor:
-    """Downscale (box filter, in chunks) shards larger than the model's image size."""
-    height, width = images.shape[-2:]
+def check_image_size(height: int, width: int, size: int, source: str) -> None:
+    """Refuse shard images that `fit_image_size` cannot bring to ``size`` px."""
     if height != width:
         raise ValueError(f"Shards in {source} hold {height}x{width} images; expected squares.")
-    if height == size:
-        return images
     if height < size:
         raise ValueError(
             f"Shards in {source} hold {height}px images, smaller than image_size={size}; "
             f"train with image_size={height} or rebuild the shards at {size}px."
         )
+
+
+def fit_image_size(images: torch.Tensor, size: int, source: str) -> torch.Tensor:
+    """Downscale (box filter, in chunks) shards larger than the model's image size."""
+    height, width = images.shape[-2:]
+    check_image_size(height, width, size, source)
+    if height == size:
+        return images
     chunks = [
         torch.nn.functional.interpolate(chunk.float(), size=(size, size), mode="area")
         .round_()

@@ -43,6 +43,7 @@ from pipelines.project_config import CONFIG_ENV, DEFAULT_CONFIG_NAME, defaults_f
 from pipelines.resources import (
     DemoOrigin,
     ListingSource,
+    RayResource,
     StorageResource,
     TrainingDefaults,
     serve_demo,
@@ -241,9 +242,13 @@ class RawImagesConfig(CachedConfig):
     pool=SCRAPE_POOL,
 )
 def raw_images(
-    context: dg.AssetExecutionContext, config: RawImagesConfig, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: RawImagesConfig,
+    storage: StorageResource,
+    ray_cluster: RayResource,
 ) -> dg.MaterializeResult:
-    """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome."""
+    """Downloaded image bytes in raw Parquet shards, one row per URL with its outcome
+    (fanned out on a Ray cluster when `ray_cluster` has an address)."""
 
     def work(layout: DataLayout) -> StepOutput:
         manifest = scrape.read_manifest(layout.manifest_path)
@@ -257,14 +262,12 @@ def raw_images(
         )
         on_progress = _progress_logger(context, "downloaded")
         if demo is None:
-            result = scrape.download_images(manifest, layout.raw_dir, scrape_config, on_progress)
+            result = ray_cluster.download(manifest, storage, layout, scrape_config, on_progress)
         else:
             # The demo catalog lives only while a step serves it: serve the one the manifest
             # was crawled from, on the port its URLs name.
             with serve_demo(demo):
-                result = scrape.download_images(
-                    manifest, layout.raw_dir, scrape_config, on_progress
-                )
+                result = ray_cluster.download(manifest, storage, layout, scrape_config, on_progress)
         ok = result.outcome_counts.get("ok", 0)
         return StepOutput(
             data_version=files_version(raw_shard_files(layout.raw_dir)),
@@ -279,6 +282,7 @@ def raw_images(
                 "failures": frame_preview(result.failures),
                 "images_per_s": round(result.images_per_s, 1),
                 "elapsed_s": round(result.elapsed_s, 2),
+                "engine": f"ray ({ray_cluster.address})" if ray_cluster.enabled else "local",
                 "dagster/uri": storage.uri(RAW_DIR),
             },
         )
@@ -470,6 +474,7 @@ class TrainDcganConfig(CachedConfig):
     base_channels: int | None = library_field(train.TrainConfig, "base_channels")
     batch_norm: bool | None = library_field(train.TrainConfig, "batch_norm")
     seed: int = library_field(train.TrainConfig, "seed")
+    memory_budget_mb: int | None = library_field(train.TrainConfig, "memory_budget_mb")
     resume: bool = False
 
 
@@ -496,6 +501,7 @@ def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> tra
             base_channels=config.base_channels,
             batch_norm=config.batch_norm,
             seed=config.seed,
+            memory_budget_mb=config.memory_budget_mb,
         )
 
     return library_settings("train_dcgan", build)

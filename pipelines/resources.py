@@ -9,19 +9,21 @@ from __future__ import annotations
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 
-from carmodels import train
+from carmodels import cluster, scrape, train
 from carmodels.demo.catalog import DEFAULT_N_LISTINGS
 from carmodels.errors import InputError
-from carmodels.layout import DataLayout, default_data_root_url
+from carmodels.layout import RAW_DIR, DataLayout, default_data_root_url
 from carmodels.storage import StorageRoot
-from pipelines.config_fields import library_field
+from pipelines.config_fields import library_field, library_kwargs
+from pipelines.project_config import defaults_from_file
 
 #: Environment variable choosing the pipeline profile (see `profile_resources`).
 PROFILE_ENV = "CARMODELS_PROFILE"
@@ -31,6 +33,9 @@ DEMO_LISTINGS_ENV = "CARMODELS_DEMO_LISTINGS"
 DEMO_EPOCHS_ENV = "CARMODELS_DEMO_EPOCHS"
 #: Epochs the demo profile trains (see `DEMO_TRAINING`).
 DEFAULT_DEMO_EPOCHS = 120
+#: Environment variable naming the Ray cluster downloads fan out on (docs/scale.md); the
+#: project config file's `ray_cluster: config: address:` overrides it.
+RAY_ADDRESS_ENV = "CARMODELS_RAY_ADDRESS"
 
 
 class StorageResource(dg.ConfigurableResource):
@@ -81,6 +86,60 @@ class StorageResource(dg.ConfigurableResource):
             self.storage_root.check()
         except InputError as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+@defaults_from_file("ray_cluster")
+class RayResource(dg.ConfigurableResource):
+    """The Ray cluster `raw_images` fans its downloads out on (`carmodels.cluster`, see
+    docs/scale.md). None by default: without an address, downloads run on this machine
+    exactly as they do without Ray installed.
+
+    With an address, the tasks write their raw shards straight to the storage root, so a root
+    that the workers share (S3 or another fsspec URL, or a local folder for ``local``) is
+    needed; the step's working copy is then brought level with what they wrote.
+    """
+
+    address: str = library_field(
+        cluster.FanoutConfig,
+        "address",
+        # Read when the code location loads, like the storage root's default.
+        default=os.environ.get(RAY_ADDRESS_ENV, "").strip(),
+    )
+    urls_per_task: int = library_field(cluster.FanoutConfig, "urls_per_task")
+    task_retries: int = library_field(cluster.FanoutConfig, "task_retries")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.address.strip())
+
+    def download(
+        self,
+        manifest: pd.DataFrame,
+        storage: StorageResource,
+        layout: DataLayout,
+        config: scrape.ScrapeConfig,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> scrape.ScrapeResult:
+        """Download ``manifest`` into the raw folder: on the cluster when an address is set,
+        else with the local downloader (`carmodels.scrape.download_images`)."""
+        if not self.enabled:
+            return scrape.download_images(manifest, layout.raw_dir, config, on_progress)
+        root = storage.storage_root
+        fanout = cluster.FanoutConfig(**library_kwargs(self, cluster.FanoutConfig))
+        # The workers cannot see this process's working copy: they write to the root itself.
+        raw_root = root.uri(RAW_DIR) if root.is_remote else str(layout.raw_dir)
+        result = cluster.download_on_ray(
+            manifest,
+            raw_root,
+            config,
+            fanout,
+            storage_options=storage.storage_options or None,
+            on_progress=on_progress,
+        )
+        if root.is_remote:
+            # Level the working copy with the root, so the step's push has nothing to undo.
+            root.pull(RAW_DIR)
+        return result
 
 
 class ListingSource(dg.ConfigurableResource):
@@ -266,9 +325,14 @@ def profile_resources(
         return {
             "listing_source": DemoCatalogSource(listings=demo_listings),
             "training": demo_training(demo_epochs),
+            "ray_cluster": RayResource(),
         }
     if profile == "full":
-        return {"listing_source": ListingSource(), "training": TrainingDefaults()}
+        return {
+            "listing_source": ListingSource(),
+            "training": TrainingDefaults(),
+            "ray_cluster": RayResource(),
+        }
     raise InputError(
         f"${PROFILE_ENV} is {profile!r}; set it to one of {', '.join(PROFILES)} (or unset it)."
     )

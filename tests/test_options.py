@@ -76,10 +76,12 @@ def _library_fields() -> list[tuple[type, str, type, str]]:
     from carmodels.evaluate import EvalConfig
     from carmodels.generate import GenerateConfig
     from carmodels.metrics.fid import FidConfig
-    from pipelines.assets import EvaluateDcganConfig
+    from carmodels.train import TrainConfig
+    from pipelines.assets import EvaluateDcganConfig, TrainDcganConfig
     from pipelines.designs import DesignSamplesConfig
 
     return [
+        (TrainDcganConfig, "memory_budget_mb", TrainConfig, "memory_budget_mb"),
         (EvaluateDcganConfig, "n_samples", EvalConfig, "n_samples"),
         (EvaluateDcganConfig, "seed", EvalConfig, "seed"),
         (EvaluateDcganConfig, "inception_weights", FidConfig, "weights_path"),

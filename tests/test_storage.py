@@ -23,8 +23,10 @@ import pytest
 import torch
 
 from carmodels import shards
-from carmodels.storage import StorageError, StorageRoot
+from carmodels.dedup import RECORD_FILE, DedupConfig, deduplicate_incremental
+from carmodels.storage import DEFAULT_MARKERS, StorageError, StorageRoot
 from tests.conftest import free_port, write_blocky_shards
+from tests.test_dedup import jpeg, photo, write_raw_shard
 
 #: Fake credentials: moto accepts any, and real AWS would refuse these.
 FAKE_CREDENTIALS = {"key": "testing", "secret": "testing"}
@@ -442,6 +444,41 @@ def test_markers_are_pushed_after_data_and_before_deletions(
     with recording(monkeypatch, reader, "get_file") as gets:
         reader.pull("shards")
     assert gets[0] == ("get_file", "shards/summary.json") and len(gets) == 5
+
+
+def test_the_dedup_record_is_pushed_after_the_members_file_it_names(
+    moto_s3: MotoS3, prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Uploaded before its members file, the record would name a file a reader cannot find,
+    # and the next incremental dedup there would start afresh.
+    assert RECORD_FILE in DEFAULT_MARKERS
+    root = s3_root(moto_s3, prefix, tmp_path / "writer")
+    partitions = {
+        name: write_raw_shard(
+            tmp_path / "raw" / name / "raw-00000.parquet",
+            [
+                {"url": f"https://{name}.example/{k}.jpg", "data": jpeg(photo(seed + k))}
+                for k in (0, 1)
+            ],
+        ).parent
+        for name, seed in (("p1", 0), ("p2", 10))
+    }
+    config = DedupConfig(workers=1)
+    deduplicate_incremental({"p1": partitions["p1"]}, root.layout.unique_dir, config)
+    root.push("unique")
+    deduplicate_incremental(partitions, root.layout.unique_dir, config)
+    with recording(monkeypatch, root, "put_file", "rm") as calls:
+        root.push("unique")
+    record_at = calls.index(("put_file", f"unique/{RECORD_FILE}"))
+    data_puts = [i for i, c in enumerate(calls) if c[0] == "put_file" and i != record_at]
+    assert ("put_file", "unique/members-00002.parquet") in calls
+    assert ("put_file", "unique/unique.parquet") in calls
+    assert max(data_puts) < record_at < calls.index(("rm", "unique/members-00001.parquet"))
+
+    reader = s3_root(moto_s3, prefix, tmp_path / "reader")
+    with recording(monkeypatch, reader, "get_file") as gets:
+        reader.pull("unique")
+    assert gets[0] == ("get_file", f"unique/{RECORD_FILE}")
 
 
 def test_memory_filesystem_without_etags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -323,7 +323,9 @@ def test_torchrun_ranks_get_the_switches_as_flags(monkeypatch: pytest.MonkeyPatc
     from carmodels import cli, distributed
 
     launched: list[list[str]] = []
-    monkeypatch.setattr(distributed, "launch", lambda n, argv: launched.append(argv) or 0)
+    monkeypatch.setattr(
+        distributed, "launch", lambda n, argv, rendezvous=None: launched.append(argv) or 0
+    )
     argv = ["train", "--spectral-norm", "--no-batch-norm", "--r1-gamma", "1", "--loss", "hinge"]
     assert cli._launch_torchrun(build_parser().parse_args([*argv, "--nproc-per-node", "2"])) == 0
     forwarded = launched[0]

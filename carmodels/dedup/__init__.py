@@ -22,7 +22,14 @@ mirrored. Exact copies share a sha256; the others are found with a 64-bit percep
 One module per step: ``carmodels.scrape.raw`` (reading the raw shards, step 1), ``hashing``
 and ``cache`` (step 2), ``search`` and ``verify`` (step 3), ``cluster`` (step 4), then
 ``contact_sheet``; ``config`` holds ``DedupConfig``, ``stage`` ``DedupResult`` and
-``deduplicate``, which runs them in order, and ``schema`` the names of the outputs. The public
+``deduplicate``, which runs them in order, and ``schema`` the names of the outputs.
+
+A partitioned ingest (one raw folder per partition) is deduplicated by
+``deduplicate_incremental`` (``incremental``): one output over every partition, where each run
+hashes and decides only the photos it has not decided before, searching them against the kept
+images only; its module docstring states the rule and what it guarantees against
+``deduplicate`` of everything at once. ``record`` keeps what was decided, ``sources`` maps
+partitions to their raw folders. The public
 names below are imported on first use (PEP 562), so that ``carmodels.dedup.schema``, which
 readers of the outputs such as ``carmodels.shards`` import, does not load the stage (scipy,
 OpenCV, ...).
@@ -53,6 +60,7 @@ _EXPORTS = {
     "HASH_BITS": ".config",
     "SearchStats": ".search",
     "find_near_duplicates": ".search",
+    "find_near_duplicates_between": ".search",
     "search_masks": ".search",
     "colour_distances": ".verify",
     "stack_thumbnails": ".verify",
@@ -61,6 +69,11 @@ _EXPORTS = {
     "DedupConfig": ".config",
     "DedupResult": ".stage",
     "deduplicate": ".stage",
+    "IncrementalDedupResult": ".incremental",
+    "deduplicate_incremental": ".incremental",
+    "PARTITION_COLUMN": ".schema",
+    "RECORD_FILE": ".schema",
+    "partition_dirs": ".sources",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -11,7 +11,7 @@ and its invalidation are one concern, versioned by ``HASH_CACHE_VERSION``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +28,9 @@ from carmodels.dedup.hashing import (
     _HashTask,
     _lanczos_weights,
 )
+from carmodels.dedup.sources import iter_photo_bytes
 from carmodels.io import atomic_write_parquet
 from carmodels.parallel import chunked, map_in_processes, map_in_threads
-from carmodels.scrape.raw import iter_raw_bytes
 
 if TYPE_CHECKING:
     from carmodels.dedup.config import DedupConfig
@@ -78,27 +78,38 @@ def _write_hash_cache(path: Path, hashes: pd.DataFrame, config: DedupConfig) -> 
 
 
 def _hash_new_images(
-    raw_dir: Path,
-    index: pd.DataFrame,
+    sources: Sequence[tuple[Path, pd.DataFrame]],
     cached: pd.DataFrame,
     config: DedupConfig,
     on_progress: Callable[[int, int], None] | None,
 ) -> tuple[pd.DataFrame, int]:
-    """Hashes of every distinct sha256 in ``index`` (cache + new), and how many were hashed."""
-    todo = sorted(set(index["sha256"]) - set(cached["sha256"]))
+    """Hashes of every distinct sha256 of the sources' frames (cache + new), and how many
+    were hashed.
+
+    ``sources`` are ``(raw folder, rows)`` with rows holding ``sha256, raw_shard``: one folder
+    for ``deduplicate``, one per partition for an incremental run. A photo missing from the
+    cache is read from the first source that lists it.
+    """
+    wanted = set().union(*(frame["sha256"] for _, frame in sources))
+    todo = sorted(wanted - set(cached["sha256"]))
     total = len(todo)
     if on_progress:
         on_progress(0, total)
     rows: list[dict[str, object]] = []
     if todo:
-        shard_of = index.drop_duplicates("sha256").set_index("sha256")["raw_shard"]
+        todo_set = set(todo)
+        # Only the shards that hold a photo to hash (its first row) are opened.
+        shards = []
+        for raw_dir, frame in sources:
+            first_rows = frame.drop_duplicates("sha256")
+            holding = first_rows.loc[first_rows["sha256"].isin(todo_set), "raw_shard"]
+            shards.append((raw_dir, set(holding)))
         tasks = (
             _HashTask(sha256, data)
-            for _, sha256, data in iter_raw_bytes(
-                raw_dir,
+            for _, sha256, data in iter_photo_bytes(
+                [(raw_dir, names) for raw_dir, names in shards if names],
                 todo,
                 config.read_batch_rows,
-                shard_names=set(shard_of.loc[todo]),
             )
         )
         processes = max(1, min(config.workers, total // config.min_images_per_worker))

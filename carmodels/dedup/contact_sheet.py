@@ -9,6 +9,7 @@ size and draws with Pillow.
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +17,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from carmodels.dedup.schema import PARTITION_COLUMN
+from carmodels.dedup.sources import iter_photo_bytes
 from carmodels.imaging import ImageDecodeError, decode_image
 from carmodels.io import atomic_write
-from carmodels.scrape.raw import iter_raw_bytes
 
 if TYPE_CHECKING:
     from carmodels.dedup.config import DedupConfig
@@ -48,11 +50,12 @@ def _contact_thumbnail(data: bytes, side: int) -> Image.Image | None:
 
 
 def write_contact_sheet(
-    raw_dir: Path, members: pd.DataFrame, path: Path, config: DedupConfig
+    raw_dir: Path | Mapping[str, Path], members: pd.DataFrame, path: Path, config: DedupConfig
 ) -> Path:
     """One row per largest cluster: kept image first (green border), duplicates (red) after.
 
-    ``members`` are the rows of ``clusters.parquet`` (sorted kept first), plus ``raw_shard``.
+    ``members`` are the rows of ``clusters.parquet`` (sorted kept first), plus ``raw_shard``;
+    with partitions (``raw_dir`` a mapping partition -> raw folder), plus ``partition`` too.
     """
     top_ids = members["cluster_id"].drop_duplicates().head(config.contact_sheet_clusters)
     shown = (
@@ -60,9 +63,14 @@ def write_contact_sheet(
         .groupby("cluster_id", sort=True)
         .head(config.contact_sheet_members)
     )
-    shown_bytes = iter_raw_bytes(
-        raw_dir, set(shown["sha256"]), config.read_batch_rows, set(shown["raw_shard"])
-    )
+    if isinstance(raw_dir, Mapping):
+        sources = [
+            (raw_dir[partition], set(group["raw_shard"]))
+            for partition, group in shown.groupby(PARTITION_COLUMN, sort=True)
+        ]
+    else:
+        sources = [(raw_dir, set(shown["raw_shard"]))]
+    shown_bytes = iter_photo_bytes(sources, set(shown["sha256"]), config.read_batch_rows)
     with ThreadPoolExecutor(max_workers=config.workers) as pool:
         decoded = pool.map(
             lambda item: (item[1], _contact_thumbnail(item[2], config.thumbnail_px)), shown_bytes

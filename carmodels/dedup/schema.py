@@ -20,15 +20,28 @@ UNIQUE_CORE_COLUMNS = (
     "cluster_size",
 )
 
+#: Column of ``unique.parquet`` naming the partition whose raw folder holds ``raw_shard``
+#: (partitioned raw folders share shard names); written only by ``deduplicate_incremental``.
+PARTITION_COLUMN = "partition"
+
 UNIQUE_FILE = "unique.parquet"
 CLUSTERS_FILE = "clusters.parquet"
 HASHES_FILE = "hashes.parquet"
 CONTACT_SHEET_FILE = "clusters.png"
+#: The incremental record (``deduplicate_incremental``): written last, it names the partitions
+#: deduplicated so far (with their content versions) and the members file of that state.
+RECORD_FILE = "record.json"
+#: The members files the record names: every deduplicated image and the kept image of its
+#: cluster (``members-<generation>.parquet``).
+MEMBERS_GLOB = "members-*.parquet"
 
 __all__ = [
     "CLUSTERS_FILE",
     "CONTACT_SHEET_FILE",
     "HASHES_FILE",
+    "MEMBERS_GLOB",
+    "PARTITION_COLUMN",
+    "RECORD_FILE",
     "UNIQUE_CORE_COLUMNS",
     "UNIQUE_FILE",
 ]

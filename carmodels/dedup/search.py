@@ -4,12 +4,14 @@
 (``search_masks``) are planned per call by a cost model: pure numpy (and pandas for the
 result), with no images, files or configuration, so that bench/dedup_scale.py can time it
 alone up to 10^6 hashes and the tests can compare it with brute force.
+``find_near_duplicates_between`` searches the same tables for the pairs between two sets
+only (an incremental run's new photos against the kept ones).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +88,9 @@ def _plan_masks(threshold: int, bits: int, n_parts: int) -> list[int] | None:
 
 
 @functools.cache
-def search_masks(threshold: int, bits: int, n_hashes: int) -> tuple[int, ...]:
+def search_masks(
+    threshold: int, bits: int, n_hashes: int, n_pairs: int | None = None
+) -> tuple[int, ...]:
     """The tables of the exact search: bit masks such that any two hashes within ``threshold``
     bits of each other agree exactly on at least one mask.
 
@@ -99,10 +103,12 @@ def search_masks(threshold: int, bits: int, n_hashes: int) -> tuple[int, ...]:
     a common bucket with probability ~1/5, about 10^11 candidate pairs, while 2 parts of 32
     bits (t = 5 and 4) give 94 tables of 16-bit keys and ~7 * 10^8 candidates. P is chosen
     per call by the cost model above for ``n_hashes`` uniformly random hashes (real hashes
-    cluster, which adds candidates to every plan alike).
+    cluster, which adds candidates to every plan alike). ``n_pairs`` is how many pairs the
+    search weighs (default: all pairs of the ``n_hashes``; a search between two sets weighs
+    only the pairs across them, so fewer, shorter-keyed tables can pay).
     """
     best: tuple[float, tuple[int, ...]] | None = None
-    pairs = n_hashes * (n_hashes - 1) / 2
+    pairs = n_hashes * (n_hashes - 1) / 2 if n_pairs is None else n_pairs
     for n_parts in range(1, min(threshold + 1, bits) + 1):
         masks = _plan_masks(threshold, bits, n_parts)
         if masks is None or not all(masks):
@@ -221,6 +227,27 @@ class SearchStats:
     candidates: int = 0
 
 
+def _union_over_tables(
+    pairs_in_table: Callable[[int], tuple[np.ndarray, np.ndarray, int]],
+    masks: Sequence[int],
+    n_right: int,
+    stats: SearchStats | None,
+    threads: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``(i, j)`` that ``pairs_in_table(mask)`` finds in any table, each once.
+
+    A close pair agrees on several masks, so tables repeat pairs: each is coded as one int64,
+    ``i * n_right + j``, to drop the repeats with one ``np.unique``.
+    """
+    found = [np.empty(0, dtype=np.int64)]
+    for i, j, n_candidates in map_in_threads(pairs_in_table, masks, threads):
+        found.append(i * n_right + j)
+        if stats is not None:
+            stats.tables += 1
+            stats.candidates += n_candidates
+    return np.divmod(np.unique(np.concatenate(found)), n_right)
+
+
 def _within_threshold(
     hashes: np.ndarray,
     threshold: int,
@@ -240,19 +267,96 @@ def _within_threshold(
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty
     masks = search_masks(threshold, bits, n) if masks is None else masks
-    found = []
     threads = workers if n >= _SEARCH_THREADS_MIN_HASHES else 1
-    tables = map_in_threads(
-        lambda mask: _close_pairs_in_table(hashes, mask, threshold), masks, threads
+    i, j = _union_over_tables(
+        lambda mask: _close_pairs_in_table(hashes, mask, threshold), list(masks), n, stats, threads
     )
-    for i, j, n_candidates in tables:
-        found.append(i * n + j)  # one int64 per pair, to drop pairs found in several tables
-        if stats is not None:
-            stats.tables += 1
-            stats.candidates += n_candidates
-    codes = np.unique(np.concatenate(found))
-    i, j = np.divmod(codes, n)
     return i, j, _popcount(hashes[i] ^ hashes[j])
+
+
+def _cross_pairs_in_table(
+    left: np.ndarray, right: np.ndarray, mask: int, threshold: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pairs (a of ``left``, b of ``right``) equal on ``mask`` and within ``threshold`` bits,
+    and how many candidate pairs (equal on ``mask``) were checked.
+
+    Only ``right`` (the new photos: the smaller side) is sorted, into buckets by a hash of its
+    masked bits (2 to 4 buckets per hash); each ``left`` hash (a kept photo) then finds its
+    bucket with one lookup, so a table costs a few passes over ``left`` plus a sort of
+    ``right``, and no pair inside one side is ever a candidate. Most ``left`` hashes land in
+    an empty bucket and go no further; pairs that only share a bucket are dropped before they
+    count as candidates.
+    """
+    mask_value = np.uint64(mask)
+    bucket_bits = max(1, len(right).bit_length() + 1)
+    shift = np.uint64(64 - bucket_bits)
+
+    def buckets(hashes: np.ndarray) -> np.ndarray:
+        # In place after the first pass: at 10^6 kept hashes these passes are the table's cost.
+        keys = np.bitwise_and(hashes, mask_value)
+        keys *= _KEY_MULTIPLIER
+        keys >>= shift
+        return keys.view(np.int64)  # < 2^bucket_bits: the same bits as an index
+
+    right_buckets = buckets(right)
+    order = np.argsort(right_buckets, kind="stable")
+    sizes = np.bincount(right_buckets, minlength=1 << bucket_bits)
+    starts = np.cumsum(sizes) - sizes
+    left_buckets = buckets(left)
+    hits = np.flatnonzero(sizes[left_buckets])  # left hashes whose bucket is not empty
+    left_parts, right_parts = [], []
+    n_candidates = 0
+    for first in range(0, len(hits), _BLOCK_ELEMENTS):  # bounds the candidate arrays
+        rows = hits[first : first + _BLOCK_ELEMENTS]
+        bucket = left_buckets[rows]
+        counts = sizes[bucket]
+        total = int(counts.sum())
+        a = np.repeat(rows, counts)
+        # The k-th right hash of a left hash's bucket, in bucket order.
+        offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+        b = order[np.repeat(starts[bucket], counts) + offsets]
+        same_key = ((left[a] ^ right[b]) & mask_value) == 0
+        a, b = a[same_key], b[same_key]
+        n_candidates += len(a)
+        close = _popcount(left[a] ^ right[b]) <= threshold
+        left_parts.append(a[close])
+        right_parts.append(b[close])
+    if not left_parts:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, n_candidates
+    return np.concatenate(left_parts), np.concatenate(right_parts), n_candidates
+
+
+def _cross_within_threshold(
+    left: np.ndarray,
+    right: np.ndarray,
+    threshold: int,
+    masks: Sequence[int],
+    stats: SearchStats | None,
+    workers: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs (a of ``left``, b of ``right``) within ``threshold`` bits, and their distances:
+    exact for the same reason as ``_within_threshold``, over the same tables."""
+    if not len(left) or not len(right):
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    threads = workers if len(left) + len(right) >= _SEARCH_THREADS_MIN_HASHES else 1
+    a, b = _union_over_tables(
+        lambda mask: _cross_pairs_in_table(left, right, mask, threshold),
+        masks,
+        len(right),
+        stats,
+        threads,
+    )
+    return a, b, _popcount(left[a] ^ right[b])
+
+
+def _pairs_frame(i: np.ndarray, j: np.ndarray, distance: np.ndarray) -> pd.DataFrame:
+    """Columns ``i, j, distance``, one row per pair at its smallest distance (a pair found
+    both directly and through a mirror image keeps the closer one)."""
+    frame = pd.DataFrame({"i": i.astype(np.int64), "j": j.astype(np.int64), "distance": distance})
+    frame = frame.groupby(["i", "j"], as_index=False, sort=True)["distance"].min()
+    return frame.astype({"distance": np.int64})
 
 
 def find_near_duplicates(
@@ -291,9 +395,58 @@ def find_near_duplicates(
         keep = ~(mirror_a & mirror_b) & (a != b)
         i, j = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
         distance = distance[keep]
-    frame = pd.DataFrame({"i": i.astype(np.int64), "j": j.astype(np.int64), "distance": distance})
-    frame = frame.groupby(["i", "j"], as_index=False, sort=True)["distance"].min()
-    return frame.astype({"distance": np.int64})
+    return _pairs_frame(i, j, distance)
 
 
-__all__ = ["HASH_BITS", "SearchStats", "find_near_duplicates", "search_masks"]
+def find_near_duplicates_between(
+    known: np.ndarray,
+    new: np.ndarray,
+    threshold: int,
+    known_flipped: np.ndarray | None = None,
+    new_flipped: np.ndarray | None = None,
+    bits: int = HASH_BITS,
+    stats: SearchStats | None = None,
+    workers: int = 1,
+) -> pd.DataFrame:
+    """Pairs of a ``known`` hash and a ``new`` one within ``threshold`` Hamming distance:
+    columns ``i`` (into ``known``), ``j`` (into ``new``), ``distance``.
+
+    What an incremental run needs: new photos against the hashes already kept, without
+    comparing the kept ones with each other again (pairs inside ``new`` are
+    ``find_near_duplicates``' job). Same tables and the same mirror rule as
+    ``find_near_duplicates`` (give both flipped arrays or neither), and exact like it; a table
+    sorts only ``new`` and looks each known hash up in it, so a run costs about
+    len(known) * log len(new) per table plus the candidates, which all cross the two sets.
+    """
+    known = np.ascontiguousarray(known, dtype=np.uint64)
+    new = np.ascontiguousarray(new, dtype=np.uint64)
+    if (known_flipped is None) != (new_flipped is None):
+        raise ValueError("give both known_flipped and new_flipped, or neither")
+    masks = search_masks(threshold, bits, len(known) + len(new), len(known) * len(new))
+    a, b, distance = _cross_within_threshold(known, new, threshold, masks, stats, workers)
+    if known_flipped is not None and new_flipped is not None:
+        known_flipped = np.ascontiguousarray(known_flipped, dtype=np.uint64)
+        new_flipped = np.ascontiguousarray(new_flipped, dtype=np.uint64)
+        if known_flipped.shape != known.shape or new_flipped.shape != new.shape:
+            raise ValueError("flipped hashes must have the shapes of the hashes they mirror")
+        # A known mirror against a new original, and a known original against a new mirror
+        # (mirror against mirror repeats original against original).
+        mirror_a, mirror_b, mirror_distance = _cross_within_threshold(
+            known_flipped, new, threshold, masks, stats, workers
+        )
+        other_a, other_b, other_distance = _cross_within_threshold(
+            known, new_flipped, threshold, masks, stats, workers
+        )
+        a = np.concatenate([a, mirror_a, other_a])
+        b = np.concatenate([b, mirror_b, other_b])
+        distance = np.concatenate([distance, mirror_distance, other_distance])
+    return _pairs_frame(a, b, distance)
+
+
+__all__ = [
+    "HASH_BITS",
+    "SearchStats",
+    "find_near_duplicates",
+    "find_near_duplicates_between",
+    "search_masks",
+]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,10 +33,11 @@ from carmodels.dedup.schema import (
     CLUSTERS_FILE,
     CONTACT_SHEET_FILE,
     HASHES_FILE,
+    PARTITION_COLUMN,
     UNIQUE_CORE_COLUMNS,
     UNIQUE_FILE,
 )
-from carmodels.dedup.search import _popcount, find_near_duplicates
+from carmodels.dedup.search import SearchStats, _popcount, find_near_duplicates
 from carmodels.dedup.verify import stack_thumbnails, verify_pairs
 from carmodels.errors import InputError
 from carmodels.io import atomic_write_parquet
@@ -108,35 +110,20 @@ def deduplicate(
             "run `carmodels scrape` again (its outcome counts say why the fetches failed)."
         )
     cached = _read_hash_cache(out_dir / HASHES_FILE, config)
-    hashes, n_hashed = _hash_new_images(raw_dir, index, cached, config, on_progress)
+    hashes, n_hashed = _hash_new_images([(raw_dir, index)], cached, config, on_progress)
     _write_hash_cache(out_dir / HASHES_FILE, hashes, config)
 
-    images, undecodable_by_reason = _decodable_images(raw_dir, index, hashes)
-    _assign_clusters(images, _near_pairs(images, config), config)
-    unique_path = _write_unique(images, index, out_dir)
-    members, clusters_path = _write_clusters(images, out_dir)
-
-    contact_sheet_path = None
-    if len(members):
-        contact_sheet_path = write_contact_sheet(
-            raw_dir, members, out_dir / CONTACT_SHEET_FILE, config
+    images, undecodable_by_reason = _with_hashes(index, hashes)
+    if images.empty:
+        raise InputError(
+            f"None of the {len(index)} fetched images in {raw_dir} decodes "
+            f"({undecodable_by_reason}); check what the scraped URLs serve."
         )
-    else:
-        (out_dir / CONTACT_SHEET_FILE).unlink(missing_ok=True)  # stale sheet of a past run
-
-    sizes = images.groupby("cluster_id").size()
-    histogram = {int(size): int(count) for size, count in sizes.value_counts().sort_index().items()}
-    kinds = images["kind"].value_counts()
+    _assign_clusters(images, _near_pairs(images, config), config)
+    metadata = [c for c in index.columns if c not in ("url", "sha256", "raw_shard", "fetched_at")]
     return DedupResult(
         n_input=len(index),
-        n_kept=int(images["kept"].sum()),
-        n_exact_duplicates=int(kinds.get("exact", 0)),
-        n_near_duplicates=int(kinds.get("near", 0)),
-        n_clusters=int((sizes > 1).sum()),
-        cluster_size_histogram=histogram,
-        unique_path=unique_path,
-        clusters_path=clusters_path,
-        contact_sheet_path=contact_sheet_path,
+        **_write_outputs(images, metadata, out_dir, raw_dir, config),
         elapsed_s=time.monotonic() - started,
         n_undecodable=len(index) - len(images),
         undecodable_by_reason=undecodable_by_reason,
@@ -144,34 +131,66 @@ def deduplicate(
     )
 
 
-def _decodable_images(
-    raw_dir: Path, index: pd.DataFrame, hashes: pd.DataFrame
-) -> tuple[pd.DataFrame, dict[str, int]]:
+def _write_outputs(
+    images: pd.DataFrame,
+    metadata: list[str],
+    out_dir: Path,
+    photos: Path | Mapping[str, Path],
+    config: DedupConfig,
+) -> dict[str, Any]:
+    """Write ``unique.parquet``, ``clusters.parquet`` and the contact sheet of clustered
+    ``images`` (photos read from ``photos``: a raw folder, or partition -> raw folder); return
+    the ``DedupResult`` fields that describe them."""
+    unique_path = _write_unique(images, metadata, out_dir)
+    members, clusters_path = _write_clusters(images, out_dir)
+    contact_sheet_path = None
+    if len(members):
+        contact_sheet_path = write_contact_sheet(
+            photos, members, out_dir / CONTACT_SHEET_FILE, config
+        )
+    else:
+        (out_dir / CONTACT_SHEET_FILE).unlink(missing_ok=True)  # stale sheet of a past run
+
+    sizes = images.groupby("cluster_id").size()
+    histogram = {int(size): int(count) for size, count in sizes.value_counts().sort_index().items()}
+    kinds = images["kind"].value_counts()
+    return {
+        "n_kept": int(images["kept"].sum()),
+        "n_exact_duplicates": int(kinds.get("exact", 0)),
+        "n_near_duplicates": int(kinds.get("near", 0)),
+        "n_clusters": int((sizes > 1).sum()),
+        "cluster_size_histogram": histogram,
+        "unique_path": unique_path,
+        "clusters_path": clusters_path,
+        "contact_sheet_path": contact_sheet_path,
+    }
+
+
+def _with_hashes(index: pd.DataFrame, hashes: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """The rows of ``index`` whose image decodes, with their hashes, thumbnails and ``pixels``,
-    sorted by URL; and the others counted by reason (``_undecodable_by_reason``)."""
+    sorted by URL (then partition, when there is one); and the others counted by reason
+    (``_undecodable_by_reason``)."""
     decodable = hashes[hashes["decodable"]].drop(columns="decodable")
     images = index.merge(decodable, on="sha256", how="inner", validate="many_to_one")
-    undecodable_by_reason = _undecodable_by_reason(index, hashes)
-    if images.empty:
-        raise InputError(
-            f"None of the {len(index)} fetched images in {raw_dir} decodes "
-            f"({undecodable_by_reason}); check what the scraped URLs serve."
-        )
-    images = images.sort_values("url", kind="stable").reset_index(drop=True)
+    order = ["url", PARTITION_COLUMN] if PARTITION_COLUMN in images.columns else ["url"]
+    images = images.sort_values(order, kind="stable").reset_index(drop=True)
     images["pixels"] = images["width"].astype(np.int64) * images["height"].astype(np.int64)
-    return images, undecodable_by_reason
+    return images, _undecodable_by_reason(index, hashes)
 
 
-def _near_pairs(images: pd.DataFrame, config: DedupConfig) -> pd.DataFrame:
+def _near_pairs(
+    images: pd.DataFrame, config: DedupConfig, stats: SearchStats | None = None
+) -> pd.DataFrame:
     """Near pairs ``i, j`` of the distinct sha256 values of ``images`` (indexed in order of
     first appearance): hash candidates, kept only if their colours agree when
-    ``verify_colour``."""
+    ``verify_colour``. ``stats`` counts the search's work."""
     distinct = images.drop_duplicates("sha256")  # factorize order == first appearance
     pairs = find_near_duplicates(
         distinct["hash"].to_numpy(np.uint64),
         config.threshold,
         distinct["hash_flipped"].to_numpy(np.uint64) if config.flip_aware else None,
         bits=config.hash_bits,
+        stats=stats,
         workers=config.workers,
     )
     if config.verify_colour:
@@ -184,6 +203,15 @@ def _assign_clusters(images: pd.DataFrame, pairs: pd.DataFrame, config: DedupCon
     ``kept``), its hashes in hex (``phash``, ``phash_flipped``) and its relation to its
     cluster's kept image (``distance``, ``kind``)."""
     labels, kept = _cluster(images, pairs)
+    _describe_clusters(images, labels, kept, config)
+
+
+def _describe_clusters(
+    images: pd.DataFrame, labels: np.ndarray, kept: np.ndarray, config: DedupConfig
+) -> None:
+    """Add to ``images`` (in place) the columns ``_assign_clusters`` describes, for given
+    cluster ``labels`` (one kept image each, flagged by ``kept``): numbered by size, with each
+    member's distance to its kept image."""
     kept_row_of_label = pd.Series(np.flatnonzero(kept), index=labels[kept])
     kept_row = kept_row_of_label.loc[labels].to_numpy()
     images["cluster_id"] = _relabel_by_size(
@@ -207,9 +235,8 @@ def _assign_clusters(images: pd.DataFrame, pairs: pd.DataFrame, config: DedupCon
     images["kind"] = np.where(kept, None, np.where(same_bytes, "exact", "near"))
 
 
-def _write_unique(images: pd.DataFrame, index: pd.DataFrame, out_dir: Path) -> Path:
-    """Write ``unique.parquet``: the kept images, by cluster, with their listing metadata."""
-    metadata = [c for c in index.columns if c not in ("url", "sha256", "raw_shard", "fetched_at")]
+def _write_unique(images: pd.DataFrame, metadata: list[str], out_dir: Path) -> Path:
+    """Write ``unique.parquet``: the kept images, by cluster, with the ``metadata`` columns."""
     unique = images[images["kept"]].sort_values(["cluster_id", "url"], kind="stable")
     unique_table = pa.Table.from_pandas(
         unique[[*UNIQUE_CORE_COLUMNS, "phash_flipped", "n_bytes", "fetched_at", *metadata]].astype(

@@ -15,7 +15,14 @@ from carmodels.demo.catalog import (
     build_catalog,
 )
 from carmodels.demo.drawing import BODY_TYPES, CAR_COLOURS, FACINGS, VIEWS, draw_car
-from carmodels.demo.server import LISTINGS_PER_PAGE, DemoServer, make_app, run_demo_server
+from carmodels.demo.server import (
+    LISTINGS_PER_PAGE,
+    DemoServer,
+    RequestLog,
+    RequestRecord,
+    make_app,
+    run_demo_server,
+)
 
 __all__ = [
     "BODY_TYPES",
@@ -30,6 +37,8 @@ __all__ = [
     "DemoListing",
     "DemoServer",
     "ImageTruth",
+    "RequestLog",
+    "RequestRecord",
     "build_catalog",
     "draw_car",
     "make_app",

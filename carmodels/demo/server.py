@@ -8,10 +8,14 @@ Routes:
 - ``/listing/<id>``: one listing;
 - ``/images/<name>.jpg``: the photos (ETag, Last-Modified; 404 for the planted dead links);
 - ``/manifest.csv``: every image URL with its listing's metadata, for the manifest-file path;
-- ``/robots.txt``: everything allowed.
+- ``/robots.txt``: everything allowed (with an optional ``Crawl-delay``).
 
 `DemoServer` runs the app on a background thread with its own event loop, for tests and for
 the pipeline's demo profile; `run_demo_server` serves in the foreground for the CLI.
+
+For tests of politeness, a server can log every request (`RequestLog`: host, path, and when
+its handling started and its response was written) and answer photos slowly
+(``image_delay_s``), so that requests overlap and their pace can be measured.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import html
 import json
 import math
 import threading
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -44,6 +50,73 @@ SHUTDOWN_GRACE_S = 1.0
 
 CATALOG_KEY = web.AppKey("catalog", DemoCatalog)
 PAGE_SIZE_KEY = web.AppKey("listings_per_page", int)
+IMAGE_DELAY_KEY = web.AppKey("image_delay_s", float)
+CRAWL_DELAY_KEY = web.AppKey("crawl_delay_s", float)
+
+
+# --------------------------------------------------------------------------- request log
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request the server answered; times are ``time.monotonic()`` of the server's process."""
+
+    host: str
+    path: str
+    status: int
+    #: When the handler started.
+    start: float
+    #: When the whole response had been handed to the socket.
+    end: float
+
+
+class RequestLog:
+    """Every request a `DemoServer` answers, in the order they finished (thread-safe).
+
+    A request is logged once its response is written, which can be a moment after the client
+    has read it: for exact counts, read the log after the server has stopped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[RequestRecord] = []
+
+    def add(self, record: RequestRecord) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def records(self, path_prefix: str = "") -> list[RequestRecord]:
+        """A copy of the records so far, those whose path starts with ``path_prefix``."""
+        with self._lock:
+            return [r for r in self._records if r.path.startswith(path_prefix)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+
+def _logging_middleware(log: RequestLog) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def record(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        start = time.monotonic()
+        status = 500
+        try:
+            response = await handler(request)
+            # Written here rather than after the middleware returns, so that ``end`` is when
+            # the client can have the whole response: a request is in flight until then.
+            await response.prepare(request)
+            await response.write_eof()
+            status = response.status
+            return response
+        except web.HTTPException as error:
+            status = error.status
+            raise
+        finally:
+            log.add(RequestRecord(request.host, request.path_qs, status, start, time.monotonic()))
+
+    return record
 
 
 # --------------------------------------------------------------------------- pages
@@ -148,6 +221,9 @@ async def _image(request: web.Request) -> web.Response:
     path = f"/images/{request.match_info['name']}"
     if not catalog.serves(path):
         raise web.HTTPNotFound(text=f"no image at {path}")
+    delay = request.app[IMAGE_DELAY_KEY]
+    if delay:
+        await asyncio.sleep(delay)  # a slow site, for tests of politeness and lost workers
     # Drawing a photo the first time takes tens of milliseconds: keep the loop responsive.
     loop = asyncio.get_running_loop()
     data = await loop.run_in_executor(None, catalog.image_bytes, path)
@@ -169,18 +245,42 @@ async def _manifest(request: web.Request) -> web.Response:
 
 
 async def _robots(request: web.Request) -> web.Response:
-    return web.Response(text="User-agent: *\nAllow: /\n", content_type="text/plain")
+    text = "User-agent: *\nAllow: /\n"
+    crawl_delay = request.app[CRAWL_DELAY_KEY]
+    if crawl_delay:
+        text += f"Crawl-delay: {crawl_delay:g}\n"
+    return web.Response(text=text, content_type="text/plain")
+
+
+def _check_delays(image_delay_s: float, crawl_delay_s: float) -> None:
+    if image_delay_s < 0 or crawl_delay_s < 0:
+        raise ValueError(
+            f"image_delay_s and crawl_delay_s must be >= 0, got {image_delay_s}, {crawl_delay_s}"
+        )
 
 
 def make_app(
-    catalog: DemoCatalog, *, listings_per_page: int = LISTINGS_PER_PAGE
+    catalog: DemoCatalog,
+    *,
+    listings_per_page: int = LISTINGS_PER_PAGE,
+    request_log: RequestLog | None = None,
+    image_delay_s: float = 0.0,
+    crawl_delay_s: float = 0.0,
 ) -> web.Application:
-    """The listing site for ``catalog`` as an aiohttp application."""
+    """The listing site for ``catalog`` as an aiohttp application.
+
+    ``request_log`` records every request; ``image_delay_s`` holds each photo's response
+    back that long; ``crawl_delay_s`` puts a ``Crawl-delay`` in robots.txt.
+    """
     if listings_per_page < 1:
         raise ValueError(f"listings_per_page must be at least 1, got {listings_per_page}")
-    app = web.Application()
+    _check_delays(image_delay_s, crawl_delay_s)
+    middlewares = [_logging_middleware(request_log)] if request_log is not None else []
+    app = web.Application(middlewares=middlewares)
     app[CATALOG_KEY] = catalog
     app[PAGE_SIZE_KEY] = listings_per_page
+    app[IMAGE_DELAY_KEY] = float(image_delay_s)
+    app[CRAWL_DELAY_KEY] = float(crawl_delay_s)
     app.router.add_get("/", _root)
     app.router.add_get("/listings", _listings)
     app.router.add_get("/listing/{listing_id}", _listing)
@@ -199,6 +299,8 @@ class DemoServer:
     ``port=0`` picks a free port. The catalog is built at construction (cheap: photos are
     drawn on first request), so ``.catalog`` is available before the server starts; pass
     ``catalog`` to serve one already built (its drawn photos are reused).
+    ``record_requests`` keeps a `RequestLog` in ``.request_log``; ``image_delay_s`` and
+    ``crawl_delay_s`` are `make_app`'s.
     """
 
     def __init__(
@@ -210,10 +312,17 @@ class DemoServer:
         *,
         catalog: DemoCatalog | None = None,
         listings_per_page: int = LISTINGS_PER_PAGE,
+        record_requests: bool = False,
+        image_delay_s: float = 0.0,
+        crawl_delay_s: float = 0.0,
     ) -> None:
+        _check_delays(image_delay_s, crawl_delay_s)
         self.catalog = catalog if catalog is not None else build_catalog(seed, n_listings)
         self.host = host
         self.listings_per_page = listings_per_page
+        self.request_log: RequestLog | None = RequestLog() if record_requests else None
+        self.image_delay_s = image_delay_s
+        self.crawl_delay_s = crawl_delay_s
         self._requested_port = port
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -294,7 +403,13 @@ class DemoServer:
         self._loop = loop
         runner: web.AppRunner | None = None
         try:
-            app = make_app(self.catalog, listings_per_page=self.listings_per_page)
+            app = make_app(
+                self.catalog,
+                listings_per_page=self.listings_per_page,
+                request_log=self.request_log,
+                image_delay_s=self.image_delay_s,
+                crawl_delay_s=self.crawl_delay_s,
+            )
             runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_S)
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self._requested_port)

@@ -30,7 +30,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -52,6 +52,9 @@ from carmodels.scrape.raw import (
 from carmodels.scrape.run import run_sync
 from carmodels.scrape.urls import normalise_url
 
+if TYPE_CHECKING:
+    from upath import UPath
+
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]
@@ -59,9 +62,10 @@ ProgressCallback = Callable[[int, int], None]
 
 @dataclass
 class ScrapeResult:
-    """What one :func:`download_images` run did."""
+    """What one :func:`download_images` run did (or one Ray download,
+    :func:`carmodels.cluster.download_on_ray`: its paths are ``UPath`` on a remote root)."""
 
-    out_dir: Path
+    out_dir: Path | UPath
     #: Distinct valid URLs in the manifest.
     n_urls: int
     #: URLs not fetched because ``out_dir`` already had a row for them.
@@ -76,7 +80,7 @@ class ScrapeResult:
     #: ``url, outcome, status`` of this run's rows that are not ``ok``.
     failures: pd.DataFrame
     #: Shards written by this run, in order.
-    shard_paths: list[Path] = field(default_factory=list)
+    shard_paths: list[Path | UPath] = field(default_factory=list)
     #: With ``revalidate``: ``not_modified`` (304), ``unchanged`` (same bytes), ``changed``
     #: (new row written) and ``kept_after_failure`` (the request failed; old row kept).
     revalidation_counts: dict[str, int] = field(default_factory=dict)
@@ -132,7 +136,9 @@ class _Job:
     known: Validators | None = None
 
 
-def _revalidation_verdict(row: dict[str, Any], known: Validators) -> str:
+def revalidation_verdict(row: dict[str, Any], known: Validators) -> str:
+    """What a revalidating fetch's ``row`` means for the stored copy (a key of
+    ``ScrapeResult.revalidation_counts``); only ``changed`` writes the row."""
     if row["outcome"] == "not_modified":
         return "not_modified"
     if row["outcome"] != "ok":
@@ -142,8 +148,11 @@ def _revalidation_verdict(row: dict[str, Any], known: Validators) -> str:
     return "changed"
 
 
-def _prepare_manifest(manifest_df: pd.DataFrame) -> pd.DataFrame:
-    """Normalised, distinct URLs with their metadata; clear errors for unusable input."""
+def prepare_manifest(manifest_df: pd.DataFrame) -> pd.DataFrame:
+    """Normalised, distinct URLs with their metadata; clear errors for unusable input.
+
+    The first row of a URL wins, so its metadata is the one stored.
+    """
     if "url" not in manifest_df.columns:
         raise KeyError(
             f"download_images needs a manifest with a 'url' column (see read_manifest); "
@@ -164,7 +173,8 @@ def _first_error(error: BaseException) -> BaseException:
     return error
 
 
-def _metadata_value(value: Any) -> str | None:
+def metadata_value(value: Any) -> str | None:
+    """A manifest cell as the raw shards store it: a string, or None when missing."""
     if value is None or (isinstance(value, float) and value != value):  # NaN
         return None
     if value is pd.NA or value is pd.NaT:
@@ -188,10 +198,12 @@ class _Plan:
         return len(self.manifest) - len(self.todo)
 
 
-def _plan(manifest_df: pd.DataFrame, out_dir: Path, config: ScrapeConfig) -> _Plan:
-    """The manifest's URLs less those ``out_dir`` already has, and a writer numbering after it."""
-    manifest = _prepare_manifest(manifest_df)
-    existing = scan_existing(out_dir, with_validators=config.revalidate)
+def urls_to_fetch(
+    manifest: pd.DataFrame, existing: ExistingRaw, config: ScrapeConfig
+) -> pd.DataFrame:
+    """The rows of a prepared ``manifest`` that a run under ``config`` fetches, given what
+    the raw folder already has: URLs without a row, those whose latest outcome is transient
+    (``retry_failed``), and ok ones to ask for again (``revalidate``)."""
 
     def wanted(url: str) -> bool:
         outcome = existing.latest_outcome.get(url)
@@ -201,7 +213,14 @@ def _plan(manifest_df: pd.DataFrame, out_dir: Path, config: ScrapeConfig) -> _Pl
             return True
         return config.revalidate and url in existing.validators
 
-    todo = manifest.loc[manifest["url"].map(wanted)]
+    return manifest.loc[manifest["url"].map(wanted)]
+
+
+def _plan(manifest_df: pd.DataFrame, out_dir: Path, config: ScrapeConfig) -> _Plan:
+    """The manifest's URLs less those ``out_dir`` already has, and a writer numbering after it."""
+    manifest = prepare_manifest(manifest_df)
+    existing = scan_existing(out_dir, with_validators=config.revalidate)
+    todo = urls_to_fetch(manifest, existing, config)
     metadata_names = metadata_column_names(manifest.columns)
     writer = RawShardWriter(
         out_dir,
@@ -291,7 +310,7 @@ class _DownloadRun:
         columns = ["url", *metadata_names]
         for url, *values in plan.todo[columns].itertuples(index=False, name=None):
             metadata = {
-                metadata_names[c]: _metadata_value(v)
+                metadata_names[c]: metadata_value(v)
                 for c, v in zip(metadata_names, values, strict=True)
             }
             # validators exist for ok rows only: a URL retried after a failure is a plain fetch.
@@ -314,7 +333,7 @@ class _DownloadRun:
                 row = error_row(job.url)
             row.update(job.metadata)
             if job.known is not None:
-                verdict = _revalidation_verdict(row, job.known)
+                verdict = revalidation_verdict(row, job.known)
                 self.revalidation_counts[verdict] += 1
                 if verdict != "changed":
                     row = {"url": job.url, "outcome": _NOT_WRITTEN}  # the old row stays

@@ -8,6 +8,12 @@ private addresses, robots.txt and counted), ``X-Robots-Tag: noai`` is honoured b
 body is read, bodies are streamed under a size cap, and images are validated (and
 thumbnailed) by :func:`carmodels.scrape.validate.inspect_image` off the event loop.
 
+Per-host concurrency and pacing live behind a :class:`HostGate`: the fetcher's own
+(:class:`LocalHostGate`) by default, or one a Ray task is given so that a host's limits hold
+across every task fetching it (:mod:`carmodels.cluster.politeness`). robots.txt files read
+elsewhere can be handed in too (``open_fetcher(robots_seeds=...)``, made by
+:func:`read_robots`), so that a site is asked once per job rather than once per task.
+
 It lives apart from the downloader (:mod:`carmodels.scrape.download`, manifests and shards)
 so that fetch processes (:mod:`carmodels.scrape.processes`) start without importing pandas
 and pyarrow: a second off a process's start-up.
@@ -22,9 +28,9 @@ import multiprocessing
 import os
 import random
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -43,7 +49,13 @@ from carmodels.scrape.net import (
     open_session,
     read_body,
 )
-from carmodels.scrape.robots import RobotsCache, RobotsSettings, RobotsVerdict, opts_out_of_ai
+from carmodels.scrape.robots import (
+    RobotsCache,
+    RobotsSeed,
+    RobotsSettings,
+    RobotsVerdict,
+    opts_out_of_ai,
+)
 from carmodels.scrape.urls import host_of, origin_of, resolve_url
 from carmodels.scrape.validate import (
     ACCEPTED_IMAGE_TYPES,
@@ -276,6 +288,35 @@ class _HostSlots:
                 self._slots[host] = (semaphore, users - 1)
 
 
+class HostGate(Protocol):
+    """Where a request to a host waits for its turn: per-host concurrency and pacing.
+
+    ``hold(host, crawl_delay_s)`` is entered before each attempt (outside its deadline) and
+    left when the attempt is over; ``crawl_delay_s`` is robots.txt's ``Crawl-delay`` for the
+    URL's origin (0 for none). :class:`LocalHostGate` is this process's own; a Ray download
+    passes one that shares a host's limits with the other tasks fetching it
+    (:mod:`carmodels.cluster.politeness`).
+    """
+
+    def hold(self, host: str, crawl_delay_s: float) -> AbstractAsyncContextManager[None]: ...
+
+
+class LocalHostGate:
+    """The fetcher's own gate: ``per_host_limit`` requests in flight per host, and starts
+    spaced by ``per_host_rate`` or the Crawl-delay, whichever is slower
+    (:class:`carmodels.scrape.net.HostPacer`)."""
+
+    def __init__(self, per_host_limit: int, per_host_rate: float) -> None:
+        self._host_slots = _HostSlots(per_host_limit)
+        self._pacer = HostPacer(per_host_rate)
+
+    @asynccontextmanager
+    async def hold(self, host: str, crawl_delay_s: float) -> AsyncIterator[None]:
+        await self._pacer.wait(host, crawl_delay_s)
+        async with self._host_slots.hold(host):
+            yield
+
+
 def _retry_after_s(value: str | None) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
     if not value:
@@ -309,6 +350,7 @@ class Fetcher:
         config: ScrapeConfig,
         robots: RobotsCache | None,
         crawl_delay_scale: int = 1,
+        host_gate: HostGate | None = None,
     ) -> None:
         self._session = session
         self._decoder = decoder
@@ -316,8 +358,7 @@ class Fetcher:
         self._robots = robots
         # Fetch processes sharing a host each space their requests by this many Crawl-delays.
         self._crawl_delay_scale = crawl_delay_scale
-        self._host_slots = _HostSlots(config.per_host_limit)
-        self._pacer = HostPacer(config.per_host_rate)
+        self._gate = host_gate or LocalHostGate(config.per_host_limit, config.per_host_rate)
         self._random = random.Random()
 
     async def fetch(self, url: str, known: Validators | None = None) -> dict[str, Any]:
@@ -387,8 +428,7 @@ class Fetcher:
             return _Attempt(verdict.value)
         host = host_of(url)
         crawl_delay = self._robots.crawl_delay_s(url) if self._robots is not None else 0.0
-        await self._pacer.wait(host, crawl_delay * self._crawl_delay_scale)
-        async with self._host_slots.hold(host):
+        async with self._gate.hold(host, crawl_delay * self._crawl_delay_scale):
             try:
                 async with asyncio.timeout(config.total_timeout_s):
                     return await self._follow_redirects(url, known)
@@ -463,10 +503,9 @@ def error_row(url: str) -> dict[str, Any]:
     return {"url": url, "outcome": "error", "fetched_at": datetime.now(UTC)}
 
 
-@asynccontextmanager
-async def open_fetcher(config: ScrapeConfig, crawl_delay_scale: int = 1) -> AsyncIterator[Fetcher]:
-    """A fetcher with its own session, robots.txt cache and decode pool, closed on exit."""
-    settings = SessionSettings(
+def session_settings(config: ScrapeConfig) -> SessionSettings:
+    """The HTTP session a fetcher under ``config`` uses."""
+    return SessionSettings(
         user_agent=config.user_agent,
         allow_private_networks=config.allow_private_networks,
         allowed_private_origins=config.allowed_private_origins,
@@ -476,7 +515,11 @@ async def open_fetcher(config: ScrapeConfig, crawl_delay_scale: int = 1) -> Asyn
         read_timeout_s=config.read_timeout_s,
         dns_cache_ttl_s=config.dns_cache_ttl_s,
     )
-    robots_settings = RobotsSettings(
+
+
+def robots_settings(config: ScrapeConfig) -> RobotsSettings:
+    """How a fetcher under ``config`` reads robots.txt."""
+    return RobotsSettings(
         user_agent=config.user_agent,
         allow_private_networks=config.allow_private_networks,
         allowed_private_origins=config.allowed_private_origins,
@@ -484,19 +527,69 @@ async def open_fetcher(config: ScrapeConfig, crawl_delay_scale: int = 1) -> Asyn
         max_redirects=max(5, config.max_redirects),
         max_crawl_delay_s=config.max_crawl_delay_s,
     )
+
+
+@asynccontextmanager
+async def open_fetcher(
+    config: ScrapeConfig,
+    crawl_delay_scale: int = 1,
+    *,
+    host_gate: HostGate | None = None,
+    robots_seeds: Mapping[str, RobotsSeed] | None = None,
+) -> AsyncIterator[Fetcher]:
+    """A fetcher with its own session, robots.txt cache and decode pool, closed on exit.
+
+    ``host_gate`` replaces the fetcher's own per-host limits (:class:`LocalHostGate`);
+    ``robots_seeds`` (origin → :data:`carmodels.scrape.robots.RobotsSeed`) are robots.txt
+    files read elsewhere, which this fetcher uses instead of fetching them.
+    """
     # Threads by default, not processes. Pillow releases the GIL while it decodes and
     # resizes, so threads use the core this event loop leaves free without pickling each
     # body to another process and the result back (docs/benchmarks/scrape.md). Either
     # way the event loop only awaits the pool, so downloads keep flowing.
     decode_workers = config.decode_workers or os.cpu_count() or 1
     with _decode_pool(config.decode_pool, decode_workers) as decoder:
-        async with open_session(settings) as session:
-            robots = RobotsCache(session, robots_settings) if config.respect_robots else None
+        async with open_session(session_settings(config)) as session:
+            robots = (
+                RobotsCache(session, robots_settings(config), robots_seeds)
+                if config.respect_robots
+                else None
+            )
             try:
-                yield Fetcher(session, decoder, config, robots, crawl_delay_scale)
+                yield Fetcher(session, decoder, config, robots, crawl_delay_scale, host_gate)
             finally:
                 if robots is not None:
                     await robots.close()
+
+
+async def read_robots(config: ScrapeConfig, urls: Iterable[str]) -> dict[str, RobotsSeed]:
+    """Origin → what its robots.txt came to, for the origins of ``urls``, each fetched once
+    under ``config`` (to seed fetchers elsewhere through ``open_fetcher(robots_seeds=...)``).
+
+    Empty when ``config.respect_robots`` is off.
+    """
+    if not config.respect_robots:
+        return {}
+    first_url = {origin_of(url): url for url in reversed(list(urls))}
+    if not first_url:
+        return {}
+    seeds: dict[str, RobotsSeed] = {}
+    # As many origins at once as the fetcher would have requests in flight.
+    limit = asyncio.Semaphore(config.concurrency)
+    async with open_session(session_settings(config)) as session:
+        robots = RobotsCache(session, robots_settings(config))
+
+        async def read(origin: str, url: str) -> None:
+            async with limit:
+                seeds[origin] = await robots.seed_of(url)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for origin, url in first_url.items():
+                    group.create_task(read(origin, url))
+        finally:
+            await robots.close()
+    return dict(sorted(seeds.items()))
 
 
 def _decode_pool(kind: str, workers: int) -> Executor | contextlib.nullcontext[None]:

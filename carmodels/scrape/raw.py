@@ -22,8 +22,8 @@ import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ import pyarrow.parquet as pq
 from carmodels.errors import MissingColumnError, MissingInputError, ShardsError, one_line
 from carmodels.io import atomic_write
 from carmodels.scrape.fetch import THUMBNAIL_COLUMN, Validators
+
+if TYPE_CHECKING:
+    import fsspec
 
 RAW_SHARD_GLOB = "raw-*.parquet"
 _RAW_SHARD_NAME = re.compile(r"^raw-(\d+)\.parquet$")
@@ -90,7 +93,7 @@ def raw_schema(metadata_columns: Sequence[str], thumbnails: bool = False) -> pa.
     return pa.schema([*RAW_FIELDS, *optional, *metadata])
 
 
-def shard_index(path: Path) -> int | None:
+def shard_index(path: PurePath) -> int | None:
     match = _RAW_SHARD_NAME.match(path.name)
     return int(match.group(1)) if match else None
 
@@ -115,15 +118,27 @@ class ExistingRaw:
     validators: dict[str, Validators] = field(default_factory=dict)
 
 
-def scan_existing(raw_dir: str | os.PathLike[str], with_validators: bool = False) -> ExistingRaw:
-    """Read only the small columns of existing shards (never the image bytes)."""
-    paths = raw_shard_paths(raw_dir)
+def scan_existing(
+    raw_dir: str | os.PathLike[str],
+    with_validators: bool = False,
+    filesystem: fsspec.AbstractFileSystem | None = None,
+) -> ExistingRaw:
+    """Read only the small columns of existing shards (never the image bytes).
+
+    With ``filesystem``, ``raw_dir`` is a path on it (an S3 prefix read in place, say);
+    otherwise a local folder.
+    """
+    paths: Sequence[str | Path]
+    if filesystem is None:
+        paths = raw_shard_paths(raw_dir)
+    else:
+        paths = remote_raw_shard_paths(filesystem, os.fspath(raw_dir))
     if not paths:
         return ExistingRaw()
     columns = ["url", "outcome", "fetched_at"]
     if with_validators:
         columns += ["etag", "last_modified", "sha256"]
-    frame = _latest_per_url(_read_tables(paths, columns)).to_pandas()
+    frame = _latest_per_url(_read_tables(paths, columns, filesystem)).to_pandas()
     latest = dict(zip(frame["url"], frame["outcome"], strict=True))
     validators: dict[str, Validators] = {}
     if with_validators:
@@ -133,7 +148,16 @@ def scan_existing(raw_dir: str | os.PathLike[str], with_validators: bool = False
             ["url", "etag", "last_modified", "sha256"]
         ].itertuples(index=False, name=None):
             validators[url] = Validators(etag, last_modified, sha256)
-    return ExistingRaw(latest, max(shard_index(p) or 0 for p in paths) + 1, validators)
+    next_index = max(shard_index(PurePosixPath(p)) or 0 for p in paths) + 1
+    return ExistingRaw(latest, next_index, validators)
+
+
+def remote_raw_shard_paths(filesystem: fsspec.AbstractFileSystem, raw_dir: str) -> list[str]:
+    """The finished shards under ``raw_dir`` of an fsspec file system, in shard-number order."""
+    filesystem.invalidate_cache(raw_dir)  # another process (a Ray task) may have written some
+    found = filesystem.glob(f"{raw_dir.rstrip('/')}/{RAW_SHARD_GLOB}")
+    paths = [p for p in found if shard_index(PurePosixPath(p)) is not None]
+    return sorted(paths, key=lambda p: shard_index(PurePosixPath(p)) or 0)
 
 
 class RawShardWriter:
@@ -253,13 +277,19 @@ def _binary_array(values: list[bytes | None]) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(), len(values), buffers)
 
 
-def _read_tables(paths: Sequence[Path], columns: Sequence[str] | None) -> pa.Table:
+def _read_tables(
+    paths: Sequence[str | Path],
+    columns: Sequence[str] | None,
+    filesystem: fsspec.AbstractFileSystem | None = None,
+) -> pa.Table:
     tables = []
     for path in paths:
         try:
             # A shard from a run with another manifest may lack some metadata columns.
-            present = None if columns is None else [c for c in columns if c in _names(path)]
-            tables.append(pq.read_table(path, columns=present))
+            present = (
+                None if columns is None else [c for c in columns if c in _names(path, filesystem)]
+            )
+            tables.append(pq.read_table(path, columns=present, filesystem=filesystem))
         except (pa.ArrowInvalid, OSError) as error:
             raise ValueError(
                 f"cannot read raw shard {path}: {error}. Delete it and run the scrape again "
@@ -269,8 +299,8 @@ def _read_tables(paths: Sequence[Path], columns: Sequence[str] | None) -> pa.Tab
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _names(path: Path) -> list[str]:
-    return pq.read_schema(path).names
+def _names(path: str | Path, filesystem: fsspec.AbstractFileSystem | None = None) -> list[str]:
+    return pq.read_schema(path, filesystem=filesystem).names
 
 
 def _latest_per_url(table: pa.Table) -> pa.Table:

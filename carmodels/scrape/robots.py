@@ -22,6 +22,11 @@ A ``Crawl-delay`` (fractions of a second allowed) in the group that applies to u
 too (:meth:`RobotsCache.crawl_delay_s`); the downloader and the crawler space their requests
 to that host by at least that much (:class:`carmodels.scrape.net.HostPacer`).
 
+What an origin's fetch came to can be handed on (:meth:`RobotsCache.seed_of`, a
+:data:`RobotsSeed`) and given to another process's cache (``RobotsCache(..., seeds=...)``):
+a Ray download reads each origin's robots.txt once in the driver and seeds every task with it,
+so a site is not asked once per task.
+
 :func:`opts_out_of_ai` reads ``X-Robots-Tag: noai`` / ``noimageai`` (the DeviantArt and Cara
 convention) from response headers, before any body is read; the downloader gives such URLs
 the outcome ``opted_out``.
@@ -32,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -64,6 +69,13 @@ class RobotsVerdict(Enum):
     ALLOWED = "allowed"
     DENIED = "robots_denied"
     UNAVAILABLE = "robots_unavailable"
+
+
+#: What one origin's robots.txt fetch came to, in a form another process can be given: the
+#: text of the file (a 2xx answer, parsed again there with the same settings), or the verdict
+#: that holds for every URL of the origin (``ALLOWED``: no file, 4xx, or a refused private
+#: address; ``UNAVAILABLE``: 5xx or unreachable).
+RobotsSeed = str | RobotsVerdict
 
 
 def product_token(user_agent: str) -> str:
@@ -114,6 +126,8 @@ class _Rules:
 
     parser: Protego
     crawl_delay_s: float
+    #: The text parsed, kept so that it can be handed on (:meth:`RobotsCache.seed_of`).
+    text: str
 
 
 def _parse(text: str) -> Protego:
@@ -138,16 +152,50 @@ def parse_crawl_delay(text: str, agent: str) -> float:
 
 
 class RobotsCache:
-    """robots.txt verdicts per origin, each origin fetched once however many tasks ask at once."""
+    """robots.txt verdicts per origin, each origin fetched once however many tasks ask at once.
 
-    def __init__(self, session: aiohttp.ClientSession, settings: RobotsSettings) -> None:
+    ``seeds`` (origin → :data:`RobotsSeed`, from another cache's :meth:`seed_of`) are origins
+    already fetched elsewhere: they are answered from the seed and never fetched here.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        settings: RobotsSettings,
+        seeds: Mapping[str, RobotsSeed] | None = None,
+    ) -> None:
         self._session = session
         self._settings = settings
         self._agent = product_token(settings.user_agent)
         self._rules: dict[str, asyncio.Task[_Rules | RobotsVerdict]] = {}
+        # Parsed up front, apart from the fetched ones: seeds are never evicted or refetched.
+        self._seeded: dict[str, _Rules | RobotsVerdict] = {
+            origin: seed if isinstance(seed, RobotsVerdict) else self._rules_of(origin, seed)
+            for origin, seed in (seeds or {}).items()
+        }
 
     async def verdict(self, url: str) -> RobotsVerdict:
         origin = origin_of(url)
+        rules = self._seeded.get(origin)
+        if rules is None:
+            rules = await self._load_once(origin)
+        if isinstance(rules, RobotsVerdict):
+            return rules
+        # The product token, not the whole User-Agent: protego looks for each group's name
+        # inside what it is given, and ``(+https://github.com/...)`` would match ``github``.
+        allowed = rules.parser.can_fetch(url, self._agent)
+        return RobotsVerdict.ALLOWED if allowed else RobotsVerdict.DENIED
+
+    async def seed_of(self, url: str) -> RobotsSeed:
+        """What ``url``'s origin's robots.txt came to (fetched now if it was not yet), to seed
+        another process's cache with."""
+        origin = origin_of(url)
+        rules = self._seeded.get(origin)
+        if rules is None:
+            rules = await self._load_once(origin)
+        return rules if isinstance(rules, RobotsVerdict) else rules.text
+
+    async def _load_once(self, origin: str) -> _Rules | RobotsVerdict:
         task = self._rules.get(origin)
         if task is None:
             if len(self._rules) >= self._settings.max_origins:
@@ -158,13 +206,7 @@ class RobotsCache:
             # cancelled does not cancel the fetch for the others.
             task = asyncio.ensure_future(self._load(origin))
             self._rules[origin] = task
-        rules = await asyncio.shield(task)
-        if isinstance(rules, RobotsVerdict):
-            return rules
-        # The product token, not the whole User-Agent: protego looks for each group's name
-        # inside what it is given, and ``(+https://github.com/...)`` would match ``github``.
-        allowed = rules.parser.can_fetch(url, self._agent)
-        return RobotsVerdict.ALLOWED if allowed else RobotsVerdict.DENIED
+        return await asyncio.shield(task)
 
     def crawl_delay_s(self, url: str) -> float:
         """Seconds robots.txt asks between our requests to ``url``'s origin (0 for none).
@@ -172,10 +214,13 @@ class RobotsCache:
         Read from the rules :meth:`verdict` loaded, so ask after awaiting it; an origin whose
         robots.txt is not loaded (yet) has no delay.
         """
-        task = self._rules.get(origin_of(url))
-        if task is None or not task.done() or task.cancelled() or task.exception() is not None:
-            return 0.0
-        rules = task.result()
+        origin = origin_of(url)
+        rules = self._seeded.get(origin)
+        if rules is None:
+            task = self._rules.get(origin)
+            if task is None or not task.done() or task.cancelled() or task.exception() is not None:
+                return 0.0
+            rules = task.result()
         return 0.0 if isinstance(rules, RobotsVerdict) else rules.crawl_delay_s
 
     async def close(self) -> None:
@@ -194,22 +239,25 @@ class RobotsCache:
                 return RobotsVerdict.ALLOWED
             status, text = None, None
         if status is not None and 200 <= status < 300 and text is not None:
-            parser = _parse(text)
-            delay = _crawl_delay(parser, self._agent)
-            if delay > self._settings.max_crawl_delay_s:
-                log.warning(
-                    "robots.txt of %s asks for Crawl-delay %g s; using the cap of %g s "
-                    "(max_crawl_delay_s)",
-                    origin,
-                    delay,
-                    self._settings.max_crawl_delay_s,
-                )
-                delay = self._settings.max_crawl_delay_s
-            return _Rules(parser, delay)
+            return self._rules_of(origin, text)
         if status is not None and 400 <= status < 500:
             return RobotsVerdict.ALLOWED
         log.warning("robots.txt of %s unavailable (status %s): not fetching there", origin, status)
         return RobotsVerdict.UNAVAILABLE
+
+    def _rules_of(self, origin: str, text: str) -> _Rules:
+        parser = _parse(text)
+        delay = _crawl_delay(parser, self._agent)
+        if delay > self._settings.max_crawl_delay_s:
+            log.warning(
+                "robots.txt of %s asks for Crawl-delay %g s; using the cap of %g s "
+                "(max_crawl_delay_s)",
+                origin,
+                delay,
+                self._settings.max_crawl_delay_s,
+            )
+            delay = self._settings.max_crawl_delay_s
+        return _Rules(parser, delay, text)
 
     async def _fetch(self, url: str) -> tuple[int | None, str | None]:
         settings = self._settings

@@ -45,13 +45,17 @@ from carmodels.storage.files import (
 CACHE_ENV = "CARMODELS_CACHE"
 #: File names (fnmatch patterns) that commit the files beside them: pushed after every other
 #: file and pulled before them. ``summary.json`` lists the current shard set, ``champion.json``
-#: the generator in use, ``latest.pt``/``best.pt`` point at an epoch checkpoint.
+#: the generator in use, ``latest.pt``/``best.pt`` point at an epoch checkpoint, and
+#: ``record.json`` (``carmodels.dedup.RECORD_FILE``, named here because storage sits below the
+#: stages) the incremental dedup's members file: uploaded before it, a reader of the remote
+#: would take the record with no members file and start the dedup afresh.
 DEFAULT_MARKERS: tuple[str, ...] = (
     "summary.json",
     "champion.json",
     "latest.pt",
     "best.pt",
     "metrics.json",
+    "record.json",
     "_SUCCESS",
 )
 #: Protocols that name the local file system: such roots are used in place.

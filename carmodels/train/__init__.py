@@ -4,7 +4,8 @@ Speed follows nanoGPT / stylegan2-ada rather than a ``DataLoader``: the whole ui
 set is moved to the device once (60,000 128 px images are 2.9 GB), every step indexes a batch
 from a per-epoch permutation and normalises it on the device, and the step never calls
 ``.item()``: losses are summed on the device and read every ``log_every_steps`` steps, which
-is also when divergence (NaN/inf) is detected.
+is also when divergence (NaN/inf) is detected. A training set larger than the memory budget
+(``TrainConfig.memory_budget_mb``) is streamed from the shards' row groups instead.
 
 Exact resume: each epoch's permutation comes from a generator seeded with ``(seed, epoch)``,
 the noise of the step has its own generator, and checkpoints hold the state of every random
@@ -20,6 +21,8 @@ The package, read in this order:
 * :mod:`.step`: :class:`TrainStep` (one D + one G update), shared with ``bench/train_gpu.py``
   so the benchmark times exactly the code that trains, and the epoch order;
 * :mod:`.loop`: :func:`train`, prepare -> resume -> epochs -> checkpoint -> finish;
+* :mod:`.data`: the images each epoch trains on, in memory or, above the memory budget,
+  streamed from the shards' row groups (what each epoch covers is stated there);
 * :mod:`.cpu_amp`: what ``amp="auto"`` means on a CPU (a measured fp32 / bf16 probe);
 * :mod:`.monitor` (per-epoch sample quality), :mod:`.artefacts` (history, TensorBoard),
   :mod:`.state` (the global RNGs);

@@ -91,6 +91,20 @@ class TrainConfig:
             "help": "cap on steps per epoch (tests, smoke runs); unset = one pass over the data"
         },
     )
+    # Unset: half the memory available at start-up, divided among the node's processes (and
+    # at most half a GPU's memory when training on one): loading the split whole briefly
+    # holds it twice (pyarrow's table and the tensor), so this streams only data that could
+    # not be loaded with room to spare, and keeps every run that fits on the in-memory path,
+    # unchanged. The path depends on the machine then: set it for runs that must repeat bit
+    # for bit elsewhere. See carmodels.train.data.
+    memory_budget_mb: int | None = field(
+        default=None,
+        metadata={
+            "help": "MiB the training images may take in each process: above it, the trainer "
+            "streams the shards' row groups instead of loading the train split; unset = half "
+            "the available memory, shared by the node's processes"
+        },
+    )
     #: Decay of the exponential moving average of G used for samples; None disables it.
     #: On: the EMA generator scores better than the raw one (docs/benchmarks/train-options.md).
     ema_decay: float | None = 0.999
@@ -182,6 +196,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.keep_last must be >= 1 or None, got {self.keep_last}")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError("TrainConfig.max_steps_per_epoch must be >= 1 or None")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 1:
+            raise ValueError(
+                f"TrainConfig.memory_budget_mb must be >= 1 or None, got {self.memory_budget_mb}"
+            )
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if not 0.0 <= self.label_smoothing < 0.5:

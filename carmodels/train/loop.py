@@ -3,8 +3,9 @@
 Speed follows nanoGPT / stylegan2-ada rather than a ``DataLoader``: the whole uint8 training
 set is moved to the device once, every step indexes a batch from a per-epoch permutation, and
 losses are read (one host sync) every ``log_every_steps`` steps, which is also when divergence
-is detected. Under ``torchrun`` every rank runs this loop on its own slice of the images; only
-rank 0 samples, measures, and writes files.
+is detected. A training set larger than the memory budget is streamed from the shards instead
+(:mod:`.data`). Under ``torchrun`` every rank runs this loop on its own part of the images;
+only rank 0 samples, measures, and writes files.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ from carmodels.train.artefacts import (
 )
 from carmodels.train.config import TrainConfig, TrainingDiverged, TrainResult
 from carmodels.train.cpu_amp import AmpChoice, choose_amp
+from carmodels.train.data import InMemoryImages, StreamedImages, load_training_data
 from carmodels.train.monitor import SampleMonitor, is_collapse
 from carmodels.train.state import capture_rng_state, restore_rng_state, seed_everything
-from carmodels.train.step import TrainStep, epoch_batches, epoch_permutation
+from carmodels.train.step import TrainStep
 
 # The package's name, as when the trainer was one module: log configuration keeps working.
 logger = logging.getLogger("carmodels.train")
@@ -103,8 +105,8 @@ class _Run:
     #: The autocast dtype trained with, and why (the CPU probe's timings).
     amp: AmpChoice
     trainer: TrainStep
-    #: This rank's slice of the training images, uint8 on the device.
-    images: torch.Tensor
+    #: This rank's training images: in memory, or streamed from the shards.
+    images: InMemoryImages | StreamedImages
     rank_batch: int
     steps_per_epoch: int
     data_version: str
@@ -150,9 +152,11 @@ def _prepare(
     rank_batch = _rank_batch(config.batch_size, world)
     resume_from = resume_path(resume, run_dir / CHECKPOINT_DIR)
     checkpoint = _load_resume_checkpoint(resume_from, spec)
-    all_images, data_version = _load_training_images(shards_dir, config, spec)
-    # Each rank keeps every world-th image; the smallest slice sets the epoch length.
-    steps_per_epoch = (all_images.shape[0] // world) // rank_batch
+    data = load_training_data(
+        shards_dir, config, spec, dist, device, rank_batch, GRID_SIDE * GRID_SIDE
+    )
+    # Each rank trains on N // world images or more; the smallest part sets the epoch length.
+    steps_per_epoch = (data.images.n_images // world) // rank_batch
     if config.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
@@ -165,10 +169,10 @@ def _prepare(
         assert resume_from is not None
         history, best, start_epoch = _resume(trainer, checkpoint, resume_from, hyper)
         last_checkpoint = resume_from
-        if checkpoint["data_version"] != data_version:
+        if checkpoint["data_version"] != data.data_version:
             say(
                 f"Warning: {resume_from} was trained on data version "
-                f"{checkpoint['data_version']}, the shards are now {data_version}."
+                f"{checkpoint['data_version']}, the shards are now {data.data_version}."
             )
         say(f"Resuming from {resume_from} (epoch {start_epoch}, step {trainer.step}).")
     elif main:
@@ -185,12 +189,11 @@ def _prepare(
         device=device,
         amp=amp,
         trainer=trainer,
-        monitor=SampleMonitor(all_images, GRID_SIDE * GRID_SIDE, config.seed) if main else None,
-        # Once: every step indexes this rank's slice on the device.
-        images=all_images[dist.rank :: world].to(device),
+        monitor=data.monitor,
+        images=data.images,
         rank_batch=rank_batch,
         steps_per_epoch=steps_per_epoch,
-        data_version=data_version,
+        data_version=data.data_version,
         fixed_noise=torch.randn(
             GRID_SIDE * GRID_SIDE, spec.nz, generator=torch.Generator().manual_seed(config.seed)
         ).to(device),
@@ -204,8 +207,8 @@ def _prepare(
     if main and config.tensorboard:
         run.records.writer = tensorboard_writer(run_dir, trainer.step if start_epoch else None)
     say(
-        f"Training {config.preset} ({spec.image_size}px) on {all_images.shape[0]} images, "
-        f"{device}"
+        f"Training {config.preset} ({spec.image_size}px) on {data.images.n_images} images "
+        f"({data.images.describe()}), {device}"
         + (f" x {world} processes" if world > 1 else "")
         + f", epochs {start_epoch + 1}..{config.epochs}, {steps_per_epoch} steps/epoch; "
         + f"{amp.describe()}."
@@ -233,25 +236,6 @@ def _load_resume_checkpoint(resume_from: Path | None, spec: ModelSpec) -> dict[s
             "batch_norm and spectral_norm."
         )
     return checkpoint
-
-
-def _load_training_images(
-    shards_dir: str | os.PathLike[str], config: TrainConfig, spec: ModelSpec
-) -> tuple[torch.Tensor, str]:
-    """Every training image at the model's size (uint8, on the CPU) and the data version."""
-    # carmodels.shards pulls in the image pipeline (Pillow, pandas, the dedup stage); importing
-    # it only here keeps the trainer importable where only torch/numpy/pyarrow exist
-    # (bench/train_gpu.py).
-    from carmodels.shards import data_version_of, fit_image_size, load_images
-
-    images = load_images(shards_dir, split="train")
-    images = fit_image_size(images, spec.image_size, str(shards_dir))
-    if images.shape[0] < config.batch_size:
-        raise ValueError(
-            f"Only {images.shape[0]} training images in {shards_dir}, fewer than batch_size="
-            f"{config.batch_size}; lower batch_size or add images."
-        )
-    return images, config.data_version or data_version_of(shards_dir)
 
 
 def _build_trainer(
@@ -301,11 +285,8 @@ def _resume(
 def _run_epoch(run: _Run, epoch: int) -> None:
     """Every step of an epoch on every rank, logging as it goes."""
     trainer, records, config = run.trainer, run.records, run.config
-    permutation = epoch_permutation(
-        run.images.shape[0], config.seed, epoch, run.device, rank=run.dist.rank
-    )
     records.throughput.pause_until_now()
-    for batch in epoch_batches(run.images, permutation, run.rank_batch, run.steps_per_epoch):
+    for batch in run.images.batches(epoch, run.steps_per_epoch):
         trainer(batch)
         records.throughput.add(batch.shape[0] * run.dist.world_size)
         if trainer.step % config.log_every_steps == 0:

@@ -32,8 +32,25 @@ class SampleMonitor:
     DIVERSITY_SIZE = 32
 
     def __init__(self, images_uint8: torch.Tensor, n_samples: int, seed: int) -> None:
-        pick = torch.randperm(len(images_uint8), generator=torch.Generator().manual_seed(seed))
-        reference = images_uint8[pick[: self.N_REFERENCE]].cpu()
+        """Against the reference images `reference_indices` picks from ``images_uint8``."""
+        pick = self.reference_indices(len(images_uint8), seed)
+        self._fit(images_uint8[pick].cpu(), n_samples)
+
+    @classmethod
+    def reference_indices(cls, n_images: int, seed: int) -> torch.Tensor:
+        """Which of ``n_images`` training images the reference statistics come from."""
+        pick = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))
+        return pick[: cls.N_REFERENCE]
+
+    @classmethod
+    def from_reference(cls, reference: torch.Tensor, n_samples: int) -> SampleMonitor:
+        """Against ``reference``, the images `reference_indices` picked (in its order): for
+        training images streamed from the shards, never all in memory at once."""
+        monitor = cls.__new__(cls)
+        monitor._fit(reference.cpu(), n_samples)
+        return monitor
+
+    def _fit(self, reference: torch.Tensor, n_samples: int) -> None:
         features = pixel_features(reference, self.FD_SIZE).double()
         self._mean = features.mean(0)
         centred = features - self._mean
