@@ -533,6 +533,8 @@ def evaluate(
         n_train=scan.n_train,
         epoch=int(meta["epoch"]),
         step=int(meta["step"]),
+        # The judge works at the generator's side: the gate says so when two sizes meet.
+        image_size=spec.image_size,
     )
     metrics_path = _write_metrics(
         out, metrics, fid_record, type_record, checkpoint_path, meta, shards_dir, config

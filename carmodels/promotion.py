@@ -290,6 +290,16 @@ def decide(
             f"champion kept: it was scored on data {theirs} and the candidate on {ours}; scores "
             "on different data are not compared. Re-score the champion on the candidate's data.",
         )
+    sizes = _image_size(champion), _image_size(candidate)
+    other_size = None not in sizes and sizes[0] != sizes[1]
+    if _judged_by_another(candidate, champion, metric) and other_size:
+        return result(
+            OTHER_DATA,
+            f"champion kept: it draws {sizes[0]} px images and the candidate {sizes[1]} px; "
+            f"{metric} is measured by a judge working at the generator's side, so scores at "
+            "different sizes are not compared. Train the candidate at the champion's size, or "
+            "gate on fid (measured at Inception's size) to compare across sizes.",
+        )
     if _judged_by_another(candidate, champion, metric):
         return result(
             OTHER_DATA,
@@ -329,6 +339,13 @@ def needs_rescore(candidate: dict[str, Any], champion: dict[str, Any] | None, me
     if _judged_by_another(candidate, champion, metric):
         return True
     return _value(champion.get("metrics", {}), metric) is None
+
+
+def _image_size(record: dict[str, Any]) -> int | None:
+    """The side of the images a candidate (metrics.json) or champion record's generator drew,
+    where it was recorded (evaluations since 2026-12-06)."""
+    size = record.get("image_size", (record.get("metrics") or {}).get("image_size"))
+    return int(size) if isinstance(size, int | float) else None
 
 
 def _judged_by_another(candidate: dict[str, Any], champion: dict[str, Any], metric: str) -> bool:

@@ -391,6 +391,22 @@ def test_missing_ray_is_one_line(monkeypatch, tmp_path):
         pass
 
 
+def test_an_unreachable_cluster_is_one_line_in_seconds():
+    """Ray itself retries an unreachable head for many minutes; the check before it does not."""
+    from carmodels.cluster.connect import check_reachable
+    from tests.conftest import free_port
+
+    for address in (f"127.0.0.1:{free_port()}", f"ray://127.0.0.1:{free_port()}"):
+        started = time.monotonic()
+        with pytest.raises(InputError, match="Cannot reach the Ray cluster at") as caught:
+            check_reachable(address, timeout_s=5)
+        assert time.monotonic() - started < 5
+        assert address in str(caught.value) and "\n" not in str(caught.value)
+        assert caught.value.__cause__ is None
+    check_reachable("auto")  # Ray resolves these itself
+    check_reachable("local")
+
+
 def test_fanout_config_is_checked_and_makes_options():
     with pytest.raises(ValueError, match="urls_per_task"):
         FanoutConfig(urls_per_task=0)

@@ -7,6 +7,7 @@ down first, since a process holds one Ray connection at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ ray = pytest.importorskip("ray")
 
 from carmodels.cluster import FanoutConfig, download_on_ray, plan_tasks, ray_session  # noqa: E402
 from carmodels.demo import DemoServer, build_catalog  # noqa: E402
+from carmodels.demo import server as demo_server  # noqa: E402
 from carmodels.scrape.download import prepare_manifest  # noqa: E402
 from carmodels.storage import StorageRoot  # noqa: E402
 from tests.test_cluster_ray import MIB, RAY_ENV, demo_config  # noqa: E402
@@ -67,6 +69,10 @@ def warm_up(nodes: list) -> None:
     )
 
 
+#: Seconds the second task's first photo takes to serve (the others take 0.2 s).
+STUCK_S = 8.0
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, their children, ...), read from /proc."""
     children: dict[int, list[int]] = {}
@@ -88,9 +94,13 @@ def descendants(pid: int) -> list[int]:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc")
 def test_a_lost_node_loses_no_url_and_duplicates_none(s3, monkeypatch):
     """A head and two one-CPU worker nodes; when the first task finishes, the other worker
-    node (the one without a done-marker yet: its task is mid-fetch, the photos being served
-    slowly) is killed with its processes. The run completes, every URL is in exactly one
-    shard, and the lost task's URLs were fetched again on the surviving node."""
+    node (the one without a done-marker yet) is killed with its processes. The run completes,
+    every URL is in exactly one shard, and the lost task's URLs were fetched again on the
+    surviving node.
+
+    The second task's first photo is served slowly, so the node running it is surely mid-task
+    when the first task finishes: symmetric tasks would finish within moments of each other,
+    and the node killed could then be one that had not started its next task yet."""
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
@@ -139,6 +149,19 @@ def test_a_lost_node_loses_no_url_and_duplicates_none(s3, monkeypatch):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         killed.append(victim.node_id)
+
+    # The plan is the driver's: URLs on one host, in tasks of 8 in manifest order.
+    planned = prepare_manifest(catalog.manifest_frame("http://127.0.0.1:0").head(40))["url"]
+    second_task = plan_tasks(planned.tolist(), 8).tasks[1]
+    stuck_name = planned[second_task.rows[0]].rsplit("/", 1)[1]
+    serve_image = demo_server._image
+
+    async def one_photo_stuck(request):
+        if request.match_info["name"] == stuck_name:
+            await asyncio.sleep(STUCK_S)
+        return await serve_image(request)
+
+    monkeypatch.setattr(demo_server, "_image", one_photo_stuck)  # the server reads it at start
 
     try:
         workers = [cluster.add_node(num_cpus=1, **node_args) for _ in range(2)]

@@ -130,6 +130,27 @@ def test_same_checkpoint_and_other_data_are_explained(tmp_path: Path) -> None:
     assert "scored on data old" in other_data.reason
 
 
+def test_scores_by_judges_of_other_sizes_say_the_sizes_differ(tmp_path: Path) -> None:
+    champion = {
+        "metrics": {"judge_fd": 5.0, "image_size": 128},
+        "checkpoint_sha256": "abc",
+        "eval_data_version": "data-v1",
+        "judge_key": "classifier-128",
+    }
+    candidate = _candidate(tmp_path, "a", judge_fd=1.0) | {
+        "eval_data_version": "data-v1",
+        "judge_key": "classifier-64",
+        "image_size": 64,
+    }
+    sizes = decide(candidate, champion, PromotionConfig())
+    assert not sizes.promote and sizes.outcome == OTHER_DATA
+    assert "draws 128 px images and the candidate 64 px" in sizes.reason
+    assert "gate on fid" in sizes.reason
+    # Same size, another judge (other settings or training data): re-scoring is the way out.
+    same_size = decide(candidate | {"image_size": 128}, champion, PromotionConfig())
+    assert same_size.outcome == OTHER_DATA and "Re-score the champion" in same_size.reason
+
+
 def _crown(tmp_path: Path, name: str, judge_fd: float | None, data: str = "data-v1") -> Path:
     """A champion folder whose champion was scored on ``data``."""
     champion_dir = tmp_path / "champion"

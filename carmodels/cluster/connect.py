@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -24,6 +25,10 @@ LOCAL = "local"
 #: How each kind of address is written, for error messages.
 ADDRESS_FORMS = "ray://head:10001 (Ray Client), head:6379, auto, or local"
 
+#: Seconds to wait for a cluster's port to answer before ``ray.init`` is tried: Ray itself
+#: retries an unreachable head for many minutes, which would hang the step with no word.
+REACH_TIMEOUT_S = 10.0
+
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 # Ray's switch between "cluster" and "this machine only" address resolution (see below).
 _RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -36,6 +41,32 @@ def require_ray() -> ModuleType:
     except ImportError:
         raise InputError(RAY_MISSING) from None
     return ray
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """The ``(host, port)`` an address names (``ray://head:10001``, ``head:6379``), or None
+    for ``auto``, ``local`` and other forms Ray resolves itself."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Fail in seconds, with one line, when the address's port does not answer."""
+    where = _host_port(address)
+    if where is None:
+        return
+    try:
+        with socket.create_connection(where, timeout=timeout_s):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise InputError(
+            f"Cannot reach the Ray cluster at {address!r} ({reason}): check that it is "
+            f"running and that the address is one of {ADDRESS_FORMS}, or unset it to "
+            "download on this machine."
+        ) from None
 
 
 def _is_loopback(address: str) -> bool:
@@ -117,6 +148,8 @@ def ray_session(
             f"num_cpus and object_store_memory size a local Ray head only; the cluster at "
             f"{address!r} has its own. Drop them, or use address {LOCAL!r}."
         )
+    if address != LOCAL:
+        check_reachable(address)
     try:
         with _loopback_addresses(_is_loopback(address)):
             ray.init(address=address, **kwargs)
