@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import platform
@@ -29,7 +28,7 @@ from carmodels.imaging import ImagingConfig  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
 from carmodels.metrics.pixel import to_uint8  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
-from carmodels.scrape.raw import raw_schema, shard_path  # noqa: E402
+from carmodels.scrape.raw import local_photo_row, raw_schema, shard_path  # noqa: E402
 from carmodels.shards import ShardConfig, build_shards, fit_image_size, load_images  # noqa: E402
 
 #: The shared photos beside the project (a user's clone has none).
@@ -76,21 +75,15 @@ def build_sample_shards(
     for stale in raw_dir.glob("raw-*.parquet"):
         stale.unlink()
     fetched_at = datetime.now(UTC)
-    records = []
-    for row in rows:
-        data = (images_dir / row["image"]).read_bytes()
-        records.append(
-            {
-                "url": f"file://{images_dir.resolve() / row['image']}",
-                "status": 200,
-                "outcome": "ok",
-                "content_type": "image/jpeg",
-                "image_bytes": data,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "fetched_at": fetched_at,
-                **{c: row[c] for c in METADATA_COLUMNS},
-            }
+    records = [
+        local_photo_row(
+            f"file://{images_dir.resolve() / row['image']}",
+            (images_dir / row["image"]).read_bytes(),
+            fetched_at,
+            **{c: row[c] for c in METADATA_COLUMNS},
         )
+        for row in rows
+    ]
     table = pa.Table.from_pylist(records, schema=raw_schema(list(METADATA_COLUMNS)))
     pq.write_table(table, shard_path(raw_dir, 0), compression="zstd")
     deduplicate(raw_dir, unique_dir, DedupConfig(workers=1))

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import itertools
 import json
 import os
@@ -80,7 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from carmodels.dedup import CLUSTERS_FILE, DedupConfig, deduplicate  # noqa: E402
-from carmodels.scrape.raw import RawShardWriter, raw_schema  # noqa: E402
+from carmodels.scrape.raw import RawShardWriter, local_photo_row, raw_schema  # noqa: E402
 
 DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "cars-sample"
 KINDS = ("q60", "resize80", "crop3", "mirror")
@@ -276,18 +275,7 @@ def run_carmodels(folder: Path, files: list[str], work: Path, workers: int) -> C
     writer = RawShardWriter(raw_dir, raw_schema([]), 0, max_rows=len(files) + 1, max_bytes=2**62)
     fetched_at = datetime.now(UTC)
     for name in files:
-        data = (folder / name).read_bytes()
-        writer.add(
-            {
-                "url": name,
-                "status": 200,
-                "outcome": "ok",
-                "content_type": "image/jpeg",
-                "image_bytes": data,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "fetched_at": fetched_at,
-            }
-        )
+        writer.add(local_photo_row(name, (folder / name).read_bytes(), fetched_at))
     writer.flush()
     shard_s, shard_cpu_s = time.perf_counter() - started, cpu_seconds() - started_cpu
     started, started_cpu = time.perf_counter(), cpu_seconds()

@@ -33,13 +33,12 @@ Usage: ``python bench/quality.py [--images DIR] [--budget cpu64|gpu128] [--seeds
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import functools
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from _common import (  # noqa: E402
 )
 
 from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
+from carmodels.parallel import map_in_processes  # noqa: E402
 from carmodels.shards import data_version_of, load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
@@ -163,20 +163,16 @@ def _job(
     return recipe_key, seed, checkpoint, seconds
 
 
+def _job_with_threads(job: tuple, threads: int) -> tuple[tuple, int, Path, float]:
+    torch.set_num_threads(threads)  # each training's share of the cores, in whichever process
+    return _job(*job)
+
+
 def run_jobs(jobs: list[tuple], budget: Budget) -> Iterator[tuple[tuple, int, Path, float]]:
-    """Every training job: ``budget.jobs`` at a time in fresh processes, or in this one."""
-    if budget.jobs == 1:
-        torch.set_num_threads(budget.threads)
-        yield from (_job(*job) for job in jobs)
-        return
-    with ProcessPoolExecutor(
-        max_workers=budget.jobs,
-        mp_context=multiprocessing.get_context("spawn"),  # no fork of a threaded torch
-        initializer=torch.set_num_threads,
-        initargs=(budget.threads,),
-    ) as pool:
-        futures = [pool.submit(_job, *job) for job in jobs]
-        yield from (future.result() for future in futures)
+    """Every training job, in order: ``budget.jobs`` at a time in worker processes, or in
+    this one."""
+    run = functools.partial(_job_with_threads, threads=budget.threads)
+    return map_in_processes(run, jobs, budget.jobs)
 
 
 def summarise(runs: list[Run]) -> dict[str, dict[str, Any]]:

@@ -17,11 +17,13 @@ bytes, shard by shard and batch by batch), both over ``raw_shard_files``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +64,25 @@ RAW_FIELDS: tuple[pa.Field, ...] = (
     pa.field("last_modified", pa.string()),
 )
 RAW_COLUMNS: tuple[str, ...] = tuple(f.name for f in RAW_FIELDS)
+
+
+def local_photo_row(
+    url: str, data: bytes, fetched_at: datetime, **metadata: str | None
+) -> dict[str, Any]:
+    """The ``ok`` raw row of JPEG bytes read from disk rather than downloaded (the benchmarks
+    put photo folders through the later stages this way), with manifest ``metadata``."""
+    return {
+        "url": url,
+        "status": 200,
+        "outcome": "ok",
+        "content_type": "image/jpeg",
+        "image_bytes": data,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "fetched_at": fetched_at,
+        **metadata,
+    }
+
+
 #: Written only when the downloader makes thumbnails (``ScrapeConfig.thumbnail_size``):
 #: ``size x size x 3`` uint8 RGB bytes, row-major (the layout of car shards' ``image``).
 THUMBNAIL_FIELD = pa.field(THUMBNAIL_COLUMN, pa.binary())
