@@ -209,7 +209,11 @@ def add_shard_arguments(sub: _Subparsers) -> None:
     p = sub.add_parser("shard", help="normalise images into 128x128 Parquet shards")
     p.add_argument("--unique", help="dedup output folder (default: DATA/unique)")
     p.add_argument("--raw", help="raw shards folder (default: DATA/raw)")
-    p.add_argument("--out", help="shards folder (default: DATA/shards)")
+    p.add_argument("--out", help="shards folder (default: DATA/shards, or DATA/shards/PARTITION)")
+    p.add_argument(
+        "--partition",
+        help="build one partition of an incremental dedup's index (its kept images only)",
+    )
     add_dataclass_options(p, ImagingConfig, _IMAGING_OPTIONS)
     add_dataclass_options(p, ShardConfig, _SHARD_OPTIONS)
     p.set_defaults(func=cmd_shard)
@@ -220,11 +224,13 @@ def cmd_shard(args: argparse.Namespace, layout: DataLayout) -> int:
 
     unique = Path(args.unique) if args.unique else layout.unique_dir
     raw = Path(args.raw) if args.raw else layout.raw_dir
-    out = Path(args.out) if args.out else layout.shards_dir
+    out = Path(args.out) if args.out else layout.shards_dir / (args.partition or "")
     imaging = from_args(shards.ImagingConfig, args, _IMAGING_OPTIONS)
     config = from_args(shards.ShardConfig, args, _SHARD_OPTIONS, imaging=imaging)
     with _progress_bar("normalise", "img") as on_progress:
-        result = shards.build_shards(unique, raw, out, config, on_progress=on_progress)
+        result = shards.build_shards(
+            unique, raw, out, config, on_progress=on_progress, partition=args.partition
+        )
     print(
         f"{result.n_input} images -> {result.n_written} written "
         f"(train {result.n_train}, val {result.n_val}) -> {out}"

@@ -41,6 +41,8 @@ SHARDS_DIR = "shards"
 TRAIN_DIR = "train"
 EVAL_DIR = "eval"
 CHAMPION_DIR = "champion"
+#: The listings table in a manifest folder.
+MANIFEST_FILE = "listings.parquet"
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class DataLayout:
     @property
     def manifest_path(self) -> Path:
         """Parquet table of listings (one row per image URL)."""
-        return self.root / MANIFEST_DIR / "listings.parquet"
+        return self.root / MANIFEST_DIR / MANIFEST_FILE
 
     @property
     def raw_dir(self) -> Path:

@@ -5,7 +5,8 @@ The input side of :func:`carmodels.shards.build_shards`, kept apart from the sha
 - ``read_index``: ``unique.parquet`` of a dedup output folder, checked, one row per image,
   and the raw folders its photos are read from (``PhotoSource``);
 - ``normalised_chunks``: the photos' bytes read from the raw shards and put through
-  ``imaging.normalise_keyed``, chunk by chunk, in worker processes for large sets.
+  ``imaging.normalise_keyed``, chunk by chunk, in worker processes for large sets (or by
+  any other ``ChunkMapper``, such as one fanning the chunks out on a cluster).
 
 ``deduplicate`` indexes one raw folder; ``deduplicate_incremental`` indexes several
 partitions, each in its own raw folder, whose shards share names (``raw-00000.parquet`` in
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 from urllib.parse import urlparse
 
 import pandas as pd
@@ -53,6 +55,19 @@ _DEDUP_COLUMNS = (*UNIQUE_CORE_COLUMNS, "phash_flipped", "n_bytes", "fetched_at"
 #: folder holding them as ``<folder>/<partition>/`` (the storage layout's ``raw/``).
 PhotoSource = str | os.PathLike[str] | Partitions
 
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ChunkMapper(Protocol):
+    """Runs ``fn`` over each chunk and yields the results in the order of the chunks: how
+    ``normalised_chunks`` spreads its work. The default is ``map_in_processes`` over the
+    local CPUs; another implementation (a cluster's) only has to keep this signature, take
+    ``chunks`` lazily if it wants memory bounded, and keep the order.
+    """
+
+    def __call__(self, fn: Callable[[list[T]], R], chunks: Iterable[list[T]], /) -> Iterator[R]: ...
+
 
 @dataclass(frozen=True)
 class ShardIndex:
@@ -84,15 +99,21 @@ class ShardIndex:
         return f"{row['raw_shard']} of partition {partition!r} ({self.partitions[partition]})"
 
 
-def read_index(unique_dir: Path, raw: PhotoSource) -> ShardIndex:
+def read_index(unique_dir: Path, raw: PhotoSource, *, partition: str | None = None) -> ShardIndex:
     """The index of a dedup output folder and where its photos are (``raw``, see
     ``PhotoSource``), checked before any shard is written.
 
-    Raises ``MissingInputError`` when a partition named in ``unique.parquet`` has no raw
-    folder (or one without raw shards), and ``InputError`` for partitions passed with the
-    index of one raw folder.
+    With ``partition``, only that partition's rows of an index of ``deduplicate_incremental``
+    (only its raw folder needs to exist): the images of one partition's shards.
+
+    Raises ``MissingInputError`` when a partition named in ``unique.parquet`` (or the one
+    asked for) has no raw folder (or one without raw shards), and ``InputError`` for
+    partitions passed with the index of one raw folder, for ``partition`` with such an index,
+    or for a ``partition`` without kept images.
     """
     unique = _read_unique(unique_dir)
+    if partition is not None:
+        unique = _partition_rows(unique_dir, unique, raw, partition)
     folders = _photo_folders(unique_dir, unique, raw)
     rows_by_sha = unique.drop_duplicates("sha256").set_index("sha256", drop=False)
     if isinstance(folders, Path):
@@ -140,6 +161,50 @@ def _read_unique(unique_dir: Path) -> pd.DataFrame:
     return unique
 
 
+def _is_partitioned(unique_dir: Path, unique: pd.DataFrame, raw: PhotoSource) -> bool:
+    """Whether ``unique`` is the index of ``deduplicate_incremental`` (photos in partitions).
+
+    ``deduplicate`` passes listing columns through, so a manifest's own ``partition`` column
+    can reach the index of one raw folder; only ``deduplicate_incremental`` commits its record
+    beside the index. Without one, one folder is read as before and the column is listing
+    metadata.
+    """
+    if PARTITION_COLUMN not in unique.columns:
+        return False
+    return not isinstance(raw, str | os.PathLike) or (unique_dir / RECORD_FILE).exists()
+
+
+def _check_partition_names(unique_dir: Path, unique: pd.DataFrame) -> None:
+    if unique[PARTITION_COLUMN].isna().any():
+        raise InputError(
+            f"{unique_dir / UNIQUE_FILE} has rows without a {PARTITION_COLUMN}; run "
+            "`carmodels dedup` again to rewrite it."
+        )
+
+
+def _partition_rows(
+    unique_dir: Path, unique: pd.DataFrame, raw: PhotoSource, partition: str
+) -> pd.DataFrame:
+    """The rows of ``unique`` in ``partition``, refused for an index without partitions or a
+    partition without kept images (an empty set would replace its shards with nothing)."""
+    unique_path = unique_dir / UNIQUE_FILE
+    if not _is_partitioned(unique_dir, unique, raw):
+        raise InputError(
+            f"{unique_path} indexes one raw folder (`deduplicate`), not partitions, so there "
+            f"is no partition {partition!r} to shard: build without a partition."
+        )
+    _check_partition_names(unique_dir, unique)
+    names = unique[PARTITION_COLUMN].astype(str)
+    rows = unique[names == partition]
+    if rows.empty:
+        known = ", ".join(sorted(set(names)))
+        raise InputError(
+            f"Partition {partition!r} has no kept images in {unique_path} (its partitions: "
+            f"{known}), so there is nothing to shard; nothing was written."
+        )
+    return rows.reset_index(drop=True)
+
+
 def _photo_folders(
     unique_dir: Path, unique: pd.DataFrame, raw: PhotoSource
 ) -> Path | dict[str, Path]:
@@ -147,26 +212,15 @@ def _photo_folders(
     partition an index of ``deduplicate_incremental`` names (sorted by name), each checked to
     hold raw shards."""
     unique_path = unique_dir / UNIQUE_FILE
+    if isinstance(raw, str | os.PathLike) and not _is_partitioned(unique_dir, unique, raw):
+        return Path(raw)
     if PARTITION_COLUMN not in unique.columns:
-        if not isinstance(raw, str | os.PathLike):
-            raise InputError(
-                f"{unique_path} has no {PARTITION_COLUMN!r} column: it indexes one raw folder "
-                "(`deduplicate`), so pass that folder rather than partitions."
-            )
-        return Path(raw)
-    # `deduplicate` passes listing columns through, so a manifest's own `partition` column can
-    # reach the index of one raw folder; only `deduplicate_incremental` commits its record
-    # beside the index. Without one, one folder is read as before and the column is listing
-    # metadata.
-    if isinstance(raw, str | os.PathLike) and not (unique_dir / RECORD_FILE).exists():
-        return Path(raw)
-    names = unique[PARTITION_COLUMN]
-    if names.isna().any():
         raise InputError(
-            f"{unique_path} has rows without a {PARTITION_COLUMN}; run `carmodels dedup` again "
-            "to rewrite it."
+            f"{unique_path} has no {PARTITION_COLUMN!r} column: it indexes one raw folder "
+            "(`deduplicate`), so pass that folder rather than partitions."
         )
-    wanted = sorted(set(names.astype(str)))
+    _check_partition_names(unique_dir, unique)
+    wanted = sorted(set(unique[PARTITION_COLUMN].astype(str)))
     given = _given_folders(raw, wanted)
     folders = {}
     for name in wanted:
@@ -215,17 +269,26 @@ def normalised_chunks(
     read_batch_rows: int,
     chunk_size: int,
     workers: int,
+    *,
+    map_chunks: ChunkMapper | None = None,
 ) -> Iterator[list[tuple[str, NormalisedImage | Rejection]]]:
     """``(sha256, normalised image or rejection)`` chunks, in the order ``index.sources``
-    holds the photos (those not found are left out); in ``workers`` processes when there is
-    more than one chunk. Photos from a ``mirror_sources`` host are mirrored."""
+    holds the photos (those not found are left out). Photos from a ``mirror_sources`` host
+    are mirrored.
+
+    The chunks (of ``chunk_size`` photos) are normalised by ``map_chunks``; None means
+    ``map_in_processes`` in ``workers`` processes when there is more than one chunk
+    (``workers`` is not used otherwise: the mapper decides where the work runs).
+    """
     rows_by_sha = index.rows_by_sha
     tasks = (
         (sha256, data, _is_mirror_source(rows_by_sha.at[sha256, "url"], mirror_sources))
         for _, sha256, data in iter_photo_bytes(index.sources, rows_by_sha.index, read_batch_rows)
     )
-    workers = workers if index.n_images > chunk_size else 1
     worker = functools.partial(normalise_keyed, config=imaging)
+    if map_chunks is not None:
+        return map_chunks(worker, chunked(tasks, chunk_size))
+    workers = workers if index.n_images > chunk_size else 1
     return map_in_processes(worker, chunked(tasks, chunk_size), workers)
 
 
@@ -234,4 +297,4 @@ def _is_mirror_source(url: str, hosts: tuple[str, ...]) -> bool:
     return any(host == h.lower() or host.endswith("." + h.lower()) for h in hosts)
 
 
-__all__ = ["PhotoSource", "ShardIndex", "normalised_chunks", "read_index"]
+__all__ = ["ChunkMapper", "PhotoSource", "ShardIndex", "normalised_chunks", "read_index"]

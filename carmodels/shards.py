@@ -9,8 +9,10 @@ Raw bytes vs PNG in the ``image`` column, measured on 980 Stanford Cars photos a
 17.5 MB (-28%), 650-800 ms to read and decode (2-3x slower). Raw is kept: the shards are
 read every epoch and zstd already recovers much of what PNG would save.
 
-``build_shards`` writes the shards of one build as ``car-g<generation>-<n>.parquet`` and
-commits the set by writing ``summary.json`` (which lists it) last; see there.
+``build_shards`` writes the shards of one build as ``car-g<generation>-<n>.parquet``, rows
+sorted by (``url``, ``sha256``), and commits the set by writing ``summary.json`` (which lists
+it) last; see there. A folder of such folders, one per partition, reads as their union (see
+``shard_files``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import heapq
 import json
 import os
+import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +48,13 @@ from carmodels.errors import (
 )
 from carmodels.imaging import ImagingConfig, NormalisedImage, Rejection
 from carmodels.io import atomic_save_image, atomic_write_json, atomic_write_parquet
-from carmodels.shard_inputs import PhotoSource, ShardIndex, normalised_chunks, read_index
+from carmodels.shard_inputs import (
+    ChunkMapper,
+    PhotoSource,
+    ShardIndex,
+    normalised_chunks,
+    read_index,
+)
 
 #: Bumped whenever a column is added, removed or changes meaning.
 SHARD_SCHEMA_VERSION = 1
@@ -79,6 +89,11 @@ def shard_files(path: str | os.PathLike[str]) -> list[Path]:
     of shards starts here, so this is also where a folder's ``schema_version`` is checked
     (see ``read_summary``).
 
+    A folder with neither a ``summary.json`` nor shard files of its own, whose subfolders hold
+    shards folders (``build_shards(..., partition=P)`` into ``<folder>/<P>/``), reads as the
+    union of theirs: subfolders by name, each as above; hidden ones (a build's ``.runs-*``)
+    and ones without a ``summary.json`` (never committed) are left out.
+
     Raises:
         MissingInputError: no such folder, no shard files in it, or listed files are gone.
         ShardsError: an unreadable ``summary.json``, or one of another schema version.
@@ -102,12 +117,25 @@ def shard_files(path: str | os.PathLike[str]) -> list[Path]:
             )
     else:
         files = sorted(path.glob(SHARD_GLOB))
+        if summary is None and not files:
+            parts = _partition_folders(path)
+            if parts:
+                return [file for part in parts for file in shard_files(part)]
     if not files:
         raise MissingInputError(
             f"{path} holds no {SHARD_GLOB} files: materialise `car_shards` "
             "(or run `carmodels shard`) first."
         )
     return files
+
+
+def _partition_folders(path: Path) -> list[Path]:
+    """The shards folders (with a ``summary.json``) directly below ``path``, by name."""
+    return sorted(
+        sub
+        for sub in path.iterdir()
+        if sub.is_dir() and not sub.name.startswith(".") and (sub / SUMMARY_FILE).is_file()
+    )
 
 
 def read_summary(path: str | os.PathLike[str]) -> dict[str, object] | None:
@@ -428,12 +456,35 @@ def _previous_generation(out_dir: Path) -> int:
         return 0
 
 
+#: Hidden folder (inside the shards folder) of a build's sorted runs: ``.runs-g<generation>``.
+#: Hidden so that ``shard_files`` never takes it for a partition's shards folder.
+RUNS_PREFIX = ".runs-"
+#: Rows per row group of a run file and per batch read back while merging: a run is read a
+#: row group at a time, so this bounds the memory each open run holds (32 x 48 KiB = 1.5 MiB,
+#: held as Arrow and as Python rows, plus a read buffer of ``_RUN_READ_BUFFER_BYTES``).
+_RUN_ROWS = 32
+_RUN_READ_BUFFER_BYTES = 1 << 20
+#: Runs merged at once (~4 MiB each, so ~0.5 GiB): more are first merged into fewer, longer
+#: runs (a pass costs one more read and write of the images, but bounds open files and
+#: memory). One pass merges 128 x ``images_per_shard`` images (640,000 at 5,000), two 82M.
+_MAX_FAN_IN = 128
+
+
+def _sort_key(row: dict[str, object]) -> tuple[str, str]:
+    """The canonical order of shard rows (and rejects): by url, then content hash. It does
+    not depend on how the photos were laid out in raw shards, and (url, sha256) is unique."""
+    return str(row["url"]), str(row["sha256"])
+
+
 class _Generation:
     """A new shard generation as it is written: its shards, rejects, counts and preview.
 
-    Normalised images come in through :meth:`add`; a shard is written whenever
-    ``images_per_shard`` of them wait. :meth:`commit` writes the summary that makes the
-    generation the current one.
+    Normalised images come in through :meth:`add`, in whatever order the photos were read,
+    and leave in the canonical order (``_sort_key``) by an external merge sort that holds at
+    most ``images_per_shard`` rows: each time that many wait, they are sorted and written as a
+    run (a Parquet file in ``.runs-g<generation>/``); :meth:`finish` merges the runs into the
+    shards and deletes them (when all rows fit in one run, it writes the sorted rows straight
+    away). :meth:`commit` writes the summary that makes the generation the current one.
     """
 
     def __init__(self, out_dir: Path, index: ShardIndex, config: ShardConfig) -> None:
@@ -442,6 +493,10 @@ class _Generation:
         self.config = config
         self.number = _previous_generation(out_dir) + 1
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Runs of a build that crashed are of no use to this one (and can be large).
+        for leftover in out_dir.glob(f"{RUNS_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        self.runs_dir = out_dir / f"{RUNS_PREFIX}g{self.number:04d}"
         self.schema = _shard_schema(index.metadata_columns)
         self.shard_paths: list[Path] = []
         self.rejects: list[dict[str, str]] = []
@@ -450,6 +505,8 @@ class _Generation:
         self.facing_counts: dict[str, int] = {}
         self.n_mirrored = 0
         self._buffer: list[dict[str, object]] = []
+        self._runs: list[Path] = []
+        self._n_runs_made = 0
         self._seen: set[str] = set()
 
     def add(self, sha256: str, outcome: NormalisedImage | Rejection) -> None:
@@ -469,11 +526,11 @@ class _Generation:
         self.split_counts[split] += 1
         self.facing_counts[outcome.facing] = self.facing_counts.get(outcome.facing, 0) + 1
         self.n_mirrored += outcome.mirrored
-        if len(self.preview) < self.config.preview_images:
-            self.preview.append(outcome.pixels)
-        self._buffer.append(self._row(sha256, outcome, source, split))
+        # Spilled only when one more row comes, so that a set of images_per_shard rows or
+        # fewer is never written as a run and merged.
         if len(self._buffer) >= self.config.images_per_shard:
-            self._flush()
+            self._spill()
+        self._buffer.append(self._row(sha256, outcome, source, split))
 
     def _row(
         self, sha256: str, outcome: NormalisedImage, source: pd.Series, split: str
@@ -498,16 +555,90 @@ class _Generation:
             },
         }
 
-    def _flush(self) -> None:
-        path = self.out_dir / f"car-g{self.number:04d}-{len(self.shard_paths):05d}.parquet"
+    def _new_run_path(self) -> Path:
+        self.runs_dir.mkdir(exist_ok=True)
+        # Numbered by a counter, not len(self._runs): a merge pass writes new runs while
+        # reading the ones it replaces.
+        path = self.runs_dir / f"run-{self._n_runs_made:06d}.parquet"
+        self._n_runs_made += 1
+        self._runs.append(path)
+        return path
+
+    def _spill(self) -> None:
+        """Write the waiting rows, sorted, as a run."""
+        self._buffer.sort(key=_sort_key)
         table = pa.Table.from_pylist(self._buffer, schema=self.schema)
-        self.shard_paths.append(atomic_write_parquet(path, table))
+        # Small row groups and no dictionary: merging reads a run a row group (a page) at a
+        # time, so these bound what each open run holds.
+        pq.write_table(table, self._new_run_path(), row_group_size=_RUN_ROWS, use_dictionary=False)
         self._buffer.clear()
 
+    def _read_run(self, path: Path) -> Iterator[dict[str, object]]:
+        parquet = pq.ParquetFile(path, buffer_size=_RUN_READ_BUFFER_BYTES, pre_buffer=False)
+        with parquet:
+            for batch in parquet.iter_batches(batch_size=_RUN_ROWS, use_threads=False):
+                yield from batch.to_pylist()
+
+    def _merged(self) -> Iterator[dict[str, object]]:
+        """All rows of the runs in canonical order, at most ``_MAX_FAN_IN`` runs open."""
+        while len(self._runs) > _MAX_FAN_IN:
+            groups = [
+                self._runs[k : k + _MAX_FAN_IN] for k in range(0, len(self._runs), _MAX_FAN_IN)
+            ]
+            self._runs = []
+            for group in groups:
+                self._merge_into_run(group)
+        return heapq.merge(*(self._read_run(path) for path in self._runs), key=_sort_key)
+
+    def _merge_into_run(self, runs: list[Path]) -> None:
+        rows = heapq.merge(*(self._read_run(path) for path in runs), key=_sort_key)
+        with pq.ParquetWriter(self._new_run_path(), self.schema, use_dictionary=False) as writer:
+            batch: list[dict[str, object]] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == _RUN_ROWS:
+                    writer.write_table(pa.Table.from_pylist(batch, schema=self.schema))
+                    batch.clear()
+            if batch:
+                writer.write_table(pa.Table.from_pylist(batch, schema=self.schema))
+        for path in runs:
+            path.unlink()
+
+    def _write_shards(self, rows: Iterable[dict[str, object]]) -> None:
+        """Write ``rows`` (in canonical order) as shards of ``images_per_shard`` rows, and
+        keep the first ``preview_images`` for the preview."""
+        size = self.config.imaging.size
+        shard: list[dict[str, object]] = []
+        for row in rows:
+            if len(self.preview) < self.config.preview_images:
+                pixels = np.frombuffer(row["image"], dtype=np.uint8)
+                self.preview.append(pixels.reshape(size, size, 3))
+            shard.append(row)
+            if len(shard) == self.config.images_per_shard:
+                self._write_shard(shard)
+                shard = []
+        if shard:
+            self._write_shard(shard)
+
+    def _write_shard(self, rows: list[dict[str, object]]) -> None:
+        # Built from Python rows whichever way they came (sorted buffer or merged runs), so
+        # the same rows give the same bytes.
+        path = self.out_dir / f"car-g{self.number:04d}-{len(self.shard_paths):05d}.parquet"
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        self.shard_paths.append(atomic_write_parquet(path, table))
+
     def finish(self) -> None:
-        """Write the last shard; reject the images whose photo is not in the raw shards."""
-        if self._buffer:
-            self._flush()
+        """Write the shards in canonical order; reject the images whose photo is not in the
+        raw shards; sort the rejects the same way."""
+        if self._runs:
+            if self._buffer:
+                self._spill()  # merged from disk rather than held beside the shard written
+            self._write_shards(self._merged())
+        else:
+            self._buffer.sort(key=_sort_key)
+            self._write_shards(self._buffer)
+        self._buffer = []
+        self.discard_runs()
         rows_by_sha = self.index.rows_by_sha
         for sha256 in rows_by_sha.index.difference(pd.Index(sorted(self._seen))):
             where = self.index.photo_location(sha256)
@@ -519,6 +650,12 @@ class _Generation:
                     "detail": f"no ok row with this sha256 in {where}",
                 }
             )
+        self.rejects.sort(key=_sort_key)
+
+    def discard_runs(self) -> None:
+        """Delete this build's runs (done with them, or the build failed)."""
+        shutil.rmtree(self.runs_dir, ignore_errors=True)
+        self._runs = []
 
     def rejects_by_reason(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.rejects).most_common())
@@ -574,15 +711,35 @@ def build_shards(
     out_dir: str | os.PathLike[str],
     config: ShardConfig | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    *,
+    partition: str | None = None,
+    map_chunks: ChunkMapper | None = None,
 ) -> ShardResult:
     """Normalise every kept image of ``unique_dir`` into training shards in ``out_dir``.
 
     ``raw_dir`` is where the photos are: the raw folder ``deduplicate`` read; for the output
     of ``deduplicate_incremental`` (a ``unique.parquet`` with a ``partition`` column), the
     partitions as passed to it (a mapping partition → raw folder, or the raw folders), or the
-    one folder holding them as ``<raw_dir>/<partition>/``. The images are written in the
-    order the raw shards hold them: partition by name, then shard by name, then row. A
-    partition whose folder is missing is a ``MissingInputError`` before anything is written.
+    one folder holding them as ``<raw_dir>/<partition>/``. A partition whose folder is missing
+    is a ``MissingInputError`` before anything is written.
+
+    With ``partition``, only that partition of such an index is sharded and only its raw
+    folder needs to exist; ``out_dir`` is then typically ``<shards>/<partition>/``, and the
+    readers read ``<shards>`` as the union of its partitions' folders (see ``shard_files``).
+    An index without partitions, or a partition without kept images, is an ``InputError``.
+
+    The images are written sorted by (``url``, ``sha256``), not in the order the photos
+    arrive: the order the raw shards hold them is the order they happened to be downloaded
+    (in parallel, locally or on a cluster), so the same photos give the same shard bytes, and
+    the same ``data_version_of``, however they were downloaded and laid out. The sort is an
+    external merge sort holding at most ``images_per_shard`` images in memory (see
+    ``_Generation``); its runs are kept in a hidden ``.runs-g<generation>/`` folder inside
+    ``out_dir`` and deleted when the shards are written (or by the next build, after a crash).
+    The rejects and the preview follow the same order.
+
+    The photos are normalised in chunks of ``config.chunk_size`` by ``map_chunks`` (see
+    ``ChunkMapper``: ``map_chunks(fn, chunks)`` yielding results in order); None means
+    ``config.workers`` local processes.
 
     Replacing a previous shard set is crash-safe: the new shards get new names
     (``car-g<generation>-<n>.parquet``), ``summary.json`` is written last and lists them, which
@@ -592,27 +749,32 @@ def build_shards(
     config = config or ShardConfig()
     started = time.monotonic()
     unique_dir, out_dir = Path(unique_dir), Path(out_dir)
-    index = read_index(unique_dir, raw_dir)
+    index = read_index(unique_dir, raw_dir, partition=partition)
     total = index.n_images
     generation = _Generation(out_dir, index, config)
-    chunks = normalised_chunks(
-        index,
-        config.imaging,
-        config.mirror_sources,
-        config.read_batch_rows,
-        config.chunk_size,
-        config.workers,
-    )
-    done = 0
-    if on_progress:
-        on_progress(0, total)
-    for results in chunks:
-        for sha256, outcome in results:
-            generation.add(sha256, outcome)
-        done += len(results)
+    try:
+        chunks = normalised_chunks(
+            index,
+            config.imaging,
+            config.mirror_sources,
+            config.read_batch_rows,
+            config.chunk_size,
+            config.workers,
+            map_chunks=map_chunks,
+        )
+        done = 0
         if on_progress:
-            on_progress(done, total)
-    generation.finish()
+            on_progress(0, total)
+        for results in chunks:
+            for sha256, outcome in results:
+                generation.add(sha256, outcome)
+            done += len(results)
+            if on_progress:
+                on_progress(done, total)
+        generation.finish()
+    finally:
+        # Runs are scratch space: a failed build must not leave gigabytes behind.
+        generation.discard_runs()
     if on_progress and done < total:
         on_progress(total, total)
     rejects_by_reason = generation.rejects_by_reason()

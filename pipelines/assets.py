@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import pandas as pd
@@ -29,6 +30,7 @@ from carmodels.io import atomic_write_json
 from carmodels.layout import (
     EVAL_DIR,
     MANIFEST_DIR,
+    MANIFEST_FILE,
     RAW_DIR,
     SHARDS_DIR,
     TRAIN_DIR,
@@ -141,25 +143,7 @@ def listing_manifest(
                 )
             source = f"{demo.start_url} (built-in demo catalog)"
             record = demo.to_record()
-        path = scrape.write_manifest(frame, layout.manifest_path)
-        _write_json(layout.manifest_path.parent / MANIFEST_SOURCE, {"source": source, **record})
-        summary = scrape.manifest_summary(frame)
-        return StepOutput(
-            # The source is re-read on every run (it is cheap), but the version is the content
-            # of the table as stored: an unchanged source leaves everything downstream in sync.
-            data_version=frame_version(pd.read_parquet(path)),
-            metadata={
-                "source": source,
-                "rows": summary["rows"],
-                "distinct_urls": summary["distinct_urls"],
-                "hosts": summary["hosts"],
-                "top_hosts": dg.MetadataValue.json(summary["top_hosts"]),
-                "elapsed_s": round(time.monotonic() - started, 2),
-                "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
-                "dagster/uri": storage.uri(f"{MANIFEST_DIR}/{path.name}"),
-                "dagster/row_count": summary["rows"],
-            },
-        )
+        return write_listings(frame, layout, MANIFEST_DIR, source, record, storage, started)
 
     return run_step(
         context,
@@ -187,9 +171,42 @@ def missing_source_reason(listing_source: ListingSource) -> str | None:
     return _NO_SOURCE
 
 
-def _demo_origin(layout: DataLayout) -> DemoOrigin | None:
-    """The demo catalog the current manifest was crawled from, if it was."""
-    path = layout.manifest_path.parent / MANIFEST_SOURCE
+def write_listings(
+    frame: pd.DataFrame,
+    layout: DataLayout,
+    folder: str,
+    source: str,
+    record: dict[str, object],
+    storage: StorageResource,
+    started: float,
+) -> StepOutput:
+    """Store the listings table in ``folder`` (under the root) with where it came from; its
+    metadata for the UI."""
+    relative = f"{folder}/{MANIFEST_FILE}"
+    path = scrape.write_manifest(frame, layout.root / relative)
+    _write_json(path.parent / MANIFEST_SOURCE, {"source": source, **record})
+    summary = scrape.manifest_summary(frame)
+    return StepOutput(
+        # The source is re-read on every run (it is cheap), but the version is the content
+        # of the table as stored: an unchanged source leaves everything downstream in sync.
+        data_version=frame_version(pd.read_parquet(path)),
+        metadata={
+            "source": source,
+            "rows": summary["rows"],
+            "distinct_urls": summary["distinct_urls"],
+            "hosts": summary["hosts"],
+            "top_hosts": dg.MetadataValue.json(summary["top_hosts"]),
+            "elapsed_s": round(time.monotonic() - started, 2),
+            "preview": frame_preview(frame.drop(columns=["url"], errors="ignore")),
+            "dagster/uri": storage.uri(relative),
+            "dagster/row_count": summary["rows"],
+        },
+    )
+
+
+def _demo_origin(layout: DataLayout, folder: str = MANIFEST_DIR) -> DemoOrigin | None:
+    """The demo catalog the manifest in ``folder`` was crawled from, if it was."""
+    path = layout.root / folder / MANIFEST_SOURCE
     if not path.is_file():
         return None
     try:
@@ -233,14 +250,17 @@ class RawImagesConfig(CachedConfig):
     )
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version=source_version(["carmodels.scrape"]),
-    deps=[listing_manifest],
-    kinds={"python", "parquet"},
-    retry_policy=dg.RetryPolicy(max_retries=2, delay=10),
-    pool=SCRAPE_POOL,
-)
+#: What `raw_images` is, partitioned or not (`pipelines.partitioned` builds the other one).
+RAW_IMAGES_SPEC: dict[str, Any] = {
+    "group_name": GROUP,
+    "code_version": source_version(["carmodels.scrape"]),
+    "kinds": {"python", "parquet"},
+    "retry_policy": dg.RetryPolicy(max_retries=2, delay=10),
+    "pool": SCRAPE_POOL,
+}
+
+
+@dg.asset(deps=[listing_manifest], **RAW_IMAGES_SPEC)
 def raw_images(
     context: dg.AssetExecutionContext,
     config: RawImagesConfig,
@@ -251,40 +271,8 @@ def raw_images(
     (fanned out on a Ray cluster when `ray_cluster` has an address)."""
 
     def work(layout: DataLayout) -> StepOutput:
-        manifest = scrape.read_manifest(layout.manifest_path)
-        demo = _demo_origin(layout)
-        scrape_config = library_settings(
-            "raw_images",
-            lambda: scrape.ScrapeConfig(
-                **library_kwargs(config, scrape.ScrapeConfig),
-                allowed_private_origins=(demo.origin,) if demo else (),
-            ),
-        )
-        on_progress = _progress_logger(context, "downloaded")
-        if demo is None:
-            result = ray_cluster.download(manifest, storage, layout, scrape_config, on_progress)
-        else:
-            # The demo catalog lives only while a step serves it: serve the one the manifest
-            # was crawled from, on the port its URLs name.
-            with serve_demo(demo):
-                result = ray_cluster.download(manifest, storage, layout, scrape_config, on_progress)
-        ok = result.outcome_counts.get("ok", 0)
-        return StepOutput(
-            data_version=files_version(raw_shard_files(layout.raw_dir)),
-            metadata={
-                "urls": result.n_urls,
-                "fetched": result.n_fetched,
-                "skipped_existing": result.n_skipped_existing,
-                "ok": ok,
-                "failed": result.n_fetched - ok,
-                "outcomes": counts_table(result.outcome_counts, key="outcome"),
-                "revalidated": counts_table(result.revalidation_counts, key="result"),
-                "failures": frame_preview(result.failures),
-                "images_per_s": round(result.images_per_s, 1),
-                "elapsed_s": round(result.elapsed_s, 2),
-                "engine": f"ray ({ray_cluster.address})" if ray_cluster.enabled else "local",
-                "dagster/uri": storage.uri(RAW_DIR),
-            },
+        return download_listings(
+            context, config, storage, ray_cluster, layout, MANIFEST_DIR, RAW_DIR
         )
 
     return run_step(
@@ -303,6 +291,60 @@ def raw_images(
     )
 
 
+def download_listings(
+    context: dg.AssetExecutionContext,
+    config: RawImagesConfig,
+    storage: StorageResource,
+    ray_cluster: RayResource,
+    layout: DataLayout,
+    manifest_folder: str,
+    raw_folder: str,
+) -> StepOutput:
+    """Download the listings of ``manifest_folder`` into ``raw_folder`` (both under the
+    root); the step's data version and metadata."""
+    manifest = scrape.read_manifest(layout.root / manifest_folder / MANIFEST_FILE)
+    demo = _demo_origin(layout, manifest_folder)
+    scrape_config = library_settings(
+        "raw_images",
+        lambda: scrape.ScrapeConfig(
+            **library_kwargs(config, scrape.ScrapeConfig),
+            allowed_private_origins=(demo.origin,) if demo else (),
+        ),
+    )
+    on_progress = _progress_logger(context, "downloaded")
+
+    def download() -> scrape.ScrapeResult:
+        return ray_cluster.download(
+            manifest, storage, layout, scrape_config, on_progress, raw_folder=raw_folder
+        )
+
+    if demo is None:
+        result = download()
+    else:
+        # The demo catalog lives only while a step serves it: serve the one the manifest
+        # was crawled from, on the port its URLs name.
+        with serve_demo(demo):
+            result = download()
+    ok = result.outcome_counts.get("ok", 0)
+    return StepOutput(
+        data_version=files_version(raw_shard_files(layout.root / raw_folder)),
+        metadata={
+            "urls": result.n_urls,
+            "fetched": result.n_fetched,
+            "skipped_existing": result.n_skipped_existing,
+            "ok": ok,
+            "failed": result.n_fetched - ok,
+            "outcomes": counts_table(result.outcome_counts, key="outcome"),
+            "revalidated": counts_table(result.revalidation_counts, key="result"),
+            "failures": frame_preview(result.failures),
+            "images_per_s": round(result.images_per_s, 1),
+            "elapsed_s": round(result.elapsed_s, 2),
+            "engine": ray_cluster.engine,
+            "dagster/uri": storage.uri(raw_folder),
+        },
+    )
+
+
 # --------------------------------------------------------------------------- unique_images
 
 
@@ -315,48 +357,27 @@ class UniqueImagesConfig(CachedConfig):
     flip_aware: bool = library_field(dedup.DedupConfig, "flip_aware")
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version=source_version(["carmodels.dedup"]),
-    deps=[raw_images],
-    kinds={"python", "parquet"},
-)
+UNIQUE_IMAGES_SPEC: dict[str, Any] = {
+    "group_name": GROUP,
+    "code_version": source_version(["carmodels.dedup"]),
+    "kinds": {"python", "parquet"},
+}
+
+
+@dg.asset(deps=[raw_images], **UNIQUE_IMAGES_SPEC)
 def unique_images(
     context: dg.AssetExecutionContext, config: UniqueImagesConfig, storage: StorageResource
 ) -> dg.MaterializeResult:
     """Images left after removing exact (sha256) and near (perceptual hash) duplicates."""
 
     def work(layout: DataLayout) -> StepOutput:
-        dedup_config = library_settings(
-            "unique_images",
-            lambda: dedup.DedupConfig(**library_kwargs(config, dedup.DedupConfig)),
-        )
         result = dedup.deduplicate(
             layout.raw_dir,
             layout.unique_dir,
-            dedup_config,
+            dedup_settings(config),
             on_progress=_progress_logger(context, "hashed"),
         )
-        metadata: dict[str, object] = {
-            "input_images": result.n_input,
-            "kept": result.n_kept,
-            "exact_duplicates": result.n_exact_duplicates,
-            "near_duplicates": result.n_near_duplicates,
-            # Photos that downloaded but cannot be decoded are dropped here: counted, not lost
-            # silently.
-            "undecodable": result.n_undecodable,
-            "undecodable_reasons": counts_table(result.undecodable_by_reason),
-            "clusters": result.n_clusters,
-            "cluster_sizes": counts_table(
-                {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
-            ),
-            "elapsed_s": round(result.elapsed_s, 2),
-            "dagster/uri": storage.uri(f"{UNIQUE_DIR}/{Path(result.unique_path).name}"),
-            "dagster/row_count": result.n_kept,
-        }
-        if result.contact_sheet_path is not None and Path(result.contact_sheet_path).exists():
-            metadata["preview"] = image_preview(result.contact_sheet_path)
-        return StepOutput(data_version=files_version([result.unique_path]), metadata=metadata)
+        return dedup_output(result, storage)
 
     return run_step(
         context,
@@ -374,6 +395,36 @@ def unique_images(
     )
 
 
+def dedup_settings(config: UniqueImagesConfig) -> dedup.DedupConfig:
+    return library_settings(
+        "unique_images", lambda: dedup.DedupConfig(**library_kwargs(config, dedup.DedupConfig))
+    )
+
+
+def dedup_output(result: dedup.DedupResult, storage: StorageResource) -> StepOutput:
+    """The data version and metadata of a dedup run."""
+    metadata: dict[str, object] = {
+        "input_images": result.n_input,
+        "kept": result.n_kept,
+        "exact_duplicates": result.n_exact_duplicates,
+        "near_duplicates": result.n_near_duplicates,
+        # Photos that downloaded but cannot be decoded are dropped here: counted, not lost
+        # silently.
+        "undecodable": result.n_undecodable,
+        "undecodable_reasons": counts_table(result.undecodable_by_reason),
+        "clusters": result.n_clusters,
+        "cluster_sizes": counts_table(
+            {str(k): v for k, v in result.cluster_size_histogram.items()}, key="size"
+        ),
+        "elapsed_s": round(result.elapsed_s, 2),
+        "dagster/uri": storage.uri(f"{UNIQUE_DIR}/{Path(result.unique_path).name}"),
+        "dagster/row_count": result.n_kept,
+    }
+    if result.contact_sheet_path is not None and Path(result.contact_sheet_path).exists():
+        metadata["preview"] = image_preview(result.contact_sheet_path)
+    return StepOutput(data_version=files_version([result.unique_path]), metadata=metadata)
+
+
 # --------------------------------------------------------------------------- car_shards
 
 
@@ -389,49 +440,32 @@ class CarShardsConfig(CachedConfig):
     val_fraction: float = library_field(shards.ShardConfig, "val_fraction")
 
 
-@dg.asset(
-    group_name=GROUP,
-    code_version=source_version(["carmodels.shards"]),
-    deps=[unique_images],
-    kinds={"python", "parquet"},
-)
+CAR_SHARDS_SPEC: dict[str, Any] = {
+    "group_name": GROUP,
+    "code_version": source_version(["carmodels.shards"]),
+    "kinds": {"python", "parquet"},
+}
+
+
+@dg.asset(deps=[unique_images], **CAR_SHARDS_SPEC)
 def car_shards(
-    context: dg.AssetExecutionContext, config: CarShardsConfig, storage: StorageResource
+    context: dg.AssetExecutionContext,
+    config: CarShardsConfig,
+    storage: StorageResource,
+    ray_cluster: RayResource,
 ) -> dg.MaterializeResult:
-    """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val."""
+    """128x128 RGB uint8 images in Parquet shards, facing-normalised, split train/val
+    (normalised on a Ray cluster when `ray_cluster` has an address)."""
 
     def work(layout: DataLayout) -> StepOutput:
-        shard_config = library_settings(
-            "car_shards",
-            lambda: shards.ShardConfig(
-                imaging=shards.ImagingConfig(**library_kwargs(config, shards.ImagingConfig)),
-                **library_kwargs(config, shards.ShardConfig),
-            ),
-        )
-        result = shards.build_shards(
+        result = ray_cluster.build_shards(
             layout.unique_dir,
             layout.raw_dir,
             layout.shards_dir,
-            shard_config,
+            shard_settings(config),
             on_progress=_progress_logger(context, "normalised"),
         )
-        return StepOutput(
-            # The same content version the trainer records in its checkpoints.
-            data_version=train.data_version_of(layout.shards_dir),
-            metadata={
-                "input_images": result.n_input,
-                "written": result.n_written,
-                "train": result.n_train,
-                "val": result.n_val,
-                "rejected": sum(result.rejects_by_reason.values()),
-                "rejects": counts_table(result.rejects_by_reason),
-                "facing": counts_table(result.facing_counts, key="facing"),
-                "elapsed_s": round(result.elapsed_s, 2),
-                "preview": image_preview(result.preview_path),
-                "dagster/uri": storage.uri(SHARDS_DIR),
-                "dagster/row_count": result.n_written,
-            },
-        )
+        return shards_output(result, storage, layout, SHARDS_DIR, ray_cluster.engine)
 
     return run_step(
         context,
@@ -446,6 +480,44 @@ def car_shards(
         settings=config.fingerprint_settings(),
         force=config.force,
         work=work,
+    )
+
+
+def shard_settings(config: CarShardsConfig) -> shards.ShardConfig:
+    return library_settings(
+        "car_shards",
+        lambda: shards.ShardConfig(
+            imaging=shards.ImagingConfig(**library_kwargs(config, shards.ImagingConfig)),
+            **library_kwargs(config, shards.ShardConfig),
+        ),
+    )
+
+
+def shards_output(
+    result: shards.ShardResult,
+    storage: StorageResource,
+    layout: DataLayout,
+    folder: str,
+    engine: str,
+) -> StepOutput:
+    """The data version and metadata of the shards written into ``folder`` (under the root)."""
+    return StepOutput(
+        # The same content version the trainer records in its checkpoints.
+        data_version=train.data_version_of(layout.root / folder),
+        metadata={
+            "input_images": result.n_input,
+            "written": result.n_written,
+            "train": result.n_train,
+            "val": result.n_val,
+            "rejected": sum(result.rejects_by_reason.values()),
+            "rejects": counts_table(result.rejects_by_reason),
+            "facing": counts_table(result.facing_counts, key="facing"),
+            "elapsed_s": round(result.elapsed_s, 2),
+            "preview": image_preview(result.preview_path),
+            "engine": engine,
+            "dagster/uri": storage.uri(folder),
+            "dagster/row_count": result.n_written,
+        },
     )
 
 
@@ -555,7 +627,8 @@ def train_dcgan(
         context,
         storage,
         Step(
-            requires=Requires("car_shards", SHARDS_SUMMARY, "The training shards"),
+            # A folder: under partitioned ingest it holds one shards folder per partition.
+            requires=Requires("car_shards", SHARDS_DIR, "The training shards"),
             upstream=["car_shards"],
             output=LATEST_CHECKPOINT,
             pull=[SHARDS_DIR],

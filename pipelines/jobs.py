@@ -9,6 +9,14 @@ retrain_job = dg.define_asset_job(
     description="Refresh ingest (only new URLs are downloaded), then train and evaluate.",
 )
 
+#: Under partitioned ingest every manifest is ingested when it arrives (the manifest sensor),
+#: and a run cannot hold every partition at once: retraining reads the partitions as they are.
+partitioned_retrain_job = dg.define_asset_job(
+    "retrain",
+    selection=dg.AssetSelection.assets("train_dcgan", "evaluate_dcgan"),
+    description="Train on every ingested manifest partition, then evaluate.",
+)
+
 #: Ingest only: from a manifest to training shards.
 ingest_job = dg.define_asset_job(
     "ingest",

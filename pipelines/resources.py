@@ -12,12 +12,13 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from carmodels import cluster, scrape, train
+from carmodels import cluster, scrape, shards, train
 from carmodels.demo.catalog import DEFAULT_N_LISTINGS
 from carmodels.errors import InputError
 from carmodels.layout import RAW_DIR, DataLayout, default_data_root_url
@@ -112,6 +113,11 @@ class RayResource(dg.ConfigurableResource):
     def enabled(self) -> bool:
         return bool(self.address.strip())
 
+    @property
+    def engine(self) -> str:
+        """Where the work ran, for the step's metadata."""
+        return f"ray ({self.address})" if self.enabled else "local"
+
     def download(
         self,
         manifest: pd.DataFrame,
@@ -119,15 +125,17 @@ class RayResource(dg.ConfigurableResource):
         layout: DataLayout,
         config: scrape.ScrapeConfig,
         on_progress: Callable[[int, int], None] | None = None,
+        raw_folder: str = RAW_DIR,
     ) -> scrape.ScrapeResult:
-        """Download ``manifest`` into the raw folder: on the cluster when an address is set,
-        else with the local downloader (`carmodels.scrape.download_images`)."""
+        """Download ``manifest`` into ``raw_folder`` (under the root): on the cluster when an
+        address is set, else with the local downloader (`carmodels.scrape.download_images`)."""
+        raw_dir = layout.root / raw_folder
         if not self.enabled:
-            return scrape.download_images(manifest, layout.raw_dir, config, on_progress)
+            return scrape.download_images(manifest, raw_dir, config, on_progress)
         root = storage.storage_root
-        fanout = cluster.FanoutConfig(**library_kwargs(self, cluster.FanoutConfig))
+        fanout = self.fanout_config()
         # The workers cannot see this process's working copy: they write to the root itself.
-        raw_root = root.uri(RAW_DIR) if root.is_remote else str(layout.raw_dir)
+        raw_root = root.uri(raw_folder) if root.is_remote else str(raw_dir)
         result = cluster.download_on_ray(
             manifest,
             raw_root,
@@ -138,8 +146,38 @@ class RayResource(dg.ConfigurableResource):
         )
         if root.is_remote:
             # Level the working copy with the root, so the step's push has nothing to undo.
-            root.pull(RAW_DIR)
+            root.pull(raw_folder)
         return result
+
+    def build_shards(
+        self,
+        unique_dir: Path,
+        raw: Path,
+        out_dir: Path,
+        config: shards.ShardConfig,
+        on_progress: Callable[[int, int], None] | None = None,
+        partition: str | None = None,
+    ) -> shards.ShardResult:
+        """Normalise the kept images into training shards (`carmodels.shards.build_shards`):
+        their chunks go to the cluster's workers when an address is set, else to local
+        processes. The shards are the same bytes either way."""
+        if not self.enabled:
+            return shards.build_shards(
+                unique_dir, raw, out_dir, config, on_progress=on_progress, partition=partition
+            )
+        with cluster.ray_chunk_mapping(self.fanout_config()) as map_chunks:
+            return shards.build_shards(
+                unique_dir,
+                raw,
+                out_dir,
+                config,
+                on_progress=on_progress,
+                partition=partition,
+                map_chunks=map_chunks,
+            )
+
+    def fanout_config(self) -> cluster.FanoutConfig:
+        return cluster.FanoutConfig(**library_kwargs(self, cluster.FanoutConfig))
 
 
 class ListingSource(dg.ConfigurableResource):

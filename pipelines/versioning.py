@@ -269,3 +269,185 @@ def run_step(
     return versioned_result(
         context, output.metadata, data_version=output.data_version, fingerprint=fingerprint
     )
+
+
+# --------------------------------------------------------------------------- partitions
+#
+# A partitioned step may run several partitions in one run (a backfill's multi-run policy
+# gives each run a range). Dagster records the step's one result for every partition of the
+# range, so the per-partition facts live in that result's metadata: each partition's
+# fingerprint and data version, under the keys below, read back by partition.
+
+#: Metadata keys: partition -> fingerprint of its inputs, partition -> its data version.
+PARTITION_FINGERPRINTS_KEY = "partition_fingerprints"
+PARTITION_VERSIONS_KEY = "partition_versions"
+
+
+def _latest_partition_event(
+    instance: dg.DagsterInstance, key: dg.AssetKey, partition: str
+) -> dg.EventLogRecord | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    ).records
+    return records[0] if records else None
+
+
+def _partition_entry(
+    materialization: dg.AssetMaterialization, metadata_key: str, partition: str
+) -> str | None:
+    entry = materialization.metadata.get(metadata_key)
+    value = entry.value if entry is not None else None
+    return value.get(partition) if isinstance(value, dict) else None
+
+
+def partition_data_version(
+    instance: dg.DagsterInstance, key: dg.AssetKey | str, partition: str
+) -> str | None:
+    """The data version of one partition of an asset, or None if it was never materialised.
+
+    For an unpartitioned asset that covers every partition (the partitioned ingest's dedup),
+    the version of its share for ``partition``, as its metadata records it.
+    """
+    asset_key = dg.AssetKey.from_user_string(key) if isinstance(key, str) else key
+    record = _latest_partition_event(instance, asset_key, partition)
+    if record is None:
+        whole = instance.get_latest_materialization_event(asset_key)
+        if whole is None or whole.asset_materialization is None:
+            return None
+        return _partition_entry(whole.asset_materialization, PARTITION_VERSIONS_KEY, partition)
+    if record.asset_materialization is None:
+        return None
+    materialization = record.asset_materialization
+    return _partition_entry(
+        materialization, PARTITION_VERSIONS_KEY, partition
+    ) or materialization.tags.get(DATA_VERSION_TAG)
+
+
+@dataclass(frozen=True)
+class PartitionOutput:
+    """One partition's share of a partitioned step: skipped (the previous output stands) or
+    computed, with its version and metadata."""
+
+    partition: str
+    fingerprint: str
+    data_version: str
+    metadata: Mapping[str, object]
+    skipped: bool
+
+
+def run_partitioned_step(
+    context: dg.AssetExecutionContext,
+    storage: StorageResource,
+    step_for: Callable[[str], Step],
+    *,
+    settings_for: Callable[[str], Mapping[str, object]],
+    force: bool,
+    work: Callable[[DataLayout, str], StepOutput],
+) -> dg.MaterializeResult:
+    """:func:`run_step` for each partition of the run, one after the other.
+
+    Each partition is fingerprinted with the data versions of the same partition of its
+    upstream assets (``step_for(p).upstream``) and skipped on its own when nothing changed.
+    One partition: its metadata as :func:`run_step` records it. Several (a range): per
+    partition counts in a table, their sums, and a data version over all of them.
+    """
+    code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+    outputs: list[PartitionOutput] = []
+    with input_errors_fail_the_step():
+        for partition in context.partition_keys:
+            step = step_for(partition)
+            if step.requires is not None:
+                require_upstream(storage, step.requires)
+            fingerprint = json_version(
+                {
+                    "code_version": code_version,
+                    "settings": dict(settings_for(partition)),
+                    "storage": storage.uri(),
+                    "upstream": {
+                        key: partition_data_version(context.instance, key, partition)
+                        for key in step.upstream
+                    },
+                }
+            )
+            previous = None
+            if not (force or not step.cached) and storage.exists(step.output):
+                previous = _unchanged_partition(context, partition, fingerprint)
+            if previous is not None:
+                outputs.append(previous)
+                continue
+            with storage.working_copy(pull=step.pull, push=step.push) as layout:
+                output = work(layout, partition)
+            outputs.append(
+                PartitionOutput(partition, fingerprint, output.data_version, output.metadata, False)
+            )
+    return _partitioned_result(context, outputs)
+
+
+def _unchanged_partition(
+    context: dg.AssetExecutionContext, partition: str, fingerprint: str
+) -> PartitionOutput | None:
+    record = _latest_partition_event(context.instance, context.asset_key, partition)
+    if record is None or record.asset_materialization is None:
+        return None
+    materialization = record.asset_materialization
+    if _partition_entry(materialization, PARTITION_FINGERPRINTS_KEY, partition) != fingerprint:
+        return None
+    version = _partition_entry(materialization, PARTITION_VERSIONS_KEY, partition)
+    if version is None:
+        return None
+    context.log.info(
+        f"Partition {partition}: inputs, code and settings unchanged since run "
+        f"{record.run_id}; skipping its work and keeping data version {version}."
+    )
+    metadata = {
+        key: value
+        for key, value in materialization.metadata.items()
+        if key not in (PARTITION_FINGERPRINTS_KEY, PARTITION_VERSIONS_KEY, "partitions")
+    }
+    return PartitionOutput(partition, fingerprint, version, metadata, True)
+
+
+def _partitioned_result(
+    context: dg.AssetExecutionContext, outputs: Sequence[PartitionOutput]
+) -> dg.MaterializeResult:
+    versions = {o.partition: o.data_version for o in outputs}
+    facts: dict[str, object] = {
+        PARTITION_FINGERPRINTS_KEY: {o.partition: o.fingerprint for o in outputs},
+        PARTITION_VERSIONS_KEY: versions,
+        SKIPPED_KEY: all(o.skipped for o in outputs),
+        "computed_in_run": context.run.run_id,
+    }
+    if len(outputs) == 1:
+        only = outputs[0]
+        metadata = {**only.metadata, **facts, "data_version": only.data_version}
+        return dg.MaterializeResult(
+            metadata=metadata, data_version=dg.DataVersion(only.data_version)
+        )
+    # A range: what a person compares across partitions (counts), per partition and summed.
+    numbers = {
+        o.partition: {
+            key: value
+            for key, value in o.metadata.items()
+            if isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and not key.startswith("dagster/")
+            and "_per_s" not in key  # a rate does not add up
+        }
+        for o in outputs
+    }
+    totals: dict[str, float] = {}
+    for counts in numbers.values():
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0) + value
+    version = json_version(versions)
+    return dg.MaterializeResult(
+        metadata={
+            **{key: round(value, 2) for key, value in totals.items()},
+            "partitions": dg.MetadataValue.json(
+                {o.partition: {**numbers[o.partition], SKIPPED_KEY: o.skipped} for o in outputs}
+            ),
+            **facts,
+            "data_version": version,
+        },
+        data_version=dg.DataVersion(version),
+    )

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,3 +73,24 @@ def write_blocky_shards(folder: Path, splits: Sequence[str], size: int = 32, see
     )
     pq.write_table(table, folder / "car-00000.parquet")
     return folder
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a Dagster process (`dagster dev`, `dagster-daemon run`) and everything it started
+    (webserver, daemon, code servers, runs).
+
+    SIGINT to the whole group is what Ctrl-C in a terminal does, the shutdown Dagster's
+    processes are written for; whatever is still there after a grace period is killed.
+    """
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    proc.wait(timeout=30)

@@ -1,14 +1,15 @@
-"""The ingest assets with downloads fanned out on a local Ray head, into moto's S3.
+"""The ingest assets with downloads and normalising fanned out on a local Ray head, into
+moto's S3.
 
 The same demo catalog is ingested twice, into two prefixes of one bucket: once as every user
 without Ray does, once with the `ray_cluster` resource set to a Ray head on 127.0.0.1. What
 must agree is what the data is: the raw rows (``fetched_at`` aside: it is the clock's), the
-kept images, and every car-shard row, image bytes, split and listing metadata included.
+kept images, and the car shards byte for byte, so their data version too (the shard build
+writes its rows in a canonical order, whatever order the photos were downloaded in).
 
-What does not agree, and why: the raw shards and ``unique.parquet`` record ``fetched_at``,
-and the car shards hold their rows in the order the photos sit in the raw shards, which is
-the order the downloads finished in. So their bytes, and the data versions that hash them,
-differ between any two runs, two runs without Ray included.
+What does not agree, and why: the raw shards and ``unique.parquet`` record ``fetched_at`` and
+where each photo landed, so their bytes, and the data versions that hash them, differ between
+any two downloads, two downloads without Ray included.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from carmodels import shards
 from carmodels.scrape.raw import read_raw
 from pipelines.assets import car_shards, listing_manifest, raw_images, unique_images
 from pipelines.resources import DemoCatalogSource, RayResource, StorageResource, profile_resources
@@ -58,6 +60,10 @@ def _car_shard_rows(storage: StorageResource) -> pd.DataFrame:
     return pd.concat(frames).sort_values("url").reset_index(drop=True)
 
 
+def _shard_bytes(storage: StorageResource) -> list[bytes]:
+    return [p.read_bytes() for p in shards.shard_files(storage.layout.shards_dir)]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ingest_on_a_local_ray_head_into_s3_matches_the_local_path(tmp_path, monkeypatch) -> None:
@@ -81,6 +87,8 @@ def test_ingest_on_a_local_ray_head_into_s3_matches_the_local_path(tmp_path, mon
 
         assert without["raw_images"].metadata["engine"].value == "local"
         assert with_ray["raw_images"].metadata["engine"].value == "ray (local)"
+        assert without["car_shards"].metadata["engine"].value == "local"
+        assert with_ray["car_shards"].metadata["engine"].value == "ray (local)"
         for key in ("urls", "fetched", "ok", "failed"):
             assert (
                 with_ray["raw_images"].metadata[key].value
@@ -97,6 +105,11 @@ def test_ingest_on_a_local_ray_head_into_s3_matches_the_local_path(tmp_path, mon
         rows = _car_shard_rows(local)
         assert len(rows) > 0  # not vacuous
         pd.testing.assert_frame_equal(_car_shard_rows(on_ray), rows)
+        # The same shard files, byte for byte, and so the same data version.
+        assert _shard_bytes(on_ray) == _shard_bytes(local)
+        assert with_ray["car_shards"].metadata["data_version"].value == (
+            without["car_shards"].metadata["data_version"].value
+        )
         assert with_ray["unique_images"].metadata["kept"].value == (
             without["unique_images"].metadata["kept"].value
         )

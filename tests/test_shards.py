@@ -69,6 +69,11 @@ def write_raw_shard(path: Path, photos: dict[str, bytes | None]) -> None:
 @pytest.fixture()
 def dataset(tmp_path: Path) -> tuple[Path, Path]:
     """Raw shards with 24 distinct photos, one tiny one, one undecodable; deduplicated."""
+    return make_dataset(tmp_path)
+
+
+def make_dataset(tmp_path: Path) -> tuple[Path, Path]:
+    """The ``dataset`` fixture's folders (unique, raw), for other modules' fixtures."""
     photos = {f"https://cars.example/{k:02d}.jpg": car_photo(k) for k in range(24)}
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), "red").save(buffer, format="JPEG")

@@ -18,7 +18,16 @@ from PIL import Image
 
 from carmodels.dedup import PARTITION_COLUMN, DedupConfig, deduplicate, deduplicate_incremental
 from carmodels.errors import InputError, MissingInputError
-from carmodels.shards import REJECTS_FILE, SUMMARY_FILE, build_shards, load_images
+from carmodels.shards import (
+    REJECTS_FILE,
+    SUMMARY_FILE,
+    build_shards,
+    data_version_of,
+    iter_images,
+    load_images,
+    shard_files,
+    split_row_groups,
+)
 from tests.test_shards import _config, car_photo, read_shards, write_raw_shard
 
 DEDUP = DedupConfig(workers=1)
@@ -103,8 +112,8 @@ def test_one_run_over_all_partitions_shards_like_deduplicate_of_one_folder(
     raw_root: Path, tmp_path: Path
 ):
     """One incremental run decides like ``deduplicate`` over every photo (no URL is in two
-    partitions); the shards then hold the same rows in the same order: partitions by name,
-    then shards by name, then rows, the order of the raw shards copied into one folder."""
+    partitions); the shards then hold the same rows in the same order, by (url, sha256),
+    however the raw shards laid them out."""
     partitions = {"p1": raw_root / "p1", "p2": raw_root / "p2"}
     deduplicate_incremental(partitions, tmp_path / "unique", DEDUP)
     build_shards(tmp_path / "unique", partitions, tmp_path / "shards", _config())
@@ -118,12 +127,96 @@ def test_one_run_over_all_partitions_shards_like_deduplicate_of_one_folder(
 
     _same_shards(tmp_path / "shards", tmp_path / "shards-flat")
     assert torch.equal(load_images(tmp_path / "shards"), load_images(tmp_path / "shards-flat"))
-    # The order: p1's cars 0-9 (the copy of car 2 in p2 is a dropped duplicate), then p2's.
+    # The order: by url (the copy of car 2 in p2 is a dropped duplicate).
     urls = read_shards(tmp_path / "shards")["url"].tolist()
-    assert urls == list(_photos(range(20)))
+    assert urls == sorted(_photos(range(20)))
+
+
+def test_each_partition_sharded_on_its_own_reads_as_one_set(raw_root: Path, tmp_path: Path):
+    """``build_shards(..., partition=P)`` into ``<shards>/<P>/``: each needs only its own
+    raw folder, and the parent folder reads as the union of the partitions' shards."""
+    unique = _partitioned_unique(raw_root, tmp_path / "unique")
+    shards = tmp_path / "shards"
+    away = tmp_path / "away"
+    away.mkdir()
+    results = {}
+    for name, other in (("p1", "p2"), ("p2", "p1")):
+        shutil.move(raw_root / other, away / other)  # the other partition's photos are gone
+        results[name] = build_shards(
+            tmp_path / "unique", raw_root, shards / name, _config(), partition=name
+        )
+        shutil.move(away / other, raw_root / other)
+    kept = unique[PARTITION_COLUMN].value_counts().to_dict()
+    for name, result in results.items():
+        assert result.n_input == result.n_written == kept[name]
+        assert set(read_shards(shards / name)["sha256"]) == set(
+            unique.loc[unique[PARTITION_COLUMN] == name, "sha256"]
+        )
+
+    # The parent: partitions by name, each as its own folder reads.
+    assert shard_files(shards) == shard_files(shards / "p1") + shard_files(shards / "p2")
+    together = load_images(shards)
+    assert len(together) == 20
+    assert torch.equal(
+        together, torch.cat([load_images(shards / "p1"), load_images(shards / "p2")])
+    )
+    assert sum(len(batch) for batch in iter_images(shards, batch_size=7)) == 20
+    groups, side = split_row_groups(shards)
+    assert sum(g.n_images for g in groups) == 20 and side == (128, 128)
+    version = data_version_of(shards)
+    assert version not in (data_version_of(shards / "p1"), data_version_of(shards / "p2"))
+
+    # A hidden folder (a build's runs) or one never committed is not a partition's shards.
+    for leftover in (shards / ".runs-g0001", shards / "p3"):
+        leftover.mkdir()
+        shutil.copy(shard_files(shards / "p1")[0], leftover / "car-g0001-00000.parquet")
+    assert data_version_of(shards) == version and len(load_images(shards)) == 20
+    # Rebuilding one partition in place changes the union's version only through its bytes.
+    build_shards(tmp_path / "unique", raw_root, shards / "p1", _config(), partition="p1")
+    assert data_version_of(shards) == version
+
+
+def test_a_parent_folder_without_partition_folders_keeps_its_errors(tmp_path: Path):
+    empty = tmp_path / "shards"
+    (empty / "p1").mkdir(parents=True)  # a partition folder never committed
+    with pytest.raises(MissingInputError, match=r"holds no car-\*\.parquet files"):
+        load_images(empty)
+    with pytest.raises(MissingInputError, match="No shards at"):
+        data_version_of(tmp_path / "nowhere")
 
 
 # --------------------------------------------------------------------------- bad input
+
+
+def test_a_partition_is_refused_for_an_index_without_partitions_or_kept_images(
+    raw_root: Path, tmp_path: Path
+):
+    raw = tmp_path / "flat"
+    write_raw_shard(raw / "raw-00000.parquet", _photos(range(3)))
+    deduplicate(raw, tmp_path / "unique-flat", DEDUP)
+    with pytest.raises(InputError) as caught:
+        build_shards(
+            tmp_path / "unique-flat", raw, tmp_path / "flat-shards", _config(), partition="p1"
+        )
+    assert "indexes one raw folder" in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "flat-shards").exists()
+
+    _partitioned_unique(raw_root, tmp_path / "unique")
+    out = tmp_path / "shards" / "p1"
+    build_shards(tmp_path / "unique", raw_root, out, _config(), partition="p1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(InputError) as caught:
+        build_shards(tmp_path / "unique", raw_root, out, _config(), partition="p3")
+    message = str(caught.value)
+    assert "Partition 'p3' has no kept images" in message and "p1, p2" in message
+    assert "\n" not in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    # The partition asked for must have its raw folder.
+    shutil.rmtree(raw_root / "p1")
+    with pytest.raises(MissingInputError, match=r"Partition 'p1' .* has no raw folder"):
+        build_shards(tmp_path / "unique", raw_root, out, _config(), partition="p1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_partition_without_its_raw_folder_is_refused_before_anything_is_written(
@@ -190,3 +283,16 @@ def test_a_listing_column_named_partition_of_one_folder_stays_listing_metadata(t
     result = build_shards(tmp_path / "unique", raw, tmp_path / "shards", _config())
     assert result.n_written == 3 and (tmp_path / "shards" / SUMMARY_FILE).exists()
     assert set(read_shards(tmp_path / "shards")[PARTITION_COLUMN]) == {"north"}
+
+
+def test_the_cli_builds_one_partition_into_its_own_folder(
+    raw_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from carmodels.cli import main
+
+    data = tmp_path
+    kept = _partitioned_unique(raw_root, data / "unique")
+    assert main(["--data", str(data), "shard", "--partition", "p2", "--min-side", "16"]) == 0
+    rows = read_shards(data / "shards" / "p2")
+    assert set(rows["url"]) == set(kept.loc[kept[PARTITION_COLUMN] == "p2", "url"])
+    assert f"-> {data / 'shards' / 'p2'}" in capsys.readouterr().out

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_process_group
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'"
@@ -100,26 +99,6 @@ def _graphql(base_url: str, query: str, variables: dict[str, object]) -> dict:
     return payload["data"]
 
 
-def _stop_process_group(proc: subprocess.Popen) -> None:
-    """Stop `dagster dev` and everything it started (webserver, daemon, code servers, runs).
-
-    SIGINT to the whole group is what Ctrl-C in a terminal does, the shutdown `dagster dev`
-    is written for; whatever is still there after a grace period is killed.
-    """
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    proc.wait(timeout=30)
-
-
 class DagsterDev(NamedTuple):
     base_url: str
     log: Path
@@ -183,7 +162,7 @@ def dagster_dev(chromium: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
             time.sleep(2)
         yield DagsterDev(base_url, log_path)
     finally:
-        _stop_process_group(proc)
+        stop_process_group(proc)
 
 
 def _run_status(base_url: str, run_id: str) -> str:
