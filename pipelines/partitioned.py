@@ -11,7 +11,8 @@ The graph keeps its assets and their names; what changes:
 - `unique_images` stays one asset over every partition, and decides only the photos it has not
   decided before (`carmodels.dedup.deduplicate_incremental`).
 - `car_shards` is partitioned again: partition P normalises the images of P that the dedup
-  kept, into ``shards/<P>/``; the trainer reads every partition's folder.
+  kept, into ``shards/<P>/``; the trainer reads every partition's folder. On a Ray cluster,
+  a run's partitions are built at once, one task each (`carmodels.shards_fanout`).
 - A backfill of many partitions runs as few runs: each partitioned asset has
   ``BackfillPolicy.multi_run(partitions_per_run)``, so one run covers a range of partitions.
 
@@ -235,12 +236,20 @@ def build_partitioned_assets(settings: ManifestPartitionsConfig) -> list[dg.Asse
                 on_progress=_progress_logger(context, "hashed"),
             )
             output = dedup_output(result, storage)
+            stale = [p for p in result.partitions_removed if storage.exists(f"{SHARDS_DIR}/{p}")]
+            if stale:
+                # Shards are the trainer's input: it reads every partition folder it finds.
+                context.log.warning(
+                    f"Partitions {', '.join(stale)} were removed, so their images left the "
+                    f"dedup, but their shards are still in {storage.uri(SHARDS_DIR)}: delete those "
+                    "folders before training, or training still reads them."
+                )
             kept = pd.read_parquet(result.unique_path)
             output.metadata |= {
                 "partitions": len(present),
                 "partitions_new": len(result.partitions_new),
                 "partitions_changed": len(result.partitions_changed),
-                "partitions_removed": len(result.partitions_removed),
+                "partitions_removed": dg.MetadataValue.json(list(result.partitions_removed)),
                 # Added but not downloaded yet: they join the next dedup after their download.
                 "partitions_waiting": dg.MetadataValue.json(sorted(set(partitions) - set(present))),
                 "decided": result.n_decided,
@@ -281,6 +290,16 @@ def build_partitioned_assets(settings: ManifestPartitionsConfig) -> list[dg.Asse
         """A partition's kept images, normalised to 128x128 RGB uint8 Parquet shards in
         ``shards/<partition>/`` (on a Ray cluster when `ray_cluster` has an address)."""
 
+        def work_together(layout: DataLayout, partitions: list[str]) -> dict[str, StepOutput]:
+            # On a cluster, every partition of the run is built at once, one task each.
+            built = ray_cluster.build_partitions(
+                storage, layout, partitions, shard_settings(config)
+            )
+            return {
+                p: shards_output(r, storage, layout, f"{SHARDS_DIR}/{p}", ray_cluster.engine)
+                for p, r in built.items()
+            }
+
         def work(layout: DataLayout, partition: str) -> StepOutput:
             result = ray_cluster.build_shards(
                 layout.unique_dir,
@@ -307,6 +326,7 @@ def build_partitioned_assets(settings: ManifestPartitionsConfig) -> list[dg.Asse
             settings_for=lambda p: config.fingerprint_settings(),
             force=config.force,
             work=work,
+            work_together=work_together if ray_cluster.enabled else None,
         )
 
     return [listing_manifest, raw_images, unique_images, car_shards]

@@ -21,7 +21,7 @@ import pandas as pd
 from carmodels import cluster, scrape, shards, train
 from carmodels.demo.catalog import DEFAULT_N_LISTINGS
 from carmodels.errors import InputError
-from carmodels.layout import RAW_DIR, DataLayout, default_data_root_url
+from carmodels.layout import RAW_DIR, SHARDS_DIR, DataLayout, default_data_root_url
 from carmodels.storage import StorageRoot
 from pipelines.config_fields import library_field, library_kwargs
 from pipelines.project_config import defaults_from_file
@@ -175,6 +175,31 @@ class RayResource(dg.ConfigurableResource):
                 partition=partition,
                 map_chunks=map_chunks,
             )
+
+    def build_partitions(
+        self,
+        storage: StorageResource,
+        layout: DataLayout,
+        partitions: list[str],
+        config: shards.ShardConfig,
+    ) -> dict[str, shards.ShardResult]:
+        """Build every partition's shards at once on the cluster, one task each, straight
+        into the storage root (`carmodels.shards_fanout`); the working copy is then brought
+        level with what they wrote."""
+        from carmodels.shards_fanout import build_partitions_on_ray
+
+        root = storage.storage_root
+        results = build_partitions_on_ray(
+            root.url if root.is_remote else str(layout.root),
+            partitions,
+            config,
+            self.fanout_config(),
+            local_root=layout.root,
+            storage_options=storage.storage_options or None,
+        )
+        if root.is_remote:
+            root.pull(*(f"{SHARDS_DIR}/{p}" for p in partitions))
+        return results
 
     def fanout_config(self) -> cluster.FanoutConfig:
         return cluster.FanoutConfig(**library_kwargs(self, cluster.FanoutConfig))

@@ -343,6 +343,7 @@ def run_partitioned_step(
     settings_for: Callable[[str], Mapping[str, object]],
     force: bool,
     work: Callable[[DataLayout, str], StepOutput],
+    work_together: Callable[[DataLayout, list[str]], dict[str, StepOutput]] | None = None,
 ) -> dg.MaterializeResult:
     """:func:`run_step` for each partition of the run, one after the other.
 
@@ -350,9 +351,13 @@ def run_partitioned_step(
     upstream assets (``step_for(p).upstream``) and skipped on its own when nothing changed.
     One partition: its metadata as :func:`run_step` records it. Several (a range): per
     partition counts in a table, their sums, and a data version over all of them.
+
+    ``work_together``, when given, does the partitions that are not skipped in one call (on a
+    cluster, at once), in one working copy holding every one's folders.
     """
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     outputs: list[PartitionOutput] = []
+    todo: dict[str, tuple[Step, str]] = {}
     with input_errors_fail_the_step():
         for partition in context.partition_keys:
             step = step_for(partition)
@@ -374,13 +379,26 @@ def run_partitioned_step(
                 previous = _unchanged_partition(context, partition, fingerprint)
             if previous is not None:
                 outputs.append(previous)
-                continue
-            with storage.working_copy(pull=step.pull, push=step.push) as layout:
-                output = work(layout, partition)
+            else:
+                todo[partition] = (step, fingerprint)
+        if work_together is not None and todo:
+            steps = [step for step, _ in todo.values()]
+            with storage.working_copy(
+                pull=[path for step in steps for path in step.pull],
+                push=[path for step in steps for path in step.push],
+            ) as layout:
+                done = work_together(layout, list(todo))
+        else:
+            done = {}
+            for partition, (step, _) in todo.items():
+                with storage.working_copy(pull=step.pull, push=step.push) as layout:
+                    done[partition] = work(layout, partition)
+        for partition, (_, fingerprint) in todo.items():
+            output = done[partition]
             outputs.append(
                 PartitionOutput(partition, fingerprint, output.data_version, output.metadata, False)
             )
-    return _partitioned_result(context, outputs)
+    return _partitioned_result(context, sorted(outputs, key=lambda o: o.partition))
 
 
 def _unchanged_partition(
@@ -439,9 +457,16 @@ def _partitioned_result(
     for counts in numbers.values():
         for key, value in counts.items():
             totals[key] = totals.get(key, 0) + value
+    # Words every partition says alike (where the work ran, say) hold for the range.
+    shared = {
+        key: value
+        for key, value in outputs[0].metadata.items()
+        if isinstance(value, str) and all(o.metadata.get(key) == value for o in outputs)
+    }
     version = json_version(versions)
     return dg.MaterializeResult(
         metadata={
+            **shared,
             **{key: round(value, 2) for key, value in totals.items()},
             "partitions": dg.MetadataValue.json(
                 {o.partition: {**numbers[o.partition], SKIPPED_KEY: o.skipped} for o in outputs}

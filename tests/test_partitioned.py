@@ -7,6 +7,7 @@ incrementally, builds each partition's shards, and trains on every partition.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -104,9 +105,9 @@ def _assets(batch_rows: int) -> list[dg.AssetsDefinition]:
     )
 
 
-def _resources(tmp_path: Path) -> dict[str, object]:
+def _resources(tmp_path: Path, storage: StorageResource | None = None) -> dict[str, object]:
     return {
-        "storage": StorageResource(root=str(tmp_path / "data")),
+        "storage": storage or StorageResource(root=str(tmp_path / "data")),
         **profile_resources("demo", demo_listings=LISTINGS),
     }
 
@@ -121,12 +122,13 @@ def _materialise(
     assets: list[dg.AssetsDefinition],
     selection: list[str],
     partition: str | None = None,
+    storage: StorageResource | None = None,
 ) -> dict[str, dg.AssetMaterialization]:
     result = dg.materialize(
         assets,
         selection=selection,
         partition_key=partition,
-        resources=_resources(tmp_path),
+        resources=_resources(tmp_path, storage),
         instance=instance,
         run_config={"ops": {k: v for k, v in RUN_CONFIG["ops"].items() if k in selection}},
     )
@@ -183,6 +185,24 @@ def test_partitions_are_ingested_apart_deduped_together_and_trained_on_together(
         assert again.metadata["skipped"].value is True
         fresh = _materialise(instance, tmp_path, assets, ["car_shards"], "second.csv@0000")
         assert fresh["car_shards"].metadata["skipped"].value is False
+
+        # A partition deleted in the UI leaves the dedup; what is left of it is said.
+        instance.delete_dynamic_partition(MANIFEST_PARTITIONS.name, keys[1])
+        result = dg.materialize(
+            assets,
+            selection=["unique_images"],
+            resources=_resources(tmp_path),
+            instance=instance,
+        )
+        dedup = result.get_asset_materialization_events()[0].step_materialization_data
+        assert dedup.materialization.metadata["partitions_removed"].value == [keys[1]]
+        assert keys[1] not in set(pd.read_parquet(data / "unique" / "unique.parquet")["partition"])
+        warnings = [
+            record.user_message
+            for record in instance.all_logs(result.run_id)
+            if record.level >= 30  # logging.WARNING
+        ]
+        assert any("shards are still in" in w and keys[1] in w for w in warnings), warnings
 
 
 def test_a_partitioned_run_refuses_a_manifest_path_in_one_line(tmp_path: Path, demo_site) -> None:
@@ -254,3 +274,101 @@ def test_the_sensor_adds_a_files_partitions_and_backfills_them_once(
         )
         assert not again.run_requests
         assert "no new or changed manifest" in again.skip_message
+
+
+# --------------------------------------------------------------------------- on Ray
+
+
+@pytest.fixture(params=["local folder", "s3"])
+def partition_root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StorageResource]:
+    """The storage root of a partitioned ingest: a folder, or a bucket of moto's S3 (the
+    tasks then read and write the bucket, each in its own temporary copy)."""
+    if request.param == "local folder":
+        yield StorageResource(root=str(tmp_path / "data"))
+        return
+    from tests.test_storage import moto_s3_server
+
+    with moto_s3_server() as s3:
+        yield StorageResource(
+            root=s3.url("partitioned"),
+            cache_dir=str(tmp_path / "cache"),
+            storage_options=s3.storage_options,
+        )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_range_of_partitions_is_sharded_at_once_on_ray_into_the_same_bytes(
+    tmp_path: Path, demo_site, partition_root: StorageResource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("ray", reason="the Ray extra is not installed (pip install -e '.[ray]')")
+    from pipelines.resources import RayResource
+    from tests.test_cluster_ray import RAY_ENV
+
+    for name, value in RAY_ENV.items():
+        monkeypatch.setenv(name, value)
+    server, incoming = demo_site
+    _drop_manifest(server, incoming, "first.csv", slice(0, 20))
+    assets = _assets(batch_rows=12)
+    keys = ["first.csv@0000", "first.csv@0001"]
+    storage = partition_root
+    data = storage.layout.root  # the root itself, or its working copy here
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as instance:
+        instance.add_dynamic_partitions(MANIFEST_PARTITIONS.name, keys)
+
+        def materialise(selection: list[str], key: str | None = None):  # noqa: ANN202
+            return _materialise(instance, tmp_path, assets, selection, key, storage)
+
+        for key in keys:
+            materialise(["listing_manifest", "raw_images"], key)
+        materialise(["unique_images"])
+        local = {key: materialise(["car_shards"], key) for key in keys}
+        local_versions = {k: shards.data_version_of(data / "shards" / k) for k in keys}
+
+        # Both partitions in one run (as a backfill's range gives it), on a local Ray head.
+        result = dg.materialize(
+            assets,
+            selection=["car_shards"],
+            resources={
+                **_resources(tmp_path, storage),
+                "ray_cluster": RayResource(address="local"),
+            },
+            instance=instance,
+            run_config={"ops": {"car_shards": {"config": {"force": True}}}},
+            tags={
+                "dagster/asset_partition_range_start": keys[0],
+                "dagster/asset_partition_range_end": keys[1],
+            },
+        )
+        assert result.success
+        [event] = result.get_asset_materialization_events()[:1]
+        metadata = event.step_materialization_data.materialization.metadata
+        assert metadata["skipped"].value is False
+        assert metadata["engine"].value == "ray (local)"
+        assert metadata["partition_versions"].value == local_versions
+        assert {k: local[k]["car_shards"].metadata["data_version"].value for k in keys} == (
+            local_versions
+        )
+        assert metadata["partitions"].value[keys[0]]["written"] > 0
+    # Each partition's folder holds one committed generation, written by its task (and, for
+    # S3, pulled back here), with no sort runs left behind.
+    for key in keys:
+        assert shards.data_version_of(data / "shards" / key) == local_versions[key]
+        assert not list((data / "shards" / key).glob(".runs-*"))
+        assert shards.read_summary(data / "shards" / key)["generation"] == 2
+
+    # Bad input inside a task comes back as the one-line error it is, not Ray's wrapper.
+    from carmodels.cluster import FanoutConfig
+    from carmodels.shards_fanout import build_partitions_on_ray
+
+    with pytest.raises(InputError, match="no kept images") as error:
+        build_partitions_on_ray(
+            storage.storage_root.url if storage.storage_root.is_remote else str(data),
+            ["gone.csv@0000"],
+            shards.ShardConfig(),
+            FanoutConfig(address="local"),
+            local_root=data,
+            storage_options=storage.storage_options or None,
+        )
+    assert "\n" not in str(error.value)
