@@ -256,7 +256,7 @@ def build_partitioned_assets(settings: ManifestPartitionsConfig) -> list[dg.Asse
                 # What each partition's shards are built from: car_shards[P] is redone only
                 # when P's kept images change, not whenever another partition arrives.
                 PARTITION_VERSIONS_KEY: {
-                    str(p): frame_version(rows.drop(columns=["raw_shard"], errors="ignore"))
+                    str(p): _kept_version(rows)
                     for p, rows in kept.groupby(PARTITION_COLUMN, sort=True)
                 },
             }
@@ -334,6 +334,17 @@ def build_partitioned_assets(settings: ManifestPartitionsConfig) -> list[dg.Asse
 
 #: Concurrency pool of the partitioned dedup (one slot, see dagster_home/dagster.yaml).
 DEDUP_POOL = "dedup"
+
+
+#: Columns of `unique.parquet` that may change while a partition's kept images do not:
+#: where a photo sits, and cluster numbers (renumbered by size on every run).
+_NOT_SHARDED = ["raw_shard", "cluster_id", "cluster_size"]
+
+
+def _kept_version(rows: pd.DataFrame) -> str:
+    """The version of what a partition's shards are built from: its kept images and their
+    listing metadata (in any row order)."""
+    return frame_version(rows.drop(columns=_NOT_SHARDED, errors="ignore"))
 
 
 def _has_raw_shards(layout: DataLayout, partition: str) -> bool:

@@ -78,6 +78,27 @@ def test_partitioning_is_off_by_default_and_checked() -> None:
         ManifestPartitionsConfig(batch_rows=0)
 
 
+def test_a_partitions_kept_version_ignores_renumbered_clusters_and_moved_photos() -> None:
+    from pipelines.partitioned import _kept_version
+
+    rows = pd.DataFrame(
+        {
+            "sha256": ["a", "b"],
+            "url": ["https://x/1.jpg", "https://x/2.jpg"],
+            "raw_shard": ["raw-00000.parquet", "raw-00001.parquet"],
+            "cluster_id": [0, 1],
+            "cluster_size": [3, 1],
+            "make": ["audi", "bmw"],
+        }
+    )
+    # Another dedup run numbers clusters by size again; a re-download moves the photos.
+    renumbered = rows.assign(cluster_id=[5, 2], cluster_size=[4, 1], raw_shard="raw-00007")
+    assert _kept_version(renumbered.iloc[::-1]) == _kept_version(rows)
+    # What the shards are built from changed: another image kept, or other metadata.
+    assert _kept_version(rows.assign(sha256=["a", "c"])) != _kept_version(rows)
+    assert _kept_version(rows.assign(make=["audi", "audi"])) != _kept_version(rows)
+
+
 # --------------------------------------------------------------------------- Dagster
 
 LISTINGS = 12
