@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -33,9 +34,39 @@ from pipelines.partitioned import (
 from tests import test_postgres
 from tests.conftest import stop_process_group
 
-# The throwaway PostgreSQL server and a DAGSTER_HOME on it, as tests/test_postgres.py makes them.
+# The throwaway PostgreSQL server, as tests/test_postgres.py starts it (once per module).
 postgres_server = test_postgres.postgres_server
-postgres_home = test_postgres.postgres_home
+
+
+@pytest.fixture
+def postgres_home(
+    postgres_server: test_postgres.PostgresServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """A DAGSTER_HOME holding the documented PostgreSQL example, on a database of its own: the
+    tests here read back every backfill and partition the instance holds, so one test's must
+    not show in the next."""
+    database = f"dagster_{uuid.uuid4().hex[:8]}"
+    connection = postgres_server.connect()
+    try:
+        connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {database}")
+    finally:
+        connection.close()
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(test_postgres.EXAMPLE_CONFIG, home / "dagster.yaml")
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_HOST": postgres_server.host,
+        "DAGSTER_PG_PORT": str(postgres_server.port),
+        "DAGSTER_PG_USERNAME": postgres_server.username,
+        "DAGSTER_PG_PASSWORD": postgres_server.password,
+        "DAGSTER_PG_DB": database,
+    }.items():
+        monkeypatch.setenv(name, value)
+    return home
+
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH_ROWS = 4
@@ -217,7 +248,11 @@ def test_a_dropped_manifest_is_ingested_by_the_sensors_backfill_to_training_shar
         with dg.DagsterInstance.from_config(str(postgres_home)) as instance:
 
             def backfill_ids() -> list[str]:
-                return [b.backfill_id for b in instance.get_backfills()]
+                return [
+                    b.backfill_id
+                    for b in instance.get_backfills()
+                    if b.tags.get("carmodels/manifest") == str((incoming / "cars.csv").resolve())
+                ]
 
             [backfill_id] = _wait("the sensor's backfill", backfill_ids, daemon, log_path)
             _wait_for_success(instance, backfill_id, daemon, log_path)
