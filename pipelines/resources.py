@@ -91,13 +91,15 @@ class StorageResource(dg.ConfigurableResource):
 
 @defaults_from_file("ray_cluster")
 class RayResource(dg.ConfigurableResource):
-    """The Ray cluster `raw_images` fans its downloads out on (`carmodels.cluster`, see
-    docs/scale.md). None by default: without an address, downloads run on this machine
-    exactly as they do without Ray installed.
+    """The Ray cluster `raw_images` fans its downloads out on, and `car_shards` its
+    normalising (`carmodels.cluster`, `carmodels.shards_fanout`; see docs/scale.md). None by
+    default: without an address, both run on this machine exactly as they do without Ray
+    installed.
 
-    With an address, the tasks write their raw shards straight to the storage root, so a root
-    that the workers share (S3 or another fsspec URL, or a local folder for ``local``) is
-    needed; the step's working copy is then brought level with what they wrote.
+    With an address, the tasks write their raw shards (and, for partitions, their car shards)
+    straight to the storage root, so a root that the workers share (S3 or another fsspec URL,
+    or a local folder for ``local``) is needed; the step's working copy is then brought level
+    with what they wrote.
     """
 
     address: str = library_field(
