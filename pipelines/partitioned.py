@@ -31,7 +31,14 @@ import pydantic
 from carmodels import dedup, watch
 from carmodels.dedup.schema import PARTITION_COLUMN
 from carmodels.errors import InputError
-from carmodels.layout import MANIFEST_DIR, RAW_DIR, SHARDS_DIR, UNIQUE_DIR, DataLayout
+from carmodels.layout import (
+    MANIFEST_DIR,
+    RAW_DIR,
+    SHARDS_DIR,
+    UNIQUE_DIR,
+    DataLayout,
+    default_data_root_url,
+)
 from carmodels.scrape.raw import RAW_SHARD_GLOB
 from carmodels.versioning import frame_version, source_version
 from pipelines.assets import (
@@ -71,8 +78,6 @@ INCOMING_DIR = "incoming"
 
 def watched_folder() -> Path:
     """Where manifests arrive: ``$CARMODELS_WATCH_DIR``, else ``<data root>/incoming``."""
-    from carmodels.layout import default_data_root_url
-
     if os.environ.get(WATCH_DIR_ENV):
         return Path(os.environ[WATCH_DIR_ENV])
     root = default_data_root_url()

@@ -6,6 +6,7 @@ assets never ask which profile they run under, they use what they are given.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import urllib.error
 import urllib.request
@@ -163,11 +164,12 @@ class RayResource(dg.ConfigurableResource):
         """Normalise the kept images into training shards (`carmodels.shards.build_shards`):
         their chunks go to the cluster's workers when an address is set, else to local
         processes. The shards are the same bytes either way."""
-        if not self.enabled:
-            return shards.build_shards(
-                unique_dir, raw, out_dir, config, on_progress=on_progress, partition=partition
-            )
-        with cluster.ray_chunk_mapping(self.fanout_config()) as map_chunks:
+        mapping = (
+            cluster.ray_chunk_mapping(self.fanout_config())
+            if self.enabled
+            else contextlib.nullcontext(None)  # map_chunks=None: local processes
+        )
+        with mapping as map_chunks:
             return shards.build_shards(
                 unique_dir,
                 raw,

@@ -61,15 +61,23 @@ def input_fingerprint(
     upstream: Sequence[str],
     settings: Mapping[str, object],
     storage_uri: str,
+    partition: str | None = None,
 ) -> str:
-    """A short hash of everything that decides this step's output."""
+    """A short hash of everything that decides this step's output (for one ``partition``:
+    the data versions read are those of that partition, see `partition_data_version`)."""
     code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
+
+    def version(key: str) -> str | None:
+        if partition is None:
+            return latest_data_version(context.instance, key)
+        return partition_data_version(context.instance, key, partition)
+
     return json_version(
         {
             "code_version": code_version,
             "settings": dict(settings),
             "storage": storage_uri,
-            "upstream": {key: latest_data_version(context.instance, key) for key in upstream},
+            "upstream": {key: version(key) for key in upstream},
         }
     )
 
@@ -355,7 +363,6 @@ def run_partitioned_step(
     ``work_together``, when given, does the partitions that are not skipped in one call (on a
     cluster, at once), in one working copy holding every one's folders.
     """
-    code_version = context.assets_def.code_versions_by_key.get(context.asset_key)
     outputs: list[PartitionOutput] = []
     todo: dict[str, tuple[Step, str]] = {}
     with input_errors_fail_the_step():
@@ -363,16 +370,12 @@ def run_partitioned_step(
             step = step_for(partition)
             if step.requires is not None:
                 require_upstream(storage, step.requires)
-            fingerprint = json_version(
-                {
-                    "code_version": code_version,
-                    "settings": dict(settings_for(partition)),
-                    "storage": storage.uri(),
-                    "upstream": {
-                        key: partition_data_version(context.instance, key, partition)
-                        for key in step.upstream
-                    },
-                }
+            fingerprint = input_fingerprint(
+                context,
+                upstream=step.upstream,
+                settings=settings_for(partition),
+                storage_uri=storage.uri(),
+                partition=partition,
             )
             previous = None
             if not (force or not step.cached) and storage.exists(step.output):
