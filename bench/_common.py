@@ -30,11 +30,33 @@ from carmodels.metrics.pixel import to_uint8  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
 from carmodels.scrape.raw import local_photo_row, raw_schema, shard_path  # noqa: E402
 from carmodels.shards import ShardConfig, build_shards, fit_image_size, load_images  # noqa: E402
+from carmodels.versioning import source_version  # noqa: E402
 
 #: The shared photos beside the project (a user's clone has none).
 SHARED_DATA = REPO.parent / "shared" / "data"
 #: Manifest columns carried into the shards (``type`` and ``make`` label the judge).
 METADATA_COLUMNS = ("make", "model", "year", "type")
+
+
+def default_judge_cache() -> Path:
+    """Where ``bench/judge.py`` and ``bench/quality.py`` keep the judges they train, shared and
+    kept between runs: training the judge takes longer than the whole recipe study's runs
+    (18 min on 2 cores for ``cars-train-6k``), and the study should score with the very judge
+    that ``bench/judge.py`` validated. A judge is found by its photos' data version and its
+    settings (:func:`carmodels.classifier.train_classifier`); the folder is named by the
+    classifier's code version, so a changed classifier trains anew."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "carmodels" / "judges" / source_version(["carmodels.classifier"])
+
+
+def add_judge_cache_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--judge-cache",
+        type=Path,
+        default=None,
+        help="keep and reuse trained judges here (default: ~/.cache/carmodels/judges/<code "
+        "version>, shared by bench/judge.py and bench/quality.py)",
+    )
 
 
 def write_report(path: Path, args: argparse.Namespace, **figures: Any) -> None:

@@ -52,7 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a
 from _common import (  # noqa: E402
     SHARED_DATA,
     RealReference,
+    add_judge_cache_option,
     build_sample_shards,
+    default_judge_cache,
     score_generator,
     write_report,
 )
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "photos are scaled down to it)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    add_judge_cache_option(parser)
     args = parser.parse_args(argv)
     if not (args.images / "manifest.csv").is_file():
         print(f"judge: {args.images} has no manifest.csv; pass --images DIR", file=sys.stderr)
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         judge_started = time.perf_counter()
         judge = train_classifier(
             shards_dir,
-            work / "judge",
+            args.judge_cache or default_judge_cache(),
             data_version_of(shards_dir),
             ClassifierConfig(),
             print,

@@ -55,6 +55,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a bare checkout
+sys.path.insert(0, str(REPO / "bench"))  # _common, also when a test loads this
 
 from _common import build_sample_shards  # noqa: E402
 
@@ -75,9 +76,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 #: Metrics compared (all "lower is closer"); the first decides when the two disagree.
 METRICS = ("judge_fd", "pixel_fd_16")
+#: The judge's Fréchet distance under its names, newest first: results saved before the
+#: validated judge (docs/benchmarks/judge.md) hold ``type_fd``, and ``--rescore`` reads them so.
+JUDGE_FDS = ("judge_fd", "type_fd")
 #: Its seed-to-seed range is the run-to-run noise every comparison is held against.
 REFERENCE = ("baseline", "ema")
-SHOWN = ("judge_fd", "pixel_fd_16", "type_overlap", "diversity_ratio", "nn_ratio")
+SHOWN = ("pixel_fd_16", "type_overlap", "diversity_ratio", "nn_ratio")
 
 
 @dataclass
@@ -146,6 +150,15 @@ def verdict(option: list[float], base: list[float], noise: float) -> str:
     return "within noise"
 
 
+def metrics_of(runs: list[Run]) -> tuple[str, str]:
+    """The metrics these runs are compared on: the judge's FD under the name they were scored
+    with, then ``pixel_fd_16``."""
+    for name in JUDGE_FDS:
+        if any(r.metrics.get(name) is not None for r in runs):
+            return name, METRICS[1]
+    return METRICS
+
+
 def compare(runs: list[Run], option: tuple[str, str], base: tuple[str, str]) -> dict[str, Any]:
     """Paired by seed: (variant, weights) of the option against those of the base; the noise
     is the seed-to-seed range of ``REFERENCE``."""
@@ -158,8 +171,9 @@ def compare(runs: list[Run], option: tuple[str, str], base: tuple[str, str]) -> 
         )
         return [float(v) for _, v in picked]  # type: ignore[arg-type]
 
+    metrics = metrics_of(runs)
     result: dict[str, Any] = {}
-    for metric in METRICS:
+    for metric in metrics:
         o, b, ref = scores(option, metric), scores(base, metric), scores(REFERENCE, metric)
         if not o or len(o) != len(b):
             result[metric] = {"verdict": "not measured"}
@@ -172,7 +186,7 @@ def compare(runs: list[Run], option: tuple[str, str], base: tuple[str, str]) -> 
             "paired_differences": [x - y for x, y in zip(o, b, strict=True)],
             "noise": noise,
         }
-    primary, secondary = (result[m]["verdict"] for m in METRICS)
+    primary, secondary = (result[m]["verdict"] for m in metrics)
     if primary == "better" and secondary != "worse":
         overall = "better"
     elif primary == "worse" and secondary != "better":
@@ -184,22 +198,24 @@ def compare(runs: list[Run], option: tuple[str, str], base: tuple[str, str]) -> 
 
 
 def summary(name: str, comparison: dict[str, Any]) -> str:
-    detail = comparison[METRICS[0]]
+    primary = next(m for m in comparison if m != "overall")  # compare()'s first metric
+    detail = comparison[primary]
     if "option_mean" not in detail:
         return f"{name} not measured"
     return (
-        f"{name} {comparison['overall']} ({METRICS[0]} {detail['base_mean']:.1f} -> "
+        f"{name} {comparison['overall']} ({primary} {detail['base_mean']:.1f} -> "
         f"{detail['option_mean']:.1f})"
     )
 
 
 def print_table(runs: list[Run]) -> None:
-    header = ["variant", "weights", "seed", *SHOWN, "train s"]
+    shown = (metrics_of(runs)[0], *SHOWN)
+    header = ["variant", "weights", "seed", *shown, "train s"]
     print(" | ".join(header))
     for r in runs:
         values = [
             "-" if r.metrics.get(m) is None else f"{r.metrics[m]:.3f}"  # type: ignore[str-format]
-            for m in SHOWN
+            for m in shown
         ]
         print(" | ".join([r.variant, r.weights, str(r.seed), *values, f"{r.train_s:.0f}"]))
     print("means over seeds:")
@@ -209,7 +225,7 @@ def print_table(runs: list[Run]) -> None:
     for key in keys:
         picked = [r for r in runs if (r.variant, r.weights) == key]
         means = []
-        for m in SHOWN:
+        for m in shown:
             values = [r.metrics[m] for r in picked if r.metrics.get(m) is not None]
             means.append(f"{statistics.fmean(values):.3f}" if values else "-")  # type: ignore[arg-type]
         print(" | ".join([*key, f"n={len(picked)}", *means]))
@@ -289,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs += new
                 for r in new:
                     shown = ", ".join(
-                        f"{m}={r.metrics[m]:.3f}" for m in SHOWN if r.metrics.get(m) is not None
+                        f"{m}={r.metrics[m]:.3f}"
+                        for m in ("judge_fd", *SHOWN)
+                        if r.metrics.get(m) is not None
                     )
                     print(
                         f"{r.variant} seed {r.seed} {r.weights}: {shown} ({r.train_s:.0f} s)",

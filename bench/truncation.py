@@ -19,7 +19,7 @@ Last line::
 
     truncation: best METHOD T (FD X, precision P, recall R) vs none (FD Y, precision P0, recall R0)
 
-Usage: ``python bench/truncation.py --checkpoint PT --shards DIR --judge-cache DIR [--json P]``
+Usage: ``python bench/truncation.py --checkpoint PT --shards DIR [--judge-cache DIR] [--json P]``
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a test loads this
 
-from _common import write_report  # noqa: E402
+from _common import add_judge_cache_option, default_judge_cache, write_report  # noqa: E402
 
 from carmodels.checkpoint import load_generator  # noqa: E402
 from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
@@ -50,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--shards", type=Path, required=True, help="shards with a val split")
-    parser.add_argument("--judge-cache", type=Path, required=True, help="the judge's cache")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    add_judge_cache_option(parser)
     args = parser.parse_args(argv)
     judge = train_classifier(
-        args.shards, args.judge_cache, data_version_of(args.shards), ClassifierConfig(), print
+        args.shards,
+        args.judge_cache or default_judge_cache(),
+        data_version_of(args.shards),
+        ClassifierConfig(),
+        print,
     )
     generator, spec, _ = load_generator(args.checkpoint, device="cpu", ema=True)
     val = fit_image_size(load_images(args.shards, "val"), spec.image_size, str(args.shards))

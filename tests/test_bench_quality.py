@@ -15,6 +15,7 @@ from PIL import Image
 
 from carmodels.errors import InputError
 from carmodels.latent import sample_noise
+from carmodels.versioning import source_version
 from tests.test_bench_dedup import load_bench
 
 TYPES = ("sedan", "suv", "coupe")
@@ -80,12 +81,15 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
     quality.BUDGETS["tiny"] = quality.Budget(32, 4, 8, 64, "cpu", jobs=1, threads=1)
     result = tmp_path / "out" / "quality.json"
     args = ["--images", str(folder), "--budget", "tiny", "--recipes", "seed,ema,combined"]
+    args += ["--judge-cache", str(tmp_path / "judges")]  # never the user's cache
     assert quality.main([*args, "--work", str(tmp_path / "work"), "--json", str(result)]) == 0
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, tie_line, last = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(
         r"quality: best \w+ FD [\d.]+ vs seed FD [\d.]+, ratio [\d.]+, budget tiny", last
     ), last
+    assert re.fullmatch(r"quality: within \w+'s seed range on judge_fd \(.*\): .+", tie_line)
     report = json.loads(result.read_text())
+    assert set(report["tied_with_best"]) < {"seed", "ema", "combined"}
     assert set(report["table"]) == {"seed", "ema", "combined"}
     assert {r["recipe"] for r in report["runs"]} == {"seed", "ema", "combined"}
     assert all(Path(r["grid"]).is_file() for r in report["runs"])
@@ -101,6 +105,8 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
             str(folder),
             "--work",
             str(tmp_path / "work"),
+            "--judge-cache",
+            str(tmp_path / "judges"),
             "--models",
             *map(str, checkpoints),
             "--json",
@@ -112,10 +118,36 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
     report = json.loads(judged.read_text())
     assert report["steps"] == 16 and len(report["ranking"]) == len(checkpoints)
     assert status == (0 if report["monotone_steps"] == 16 and report["ranked_right"] else 1)
-    assert report["judge_from_cache"]  # the quality bench trained and cached it
+    assert report["judge_from_cache"]  # the quality bench trained it into the shared cache
 
     truncation = load_bench("truncation")
     argv = ["--checkpoint", str(checkpoints[0]), "--shards", str(tmp_path / "work" / "shards")]
-    argv += ["--judge-cache", str(tmp_path / "work" / "judge")]
+    argv += ["--judge-cache", str(tmp_path / "judges")]
     assert truncation.main([*argv, "--json", str(tmp_path / "out" / "t.json")]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("truncation: best ")
+
+
+def test_the_judge_cache_is_shared_and_named_by_the_classifier_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    common = load_bench("_common")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = common.default_judge_cache()
+    assert cache.parent == tmp_path / "carmodels" / "judges"
+    assert cache.name == source_version(["carmodels.classifier"])
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert common.default_judge_cache().parent == tmp_path / "home/.cache/carmodels/judges"
+
+
+def test_recipes_whose_seed_ranges_overlap_the_best_are_named_as_tied() -> None:
+    quality = load_bench("quality")
+    table = {
+        "seed": {"judge_fd": 500.0, "judge_fd_spread": 60.0},
+        "batchnorm": {"judge_fd": 26.9, "judge_fd_spread": 3.4},  # best: up to 30.3
+        "combined": {"judge_fd": 30.8, "judge_fd_spread": 0.6},  # from 30.2: overlaps
+        "sn_hinge": {"judge_fd": 48.1, "judge_fd_spread": 7.9},  # from 40.2: apart
+    }
+    assert quality.tied_with_best(table) == ["combined"]
+    table["combined"]["judge_fd_spread"] = 0.4  # from 30.4: apart
+    assert quality.tied_with_best(table) == []

@@ -246,6 +246,8 @@ def test_benchmark_index_commands_use_real_options(bench_index: ModuleType):
     for benchmark, runs in bench_index.rows():
         command = bench_index.command(benchmark, runs[-1])
         source = (REPO / benchmark.script).read_text()
+        if "from _common import" in source:  # options shared by several scripts live there
+            source += (REPO / "bench" / "_common.py").read_text()
         for flag in re.findall(r"(--[a-z0-9-]+)", command):
             assert f'"{flag}"' in source, f"{benchmark.script} has no option {flag}: {command}"
 
