@@ -55,7 +55,7 @@ def add_judge_cache_option(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="keep and reuse trained judges here (default: ~/.cache/carmodels/judges/<code "
-        "version>, shared by bench/judge.py and bench/quality.py)",
+        "version>, shared by bench/judge.py, quality.py and truncation.py)",
     )
 
 

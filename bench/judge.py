@@ -6,7 +6,8 @@ images. This benchmark does the same for the judge, on real photos:
 1. The photos of ``--images DIR`` (a folder with ``manifest.csv``: ``image``, ``make``,
    ``type``, ...) go through carmodels' own stages into 128 px shards, 80/20 train/val.
 2. The judge is trained on the train split (:func:`carmodels.classifier.train_classifier`,
-   cached in ``--work``), and its type and make accuracy are measured on the val split.
+   cached in ``--judge-cache``, shared with the other scripts that judge), and its type and
+   make accuracy are measured on the val split.
 3. The floor: the Fréchet distance between the judge's features of real val and real train
    photos.
 4. Four disturbances of the val photos at four increasing levels each (Gaussian noise mixed in,
@@ -29,7 +30,7 @@ Last line::
     judge: monotone M/16 steps, floor F, accuracy A
 
 Usage: ``python bench/judge.py [--images DIR] [--work DIR] [--models WORSE.pt BETTER.pt]
-[--json PATH]``
+[--judge-cache DIR] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def rank_models(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="photos + manifest")
-    parser.add_argument("--work", type=Path, help="keep shards, judge and models here")
+    parser.add_argument("--work", type=Path, help="keep shards and reference models here")
     parser.add_argument(
         "--models", type=Path, nargs="+", help="checkpoints, worst first (default: train a pair)"
     )

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1", help="comma-separated training seeds")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipes")
     parser.add_argument("--images-seen", type=int, help="override the budget's images per run")
-    parser.add_argument("--work", type=Path, help="keep shards, judge and runs here")
+    parser.add_argument("--work", type=Path, help="keep shards and runs here")
     parser.add_argument("--json", type=Path, help="also write the results here")
     add_judge_cache_option(parser)
     args = parser.parse_args(argv)
