@@ -325,7 +325,7 @@ def _quality_figure(runs: list[Run]) -> str:
     best, seed = d["table"][d["best"]], d["table"]["seed"]
     minutes = f"{d['total_s'] / 60:.0f} min"
     if "runs_s" in d:  # recorded since 2026-12-06's second run
-        minutes += f" ({d['runs_s'] / 60:.0f} training and scoring)"
+        minutes += f" ({d['runs_s'] / 60:.0f} min training and scoring)"
     return (
         f"best {d['best']}: judge_fd {best['judge_fd']:.1f} ± {best['judge_fd_spread']:.1f} "
         f"vs seed {seed['judge_fd']:.1f} ± {seed['judge_fd_spread']:.1f} (ratio "

@@ -84,8 +84,9 @@ class Budget:
 
 BUDGETS = {
     # 40,000 images per run (8 epochs of the 4,755 train photos). Batch 16: four times the
-    # updates of batch 64 for every recipe at about 1.2x the seconds; at batch 64 no recipe
-    # drew wheels or windows in 8 epochs (docs/benchmarks/quality.md, History).
+    # updates of batch 64 for every recipe at about 1.2x the seconds; at batch 64 (625
+    # updates) the best recipe drew one pattern of spots in every cell
+    # (docs/benchmarks/quality.md, History).
     "cpu64": Budget(64, 16, 16, 40_000, "cpu", jobs=2, threads=1),
     "gpu128": Budget(128, 64, 128, 2_000_000, "cuda", jobs=1, threads=4),
 }
