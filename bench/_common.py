@@ -139,6 +139,11 @@ class RealReference:
             self._features[side] = self.judge.features_and_predictions(val)[0]
         return self._features[side]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Sent to a worker process with the judge and the features computed so far, without
+        the val photos (read again there if another side is asked for)."""
+        return {**self.__dict__, "_val": None}
+
 
 def score_generator(
     reference: RealReference, checkpoint: Path, grid_path: Path, seed: int, ema: bool = True

@@ -16,9 +16,10 @@ Recipes (every one changes one thing from the seed recipe, except ``combined``):
 
 Every recipe uses the same width (``base_channels``) and batch size, and trains for the same
 number of images. Budgets: ``cpu64`` (64 px, width 16, batch 16, 2 runs at a time on one thread
-each; the 14 trainings and their scoring took 23 minutes on 2 AVX2 cores) and ``gpu128`` (128
-px, the seed's width 64, on one GPU). The judge is trained once per photo set and kept in a
-cache shared with ``bench/judge.py``, which validates it (18 minutes more, the first time).
+each, each scored in its worker; the 14 trainings and their scoring took 17.4 minutes on 2 AVX2
+cores) and ``gpu128`` (128 px, the seed's width 64, on one GPU). The judge is trained once per
+photo set and kept in a cache shared with ``bench/judge.py``, which validates it (18 minutes
+more, the first time).
 
 Scores: ``judge_fd`` (Fréchet distance in the judge's features, generated vs real val photos at
 the model's size), ``judge_kid`` and precision/recall/density/coverage, per run; then mean ±
@@ -61,6 +62,7 @@ from _common import (  # noqa: E402
 )
 
 from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
+from carmodels.device import retain_freed_cpu_memory  # noqa: E402
 from carmodels.parallel import map_in_processes  # noqa: E402
 from carmodels.shards import data_version_of, load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
@@ -83,11 +85,12 @@ class Budget:
 
 
 BUDGETS = {
-    # 40,000 images per run (8 epochs of the 4,755 train photos). Batch 16: four times the
-    # updates of batch 64 for every recipe at about 1.2x the seconds; at batch 64 (625
-    # updates) the best recipe drew one pattern of spots in every cell
-    # (docs/benchmarks/quality.md, History).
-    "cpu64": Budget(64, 16, 16, 40_000, "cpu", jobs=2, threads=1),
+    # 33,000 images per run (7 epochs of the 4,755 train photos, 2,079 steps): so that the 14
+    # trainings and their scoring fit 20 minutes on 2 cores (8 epochs took 21.9 min on an
+    # AVX2 machine). Batch 16: four times the updates of batch 64 for every recipe at about
+    # 1.2x the seconds; at batch 64 (625 updates) the best recipe drew one pattern of spots
+    # in every cell (docs/benchmarks/quality.md, History).
+    "cpu64": Budget(64, 16, 16, 33_000, "cpu", jobs=2, threads=1),
     "gpu128": Budget(128, 64, 128, 2_000_000, "cuda", jobs=1, threads=4),
 }
 DIFFAUGMENT = "color,translation,cutout"
@@ -158,27 +161,46 @@ def train_run(
     return result.checkpoint_path, seconds
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """One score of a training: the recipe it counts for, which weights, where its grid goes."""
+
+    recipe: str
+    ema: bool
+    grid: Path
+
+
+#: A finished job: its seed, training seconds, and each scoring's scores.
+JobResult = tuple[int, float, list[tuple[Scoring, dict[str, float | None]]]]
+
+
 def _job(
-    recipe_key: tuple,
     overrides: dict[str, Any],
     seed: int,
     shards_dir: Path,
     run_dir: Path,
     budget: Budget,
     n_train: int,
-) -> tuple[tuple, int, Path, float]:
+    reference: RealReference,
+    scorings: list[Scoring],
+) -> JobResult:
+    """Train one run, then score it for every recipe it serves, in the same worker: the
+    scoring of one run overlaps the training of the next instead of waiting for all."""
     checkpoint, seconds = train_run(shards_dir, run_dir, overrides, seed, budget, n_train)
-    return recipe_key, seed, checkpoint, seconds
+    scores = [
+        (s, score_generator(reference, checkpoint, s.grid, SAMPLE_SEED, s.ema)) for s in scorings
+    ]
+    return seed, seconds, scores
 
 
-def _job_with_threads(job: tuple, threads: int) -> tuple[tuple, int, Path, float]:
+def _job_with_threads(job: tuple, threads: int) -> JobResult:
     torch.set_num_threads(threads)  # each training's share of the cores, in whichever process
     return _job(*job)
 
 
-def run_jobs(jobs: list[tuple], budget: Budget) -> Iterator[tuple[tuple, int, Path, float]]:
-    """Every training job, in order: ``budget.jobs`` at a time in worker processes, or in
-    this one."""
+def run_jobs(jobs: list[tuple], budget: Budget) -> Iterator[JobResult]:
+    """Every training job with its scores, in order: ``budget.jobs`` at a time in worker
+    processes, or in this one."""
     run = functools.partial(_job_with_threads, threads=budget.threads)
     return map_in_processes(run, jobs, budget.jobs)
 
@@ -239,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print("quality: the gpu128 budget needs a CUDA device", file=sys.stderr)
         return 2
 
+    retain_freed_cpu_memory()  # the judge and the scoring; train() asks in each worker too
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         out = args.json.parent if args.json else work
@@ -267,45 +290,47 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         runs_started = time.perf_counter()
-        trainings: dict[tuple, str] = {}  # the first recipe of each distinct training
+        references = {framing: RealReference(judge, path) for framing, path in shards.items()}
+        for reference in references.values():  # judged here once, then sent with each job
+            reference.features(budget.image_size)
+        trainings: dict[tuple, list[str]] = {}  # the recipes each distinct training serves
         for recipe in recipes:
-            trainings.setdefault(_training_key(recipe), recipe)
-        checkpoints: dict[tuple[tuple, int], tuple[Path, float]] = {}
+            trainings.setdefault(_training_key(recipe), []).append(recipe)
         jobs = [
             (
-                key,
-                RECIPES[recipe]["train"],
+                RECIPES[served[0]]["train"],
                 seed,
                 shards[framing],
-                work / "runs" / args.budget / f"{recipe}-seed{seed}",
+                work / "runs" / args.budget / f"{served[0]}-seed{seed}",
                 budget,
                 n_train[framing],
+                references[framing],
+                [
+                    Scoring(
+                        recipe,
+                        RECIPES[recipe].get("weights") == "ema",
+                        out / f"quality-{args.budget}-{recipe}-seed{seed}.png",
+                    )
+                    for recipe in served
+                ],
             )
-            for key, recipe in trainings.items()
-            for framing in [RECIPES[recipe].get("framing", "letterbox")]
+            for served in trainings.values()
+            for framing in [RECIPES[served[0]].get("framing", "letterbox")]
             for seed in seeds
         ]
-        for key, seed, checkpoint, seconds in run_jobs(jobs, budget):
-            checkpoints[(key, seed)] = (checkpoint, seconds)
-            print(f"  trained {trainings[key]} seed {seed} in {seconds:.0f} s", flush=True)
-        references = {framing: RealReference(judge, path) for framing, path in shards.items()}
-        runs = []
-        for recipe in recipes:
-            spec = RECIPES[recipe]
-            for seed in seeds:
-                checkpoint, seconds = checkpoints[(_training_key(recipe), seed)]
-                grid = out / f"quality-{args.budget}-{recipe}-seed{seed}.png"
-                framing = spec.get("framing", "letterbox")
-                scores = score_generator(
-                    references[framing], checkpoint, grid, SAMPLE_SEED, spec.get("weights") == "ema"
+        finished: dict[tuple[str, int], Run] = {}
+        for seed, seconds, scored in run_jobs(jobs, budget):
+            for scoring, scores in scored:
+                finished[(scoring.recipe, seed)] = Run(
+                    scoring.recipe, seed, scores, seconds, str(scoring.grid)
                 )
-                runs.append(Run(recipe, seed, scores, seconds, str(grid)))
                 print(
-                    f"  {recipe} seed {seed}: judge_fd {scores['judge_fd']:.2f} "
-                    f"kid {scores['judge_kid']:.4f} precision {scores['judge_precision']:.3f} "
-                    f"recall {scores['judge_recall']:.3f}",
+                    f"  {scoring.recipe} seed {seed}: trained in {seconds:.0f} s, judge_fd "
+                    f"{scores['judge_fd']:.2f} kid {scores['judge_kid']:.4f} precision "
+                    f"{scores['judge_precision']:.3f} recall {scores['judge_recall']:.3f}",
                     flush=True,
                 )
+        runs = [finished[(recipe, seed)] for recipe in recipes for seed in seeds]
         table = summarise(runs)
         total_s = time.perf_counter() - started
         runs_s = time.perf_counter() - runs_started  # trainings and scoring, the setup left out

@@ -123,3 +123,17 @@ def test_epochs_follow_the_images_seen_budget() -> None:
     assert config.epochs_for(4_755) == 25  # a large set: capped by max_images_seen
     assert config.epochs_for(330) == 46  # a small one: raised to min_images_seen
     assert config.epochs_for(1_000) == 30
+
+
+def test_kid_from_the_whole_kernel_matrices_equals_kid_per_subset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from carmodels.metrics import domain
+
+    rng = np.random.default_rng(3)
+    real, generated = rng.normal(size=(300, 16)), rng.normal(0.3, 1.2, size=(280, 16))
+    whole = domain.kernel_distance(real, generated, subsets=20, subset_size=200)
+    monkeypatch.setattr(domain, "KID_WHOLE_KERNEL_MAX_IMAGES", 100)  # per subset: the old way
+    per_subset = domain.kernel_distance(real, generated, subsets=20, subset_size=200)
+    assert whole[0] > 0.01  # the two sets differ
+    np.testing.assert_allclose(whole, per_subset, rtol=1e-10)

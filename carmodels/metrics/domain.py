@@ -32,6 +32,12 @@ PRDC_NEIGHBOURS = 5
 #: KID's subsets (the KID paper's 100 subsets of up to 1,000 images).
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
+#: Up to this many images in each set, KID sums every subset's kernel values out of the whole
+#: sets' kernel matrices, computed once: 3 matrix products instead of 3 per subset. The KID
+#: of 1,162 generated images against 1,162 val photos fell from 7-8 s to 0.2 s on a 2-core
+#: AVX2 machine. Above it, each subset's kernels are computed anew, so that memory stays
+#: bounded: the three float64 matrices take 216 MB at 3,000 images.
+KID_WHOLE_KERNEL_MAX_IMAGES = 3000
 
 
 class Judge(Protocol):
@@ -72,15 +78,32 @@ def kernel_distance(
         )
     rng = np.random.default_rng(seed)
     dim = real.shape[1]
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a @ b.T / dim + 1) ** 3
+
+    whole = max(len(real), len(generated)) <= KID_WHOLE_KERNEL_MAX_IMAGES
+    if whole:
+        whole_xx, whole_yy = kernel(real, real), kernel(generated, generated)
+        whole_xy = kernel(real, generated)
     values = []
     for _ in range(subsets):
-        x = real[rng.choice(len(real), n, replace=False)]
-        y = generated[rng.choice(len(generated), n, replace=False)]
-        k_xx = (x @ x.T / dim + 1) ** 3
-        k_yy = (y @ y.T / dim + 1) ** 3
-        k_xy = (x @ y.T / dim + 1) ** 3
-        off_diagonal = (k_xx.sum() - np.trace(k_xx) + k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
-        values.append(off_diagonal - 2 * k_xy.mean())
+        i = rng.choice(len(real), n, replace=False)
+        j = rng.choice(len(generated), n, replace=False)
+        if whole:
+            # A subset's kernel sum is v' K v for its 0/1 indicator v: no sub-matrix copies.
+            in_x, in_y = np.zeros(len(real)), np.zeros(len(generated))
+            in_x[i], in_y[j] = 1.0, 1.0
+            sum_xx, sum_yy = in_x @ whole_xx @ in_x, in_y @ whole_yy @ in_y
+            sum_xy = in_x @ whole_xy @ in_y
+            trace_xx, trace_yy = whole_xx.diagonal()[i].sum(), whole_yy.diagonal()[j].sum()
+        else:
+            x, y = real[i], generated[j]
+            k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+            sum_xx, sum_yy, sum_xy = k_xx.sum(), k_yy.sum(), k_xy.sum()
+            trace_xx, trace_yy = np.trace(k_xx), np.trace(k_yy)
+        off_diagonal = (sum_xx - trace_xx + sum_yy - trace_yy) / (n * (n - 1))
+        values.append(off_diagonal - 2 * sum_xy / (n * n))
     return float(np.mean(values)), float(np.std(values))
 
 

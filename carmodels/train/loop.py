@@ -30,7 +30,7 @@ from carmodels.checkpoint import (
     resume_path,
 )
 from carmodels.checkpoint import save as save_checkpoint
-from carmodels.device import resolve_device
+from carmodels.device import resolve_device, retain_freed_cpu_memory
 from carmodels.distributed import DistContext, device_for_rank, init_from_env, shutdown
 from carmodels.errors import CheckpointError
 from carmodels.models import ModelSpec
@@ -149,6 +149,8 @@ def _prepare(
     run_dir = Path(out_dir)
     spec, hyper = config.model_spec(), config.hyperparameters()
     device = device_for_rank(resolve_device(config.device), dist)
+    if device.type == "cpu":
+        retain_freed_cpu_memory()  # no page faults on every step's activations
     rank_batch = _rank_batch(config.batch_size, world)
     resume_from = resume_path(resume, run_dir / CHECKPOINT_DIR)
     checkpoint = _load_resume_checkpoint(resume_from, spec)
