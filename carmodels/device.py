@@ -1,7 +1,8 @@
-"""Where tensors run: the device a setting names and the autocast dtype to use there.
+"""Where tensors run: the device a setting names, the autocast dtype to use there, and how
+freed CPU memory is kept for reuse.
 
-Shared by training, generation, restoration and evaluation. Nothing here touches CUDA at import
-time; both functions are called at run time only.
+Shared by training, generation, restoration and evaluation. Nothing here touches CUDA or the
+allocator at import time; every function is called at run time only.
 """
 
 from __future__ import annotations
