@@ -42,35 +42,29 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-    out = subprocess.run(
-        [sys.executable, "-c", _FAULTS, mode],
+def _python(code: str, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    """The words ``code`` prints, run in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, **(env or {})},
     ).stdout.split()
-    return out[0], int(out[1])
 
 
 def test_retained_memory_is_reused_without_page_faults() -> None:
-    _, default_faults = _faults("default")
-    took, retained_faults = _faults("retain")
+    _, default_faults = _python(_FAULTS, "default")
+    took, retained_faults = _python(_FAULTS, "retain")
     assert took == "True"
-    assert default_faults > 4000  # 17,000-45,000 on a 2-core x86_64 machine
-    assert retained_faults < default_faults // 10  # 0-500 there: the heap's growth to its peak
+    assert int(default_faults) > 4000  # 17,000-45,000 on a 2-core x86_64 machine
+    # 0-500 there: the heap's growth to its peak.
+    assert int(retained_faults) < int(default_faults) // 10
 
 
 def test_the_environments_own_malloc_settings_win() -> None:
-    took = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from carmodels.device import retain_freed_cpu_memory as r; print(r())",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "131072"},
-    ).stdout.strip()
-    assert took == "False"
+    took = _python(
+        "from carmodels.device import retain_freed_cpu_memory as r; print(r())",
+        env={"MALLOC_TRIM_THRESHOLD_": "131072"},
+    )
+    assert took == ["False"]
