@@ -40,11 +40,11 @@ METADATA_COLUMNS = ("make", "model", "year", "type")
 
 def default_judge_cache() -> Path:
     """Where ``bench/judge.py``, ``quality.py`` and ``truncation.py`` keep the judges they
-    train, shared and kept between runs: training the judge takes nearly as long as the recipe
-    study's runs (18 min on 2 cores for ``cars-train-6k``), and the study should score with the
-    very judge that ``bench/judge.py`` validated. A judge is found by its photos' data version
-    and its settings (:func:`carmodels.classifier.train_classifier`); the folder is named by
-    the classifier's code version, so a changed classifier trains anew."""
+    train, shared and kept between runs: training the judge takes about as long as the recipe
+    study's runs (18 and 17 min on 2 cores for ``cars-train-6k``), and the study should score
+    with the very judge that ``bench/judge.py`` validated. A judge is found by its photos' data
+    version and its settings (:func:`carmodels.classifier.train_classifier`); the folder is
+    named by the classifier's code version, so a changed classifier trains anew."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "carmodels" / "judges" / source_version(["carmodels.classifier"])
 
