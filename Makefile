@@ -38,7 +38,8 @@ ui: $(STAMP)
 
 ## CPU speed benchmarks (ratios against reference runs in the same script). GPU benchmarks
 ## (bench/*_gpu.py) need a CUDA machine and are run by hand there; see docs/BENCHMARKS.md.
-CPU_BENCHES := $(filter-out %_gpu.py,$(wildcard bench/*.py))
+## bench/device_pack.py is no benchmark: it packs photos and the judge for a GPU machine.
+CPU_BENCHES := $(filter-out %_gpu.py bench/device_pack.py,$(wildcard bench/*.py))
 bench: $(STAMP)
 	@if [ -z "$(CPU_BENCHES)" ]; then echo "no CPU benchmarks yet; smoke-testing bench/train_gpu.py"; \
 		$(BIN)/python bench/train_gpu.py --smoke; fi

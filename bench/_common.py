@@ -21,15 +21,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a bare checkout
 
 from carmodels.checkpoint import load_generator  # noqa: E402
-from carmodels.classifier import TrainedClassifier  # noqa: E402
+from carmodels.classifier import ClassifierConfig, TrainedClassifier, train_classifier  # noqa: E402
 from carmodels.dedup import DedupConfig, deduplicate  # noqa: E402
+from carmodels.errors import InputError  # noqa: E402
 from carmodels.generate import sample_images  # noqa: E402
 from carmodels.imaging import ImagingConfig  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
 from carmodels.metrics.pixel import to_uint8  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
 from carmodels.scrape.raw import local_photo_row, raw_schema, shard_path  # noqa: E402
-from carmodels.shards import ShardConfig, build_shards, fit_image_size, load_images  # noqa: E402
+from carmodels.shards import (  # noqa: E402
+    ShardConfig,
+    build_shards,
+    data_version_of,
+    fit_image_size,
+    load_images,
+)
 from carmodels.versioning import source_version  # noqa: E402
 
 #: The shared photos beside the project (a user's clone has none).
@@ -57,6 +64,67 @@ def add_judge_cache_option(parser: argparse.ArgumentParser) -> None:
         help="keep and reuse trained judges here (default: ~/.cache/carmodels/judges/<code "
         "version>, shared by bench/judge.py, quality.py and truncation.py)",
     )
+
+
+def lacks_manifest(images: Path, tool: str) -> bool:
+    """Whether ``images`` has no ``manifest.csv``; if so, says so in one line on stderr."""
+    if (images / "manifest.csv").is_file():
+        return False
+    print(f"{tool}: {images} has no manifest.csv; pass --images DIR", file=sys.stderr)
+    return True
+
+
+#: What ``bench/device_pack.py`` writes beside a judge it packs: which photos trained it.
+JUDGE_PACK_FILE = "judge.json"
+
+
+def study_judge(
+    shards_dir: Path,
+    judge_cache: Path | None,
+    judged_side: int | None,
+    judge_pack: Path | None = None,
+) -> TrainedClassifier:
+    """The judge every bench scores with: the cached one for these shards' photos, or trained
+    and cached (``--judge-cache``, else :func:`default_judge_cache`).
+
+    ``judge_pack`` (``bench/device_pack.py``'s folder, for a machine without the photos the
+    judge was trained on) names a judge trained elsewhere on the same photos: it is used as it
+    is, and never trained anew here; a pack made by other classifier code is refused."""
+    if judge_pack is None:
+        return train_classifier(
+            shards_dir,
+            judge_cache or default_judge_cache(),
+            data_version_of(shards_dir),
+            ClassifierConfig(),
+            print,
+            judged_side=judged_side,
+        )
+    try:
+        packed = json.loads((judge_pack / JUDGE_PACK_FILE).read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"{judge_pack / JUDGE_PACK_FILE} is missing or unreadable ({error}); "
+            "make the pack again with bench/device_pack.py"
+        ) from None
+    code_version = source_version(["carmodels.classifier"])
+    if packed["code_version"] != code_version or packed["judged_side"] != judged_side:
+        raise InputError(
+            f"the judge in {judge_pack} was made by classifier code {packed['code_version']} "
+            f"for {packed['judged_side']} px, this is code {code_version} for {judged_side} "
+            "px; make the pack again with bench/device_pack.py"
+        )
+    if not (judge_pack / packed["file"]).is_file():
+        raise InputError(f"{judge_pack / packed['file']} is missing; make the pack again")
+    judge = train_classifier(
+        shards_dir,
+        judge_pack,
+        packed["data_version"],
+        ClassifierConfig(),
+        print,
+        judged_side=judged_side,
+    )
+    assert judge.from_cache, "same code, photos and side: the packed judge's cache key"
+    return judge
 
 
 def write_report(path: Path, args: argparse.Namespace, **figures: Any) -> None:

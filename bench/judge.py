@@ -55,15 +55,16 @@ from _common import (  # noqa: E402
     RealReference,
     add_judge_cache_option,
     build_sample_shards,
-    default_judge_cache,
+    lacks_manifest,
     score_generator,
+    study_judge,
     write_report,
 )
 
-from carmodels.classifier import ClassifierConfig, TrainedClassifier, train_classifier  # noqa: E402
+from carmodels.classifier import TrainedClassifier  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
-from carmodels.shards import data_version_of, load_images  # noqa: E402
+from carmodels.shards import load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
@@ -220,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     add_judge_cache_option(parser)
     args = parser.parse_args(argv)
-    if not (args.images / "manifest.csv").is_file():
-        print(f"judge: {args.images} has no manifest.csv; pass --images DIR", file=sys.stderr)
+    if lacks_manifest(args.images, "judge"):
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -230,14 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         shards_dir, source = build_sample_shards(args.images, work, IMAGE_SIZE)
         print(f"judge: {source}", flush=True)
         judge_started = time.perf_counter()
-        judge = train_classifier(
-            shards_dir,
-            args.judge_cache or default_judge_cache(),
-            data_version_of(shards_dir),
-            ClassifierConfig(),
-            print,
-            judged_side=args.size,
-        )
+        judge = study_judge(shards_dir, args.judge_cache, args.size)
         judge_s = time.perf_counter() - judge_started
         train_images = load_images(shards_dir, "train")
         val = load_images(shards_dir, "val")

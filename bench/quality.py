@@ -17,9 +17,10 @@ Recipes (every one changes one thing from the seed recipe, except ``combined``):
 Every recipe uses the same width (``base_channels``) and batch size, and trains for the same
 number of images. Budgets: ``cpu64`` (64 px, width 16, batch 16, 2 runs at a time on one thread
 each, each scored in its worker; the 14 trainings and their scoring took 17.4 minutes on 2 AVX2
-cores) and ``gpu128`` (128 px, the seed's width 64, on one GPU). The judge is trained once per
+cores) and ``gpu128`` (128 px, the seed's width 64, on one GPU; ``bench/gpu_session.sh`` runs it
+on a lent GPU machine from ``bench/device_pack.py``'s pack). The judge is trained once per
 photo set and kept in a cache shared with ``bench/judge.py``, which validates it (18 minutes
-more, the first time).
+more, the first time); ``--judge-pack`` takes it from a pack instead.
 
 Scores: ``judge_fd`` (Fréchet distance in the judge's features, generated vs real val photos at
 the model's size), ``judge_kid`` and precision/recall/density/coverage, per run; then mean ±
@@ -31,7 +32,7 @@ KID. Recipes whose seeds' FD range overlaps the best one's are named as not told
     quality: best RECIPE FD X vs seed FD Y, ratio R, budget B
 
 Usage: ``python bench/quality.py [--images DIR] [--budget cpu64|gpu128] [--seeds 0,1]
-[--recipes a,b] [--work DIR] [--judge-cache DIR] [--json PATH]``
+[--recipes a,b] [--work DIR] [--judge-cache DIR | --judge-pack DIR] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -56,15 +57,16 @@ from _common import (  # noqa: E402
     RealReference,
     add_judge_cache_option,
     build_sample_shards,
-    default_judge_cache,
+    lacks_manifest,
     score_generator,
+    study_judge,
     write_report,
 )
 
-from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
 from carmodels.device import retain_freed_cpu_memory  # noqa: E402
+from carmodels.errors import InputError  # noqa: E402
 from carmodels.parallel import map_in_processes  # noqa: E402
-from carmodels.shards import data_version_of, load_images  # noqa: E402
+from carmodels.shards import load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
@@ -91,7 +93,12 @@ BUDGETS = {
     # 1.2x the seconds; at batch 64 (625 updates) the best recipe drew one pattern of spots
     # in every cell (docs/benchmarks/quality.md, History).
     "cpu64": Budget(64, 16, 16, 33_000, "cpu", jobs=2, threads=1),
-    "gpu128": Budget(128, 64, 128, 2_000_000, "cuda", jobs=1, threads=4),
+    # 250,000 images per run (53 epochs, 1,961 steps at batch 128): the 14 trainings need
+    # about 3.5 million images, 4.2 minutes at the seed model's 13,900 img/s on one H100
+    # (bf16, docs/benchmarks/train-gpu.md) and more for the recipes that add DiffAugment,
+    # R1 or spectral norm, so that the study fits the issue's 8 minutes there. Not measured
+    # yet: no GPU has been lent since.
+    "gpu128": Budget(128, 64, 128, 250_000, "cuda", jobs=1, threads=4),
 }
 DIFFAUGMENT = "color,translation,cutout"
 #: TrainConfig settings per recipe on top of the budget's; "weights" picks raw or EMA weights;
@@ -151,6 +158,7 @@ def train_run(
         keep_last=1,
         keep_best=False,
         sample_every=epochs,
+        checkpoint_every=epochs,  # only the last is scored; one per epoch costs time on a GPU
         **overrides,
     )
     started = time.perf_counter()
@@ -245,9 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="keep shards and runs here")
     parser.add_argument("--json", type=Path, help="also write the results here")
     add_judge_cache_option(parser)
+    parser.add_argument(
+        "--judge-pack",
+        type=Path,
+        help="score with the judge bench/device_pack.py packed here (trained on the same photos "
+        "on another machine) instead of the cache: for a lent GPU machine",
+    )
     args = parser.parse_args(argv)
-    if not (args.images / "manifest.csv").is_file():
-        print(f"quality: {args.images} has no manifest.csv; pass --images DIR", file=sys.stderr)
+    if lacks_manifest(args.images, "quality"):
         return 2
     recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     unknown = sorted(set(recipes) - set(RECIPES))
@@ -271,14 +284,12 @@ def main(argv: list[str] | None = None) -> int:
             shards["crop"] = build_sample_shards(
                 args.images, work / "crop", SHARD_SIZE, framing="crop"
             )[0]
-        judge = train_classifier(
-            shards["letterbox"],
-            args.judge_cache or default_judge_cache(),
-            data_version_of(shards["letterbox"]),
-            ClassifierConfig(),
-            print,
-            judged_side=SHARD_SIZE,  # the validated 128 px judge; 64 px samples are scaled up
-        )
+        try:
+            # The validated 128 px judge; 64 px samples are scaled up to it.
+            judge = study_judge(shards["letterbox"], args.judge_cache, SHARD_SIZE, args.judge_pack)
+        except InputError as error:
+            print(f"quality: {error}", file=sys.stderr)
+            return 2
         n_train = {k: len(load_images(p, "train")) for k, p in shards.items()}
         print(
             f"quality: budget {args.budget} ({budget.images_seen} images per run at "

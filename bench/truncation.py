@@ -32,15 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a test loads this
 
-from _common import add_judge_cache_option, default_judge_cache, write_report  # noqa: E402
+from _common import add_judge_cache_option, study_judge, write_report  # noqa: E402
 
 from carmodels.checkpoint import load_generator  # noqa: E402
-from carmodels.classifier import ClassifierConfig, train_classifier  # noqa: E402
 from carmodels.latent import TRUNCATION_METHODS, sample_noise  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
 from carmodels.metrics.pixel import to_uint8  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
-from carmodels.shards import data_version_of, fit_image_size, load_images  # noqa: E402
+from carmodels.shards import fit_image_size, load_images  # noqa: E402
 
 VALUES = (0.5, 0.7, 1.0, 1.5, 2.0)
 SEED = 1234
@@ -53,13 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     add_judge_cache_option(parser)
     args = parser.parse_args(argv)
-    judge = train_classifier(
-        args.shards,
-        args.judge_cache or default_judge_cache(),
-        data_version_of(args.shards),
-        ClassifierConfig(),
-        print,
-    )
+    judge = study_judge(args.shards, args.judge_cache, None)
     generator, spec, _ = load_generator(args.checkpoint, device="cpu", ema=True)
     val = fit_image_size(load_images(args.shards, "val"), spec.image_size, str(args.shards))
     real = judge.features_and_predictions(val)[0]

@@ -387,7 +387,8 @@ def profile_resources(
     demo_epochs: int = DEFAULT_DEMO_EPOCHS,
 ) -> dict[str, dg.ConfigurableResource]:
     """The resource set of a profile: ``demo`` crawls the built-in catalog and trains a small
-    model; ``full`` reads the source you configure and trains the seed's model."""
+    model; ``full`` reads the source you configure and trains the measured recipe
+    (``carmodels.train.MEASURED_RECIPE``) at the seed's size and length."""
     if profile == "demo":
         return {
             "listing_source": DemoCatalogSource(listings=demo_listings),

@@ -4,8 +4,13 @@ small synthetic labelled photo folder (the real study needs ../shared)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import re
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +21,7 @@ from PIL import Image
 from carmodels.errors import InputError
 from carmodels.latent import sample_noise
 from carmodels.versioning import source_version
-from tests.test_bench_dedup import load_bench
+from tests.test_bench_dedup import REPO, load_bench
 
 TYPES = ("sedan", "suv", "coupe")
 MAKES = ("audi", "bmw")
@@ -151,3 +156,103 @@ def test_recipes_whose_seed_ranges_overlap_the_best_are_named_as_tied() -> None:
     assert quality.tied_with_best(table) == ["combined"]
     table["combined"]["judge_fd_spread"] = 0.4  # from 30.4: apart
     assert quality.tied_with_best(table) == []
+
+
+def test_packed_photos_keep_at_most_the_shards_side_on_their_short_side() -> None:
+    pack = load_bench("device_pack")
+    photo = Image.fromarray(np.full((200, 300, 3), 120, dtype=np.uint8))
+    data = io.BytesIO()
+    photo.save(data, "PNG")
+    with Image.open(io.BytesIO(pack.shrink_photo(data.getvalue()))) as shrunk:
+        assert (shrunk.format, shrunk.size) == ("JPEG", (192, 128))
+    small = io.BytesIO()
+    photo.resize((150, 100)).save(small, "PNG")  # smaller already: re-encoded, never enlarged
+    with Image.open(io.BytesIO(pack.shrink_photo(small.getvalue()))) as kept:
+        assert kept.size == (150, 100)
+
+
+def test_a_judge_pack_from_other_classifier_code_or_without_its_file_is_refused(
+    tmp_path: Path,
+) -> None:
+    common = load_bench("_common")
+    record = {
+        "file": "classifier-x.pt",
+        "data_version": "v",
+        "code_version": source_version(["carmodels.classifier"]),
+        "judged_side": 128,
+    }
+    (tmp_path / common.JUDGE_PACK_FILE).write_text(json.dumps(record))
+    with pytest.raises(InputError, match="classifier-x.pt is missing"):
+        common.study_judge(tmp_path, None, 128, judge_pack=tmp_path)
+    with pytest.raises(InputError, match="made by classifier code .* for 128 px, this is .* 64"):
+        common.study_judge(tmp_path, None, 64, judge_pack=tmp_path)
+    record["code_version"] = "0123456789abcdef"
+    (tmp_path / common.JUDGE_PACK_FILE).write_text(json.dumps(record))
+    with pytest.raises(InputError, match="make the pack again"):
+        common.study_judge(tmp_path, None, 128, judge_pack=tmp_path)
+    with pytest.raises(InputError, match="missing or unreadable"):
+        common.study_judge(tmp_path, None, 128, judge_pack=tmp_path / "elsewhere")
+
+
+@pytest.mark.slow
+def test_the_study_runs_from_a_device_pack_with_the_packed_judge(tmp_path: Path, capsys) -> None:
+    """What a lent GPU machine does, on a CPU: the pack's photos and judge, no judge cache."""
+    torch.set_num_threads(1)
+    folder = labelled_folder(tmp_path / "photos")
+    pack = load_bench("device_pack")
+    packed = tmp_path / "pack"
+    argv = ["--images", str(folder), "--out", str(packed), "--work", str(tmp_path / "work")]
+    assert pack.main([*argv, "--judge-cache", str(tmp_path / "judges")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"device pack: 42 photos \([\d.]+ MiB\), judge classifier-\S+, [\d.]+ MiB in all "
+        r"\(with the checkout [\d.]+ of 64 MiB\), in \S+",
+        last,
+    ), last
+    assert (packed / "site" / "protego" / "__init__.py").is_file()
+    assert len(list((packed / "photos" / "images").glob("*.jpg"))) == 42
+    record = json.loads((packed / "judge" / "judge.json").read_text())
+    assert (packed / "judge" / record["file"]).is_file()
+
+    quality = load_bench("quality")
+    quality.BUDGETS["tiny"] = quality.Budget(32, 4, 8, 64, "cpu", jobs=1, threads=1)
+    result = tmp_path / "out" / "quality.json"
+    args = ["--images", str(packed / "photos"), "--budget", "tiny", "--recipes", "seed,ema"]
+    args += ["--judge-pack", str(packed / "judge"), "--judge-cache", str(tmp_path / "unused")]
+    assert quality.main([*args, "--work", str(tmp_path / "w2"), "--json", str(result)]) == 0
+    report = json.loads(result.read_text())
+    # The packed judge, not one trained on the re-encoded photos (those have another version).
+    assert report["judge_from_cache"] and report["judge_key"] == record["file"][: -len(".pt")]
+    assert not (tmp_path / "unused").exists()
+
+    # The script a lent GPU machine runs, in its CPU smoke mode, from the same pack.
+    env = {
+        **os.environ,
+        "DEVICE_PACK": str(packed),
+        "OUT": str(tmp_path / "device-out"),
+        "GPU_SESSION_WORK": str(tmp_path / "device-work"),
+        "GPU_SESSION_SMOKE": "1",
+        "PYTHON": sys.executable,
+    }
+    script = str(REPO / "bench" / "gpu_session.sh")
+    done = subprocess.run(["bash", script, "study"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("quality: best ")
+    brought_back = sorted(p.name for p in (tmp_path / "device-out").iterdir())
+    assert brought_back[1:] == ["quality-grids.tar.gz", "quality.log"], brought_back
+    assert brought_back[0].endswith("-quality-smoke.json")
+    with tarfile.open(tmp_path / "device-out" / "quality-grids.tar.gz") as grids:
+        names = [n for n in grids.getnames() if n != "."]
+    assert len(names) == 6 and all(n.endswith(".jpg") for n in names), names  # 3 recipes, 2 seeds
+    usage = subprocess.run(["bash", script], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: ")
+    env["DEVICE_PACK"] = str(tmp_path / "none")
+    unpacked = subprocess.run(["bash", script, "study"], env=env, capture_output=True, text=True)
+    assert unpacked.returncode == 2 and "device_pack.py" in unpacked.stderr
+
+    record["code_version"] = "0123456789abcdef"
+    (packed / "judge" / "judge.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert quality.main([*args, "--work", str(tmp_path / "w2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("quality: the judge in ") and "again" in err[0]
