@@ -98,7 +98,8 @@ BUDGETS = {
     # (bf16, docs/benchmarks/train-gpu.md) and more for the recipes that add DiffAugment,
     # R1 or spectral norm, so that the study fits the 8 minutes there. Not measured
     # yet: no GPU has been lent since.
-    "gpu128": Budget(128, 64, 128, 250_000, "cuda", jobs=1, threads=4),
+    # 8 threads: the judge scores on CPU cores (the GPU machines have 16).
+    "gpu128": Budget(128, 64, 128, 250_000, "cuda", jobs=1, threads=8),
 }
 DIFFAUGMENT = "color,translation,cutout"
 #: TrainConfig settings per recipe on top of the budget's; "weights" picks raw or EMA weights;
