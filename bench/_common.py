@@ -41,6 +41,8 @@ from carmodels.versioning import source_version  # noqa: E402
 
 #: The shared photos beside the project (a user's clone has none).
 SHARED_DATA = REPO.parent / "shared" / "data"
+#: The share of the photos the benches hold out as val photos (by content hash).
+STUDY_VAL_FRACTION = 0.2
 #: Manifest columns carried into the shards (``type`` and ``make`` label the judge).
 METADATA_COLUMNS = ("make", "model", "year", "type")
 
@@ -145,7 +147,7 @@ def build_sample_shards(
     images_dir: Path,
     work: Path,
     image_size: int,
-    val_fraction: float = 0.2,
+    val_fraction: float = STUDY_VAL_FRACTION,
     framing: str = "letterbox",
 ) -> tuple[Path, str]:
     """The photos of ``images_dir/manifest.csv`` through raw shard, dedup and shards; shards

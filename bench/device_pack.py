@@ -7,7 +7,10 @@ train the judge in its time: the judge trains on CPU cores, 18 minutes here. So 
 
 * ``photos/``: the photos of ``--images`` and their ``manifest.csv``, each scaled down until its
   short side is at most 128 px (the shards' side: neither framing loses pixels it would keep)
-  and saved again as JPEG quality 85, about 9 KB a photo;
+  and saved again as JPEG quality 85, about 9 KB a photo. A photo's train/val split follows
+  its bytes' hash (``carmodels.shards.split_for``), so each packed photo carries a JPEG
+  comment chosen to put it in its original's split: the GPU study trains and scores on the
+  photos the judge was validated with;
 * ``judge/``: the judge validated here (``bench/judge.py``) for the shards of the original
   photos, from the judge cache (trained there first if missing), and ``judge.json``: the data
   version and classifier code it belongs to. ``quality.py --judge-pack`` scores with it as it
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -45,13 +49,14 @@ from _common import (  # noqa: E402
     JUDGE_PACK_FILE,
     REPO,
     SHARED_DATA,
+    STUDY_VAL_FRACTION,
     add_judge_cache_option,
     build_sample_shards,
     lacks_manifest,
     study_judge,
 )
 
-from carmodels.shards import data_version_of  # noqa: E402
+from carmodels.shards import data_version_of, split_for  # noqa: E402
 from carmodels.versioning import source_version  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
@@ -81,6 +86,21 @@ def shrink_photo(data: bytes, short_side: int = SHARD_SIZE, quality: int = JPEG_
     return out.getvalue()
 
 
+def in_split_of(packed: bytes, original: bytes, val_fraction: float = STUDY_VAL_FRACTION) -> bytes:
+    """``packed`` (a JPEG) with a comment segment that puts its content hash in the same
+    train/val split as ``original``'s; the pixels are untouched. On average 1.25 tries for a
+    train photo and 5 for a val one, a fifth being held out."""
+    split = split_for(hashlib.sha256(original).hexdigest(), val_fraction)
+    assert packed[:2] == b"\xff\xd8", "a JPEG starts with its SOI marker"
+    for attempt in range(10_000):
+        text = f"carmodels split {attempt}".encode()
+        comment = b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text  # COM segment
+        candidate = packed[:2] + comment + packed[2:]
+        if split_for(hashlib.sha256(candidate).hexdigest(), val_fraction) == split:
+            return candidate
+    raise RuntimeError(f"no comment put the photo in the {split} split")  # odds: 0.8**10_000
+
+
 def pack_photos(images: Path, out: Path) -> int:
     """Shrunk copies of the manifest's photos and the manifest, under ``out``; how many."""
     with (images / "manifest.csv").open(newline="") as f:
@@ -89,7 +109,8 @@ def pack_photos(images: Path, out: Path) -> int:
     for row in rows:
         target = out / row["image"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(shrink_photo((images / row["image"]).read_bytes()))
+        original = (images / row["image"]).read_bytes()
+        target.write_bytes(in_split_of(shrink_photo(original), original))
     with (out / "manifest.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()

@@ -8,7 +8,9 @@
 # call that ran out of time, made again at once, keeps the shards and finished runs):
 #     run(command="bash bench/gpu_session.sh study", carry=[".device-pack"], timeout_s=590)
 #     run(command="bash bench/gpu_session.sh speed", carry=[".device-pack"], timeout_s=300)
-# Each writes its JSON, its log and (study) a tarball of the sample grids to $OUT.
+# Each writes its JSON, its log, and the study's sample grids in one tarball or the speed
+# bench's profiler tables, to $OUT. Arguments after `study` go to bench/quality.py
+# (`--images-seen 150000` for a shorter study).
 #
 # The machine's image has torch, pyarrow, pillow and the rest; carmodels runs from the
 # checkout, and the pure-Python packages it lacks come from the pack. Nothing is installed.
@@ -40,7 +42,7 @@ study)
     fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true
     "$python" bench/quality.py "${budget[@]}" --images "$pack/photos" --judge-pack "$pack/judge" \
-        --work "$work/quality" --json "$out/grids/$name.json" 2>&1 | tee "$out/quality.log"
+        --work "$work/quality" --json "$out/grids/$name.json" "${@:2}" 2>&1 | tee "$out/quality.log"
     # The device tool brings back at most 8 files of at most 16 MiB: the grids travel as JPEGs
     # in one tarball (16 PNG grids at 128 px would be about 40 MB).
     mv "$out/grids/$name.json" "$out/"
@@ -61,10 +63,11 @@ PY
 speed)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     "$python" bench/train_gpu.py --variants fp32,bf16+cl,bf16+cl+compile --steps 200 \
-        --json "$out/$stamp-${card:-gpu}-train-step.json" 2>&1 | tee "$out/train_gpu.log"
+        --json "$out/$stamp-${card:-gpu}-train-step.json" --profile "$out/train_gpu-profile.txt" \
+        2>&1 | tee "$out/train_gpu.log"
     ;;
 *)
-    echo "usage: bash bench/gpu_session.sh study|speed" >&2
+    echo "usage: bash bench/gpu_session.sh study [quality.py options] | speed" >&2
     exit 2
     ;;
 esac

@@ -10,7 +10,10 @@ synthetic uint8 dataset held on the device, batches drawn as the trainer draws t
 
 After warm-up it reports images/s, achieved TFLOP/s (from
 ``carmodels.models.count_flops_per_image``) and the projected time of the 2019 schedule
-(170 epochs of 59,816 images). Needs only torch, numpy and pyarrow::
+(170 epochs of 59,816 images). ``--profile PATH`` then runs a few more steps of each variant
+under ``torch.profiler`` and writes where their time went (the operators by self device time,
+and by self CPU time), as evidence for what is left between the step and the card's peak.
+Needs only torch, numpy and pyarrow::
 
     python bench/train_gpu.py                 # on a GPU: seed preset, 128 px, batch 128
     python bench/train_gpu.py --smoke         # seconds on a CPU: tiny preset, 32 px
@@ -22,6 +25,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,6 +61,10 @@ SEED_EPOCHS = 170
 SEED_TRAIN_IMAGES = 59_816
 #: The trainer reads its on-device loss sums this often; the benchmark does the same.
 LOG_EVERY_STEPS = 20
+#: Steps recorded by ``--profile``, after the timed ones (a multiple of LOG_EVERY_STEPS, so
+#: that the recorded steps hold the trainer's periodic host sync in its proportion).
+PROFILE_STEPS = 20
+PROFILE_ROWS = 25
 EMA_DECAY = 0.999
 
 
@@ -91,6 +99,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_steps(
+    trainer: TrainStep, batches: Iterator[torch.Tensor], device: torch.device, name: str, out: Path
+) -> None:
+    """Append to ``out`` where ``PROFILE_STEPS`` more steps spent their time: the wall time,
+    the device's busy time, and the top operators by self device and self CPU time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(device)
+    started = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
+        for step in range(1, PROFILE_STEPS + 1):
+            trainer(next(batches))
+            if step % LOG_EVERY_STEPS == 0:
+                trainer.drain()
+        synchronize(device)
+    wall_ms = 1000 * (time.perf_counter() - started) / PROFILE_STEPS
+    events = profiler.key_averages()
+    device_ms = sum(e.self_device_time_total for e in events) / 1000 / PROFILE_STEPS
+    head = f"== {name}: {PROFILE_STEPS} steps under the profiler, {wall_ms:.2f} ms a step wall time"
+    lines = [head + " (the profiler itself adds time)"]
+    if device.type == "cuda":
+        lines[0] = (
+            f"{head}, {device_ms:.2f} ms a step of kernels on the device "
+            f"({100 * device_ms / wall_ms:.0f}% busy; the profiler itself adds time)"
+        )
+        lines.append(events.table(sort_by="self_device_time_total", row_limit=PROFILE_ROWS))
+    lines.append(events.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
+    with out.open("a") as f:
+        f.write("\n".join(lines) + "\n\n")
+
+
 def run_variant(
     variant: Variant, images: torch.Tensor, args: argparse.Namespace, device: torch.device
 ) -> Measurement:
@@ -112,7 +152,7 @@ def run_variant(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n_images = images.shape[0]
-    total_steps = args.warmup + args.steps
+    total_steps = args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0)
     permutation = torch.cat(
         [
             epoch_permutation(n_images, seed=0, epoch=epoch, device=device)
@@ -137,6 +177,9 @@ def run_variant(
     stats = trainer.drain() or stats
     synchronize(device)
     elapsed = time.perf_counter() - started
+
+    if args.profile:
+        profile_steps(trainer, batches, device, variant.name, args.profile)
 
     images_per_s = args.steps * args.batch_size / elapsed
     epoch_images = (SEED_TRAIN_IMAGES // args.batch_size) * args.batch_size
@@ -165,6 +208,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help=f"after timing, profile {PROFILE_STEPS} more steps of each variant; tables here",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny preset, 32 px, a few steps: checks it runs"
     )
@@ -197,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.backends.cudnn.allow_tf32} | preset {args.preset} {args.image_size}px | "
         f"batch {args.batch_size} | {flops / 1e9:.2f} GFLOP/image | {args.images} images"
     )
+    if args.profile:
+        args.profile.write_text(f"device {name} | torch {torch.__version__}\n\n")  # a new file
     images = synthetic_images(args.images, args.image_size, device)
     results: list[Measurement] = []
     failures: dict[str, str] = {}

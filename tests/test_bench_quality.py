@@ -4,6 +4,7 @@ small synthetic labelled photo folder (the real study needs ../shared)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -14,12 +15,14 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from carmodels.errors import InputError
 from carmodels.latent import sample_noise
+from carmodels.shards import split_for
 from carmodels.versioning import source_version
 from tests.test_bench_dedup import REPO, load_bench
 
@@ -171,6 +174,23 @@ def test_packed_photos_keep_at_most_the_shards_side_on_their_short_side() -> Non
         assert kept.size == (150, 100)
 
 
+def test_a_packed_photo_keeps_its_originals_split_and_pixels() -> None:
+    pack = load_bench("device_pack")
+    rng = np.random.default_rng(1)
+    splits = set()
+    for _ in range(12):
+        original = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(original, "PNG")
+        shrunk = pack.shrink_photo(original.getvalue())
+        packed = pack.in_split_of(shrunk, original.getvalue())
+        split = split_for(hashlib.sha256(original.getvalue()).hexdigest(), 0.2)
+        assert split_for(hashlib.sha256(packed).hexdigest(), 0.2) == split
+        splits.add(split)
+        with Image.open(io.BytesIO(packed)) as a, Image.open(io.BytesIO(shrunk)) as b:
+            assert np.array_equal(np.asarray(a), np.asarray(b))  # only a comment was added
+    assert splits == {"train", "val"}, splits  # both kinds of search were exercised
+
+
 def test_a_judge_pack_from_other_classifier_code_or_without_its_file_is_refused(
     tmp_path: Path,
 ) -> None:
@@ -224,6 +244,17 @@ def test_the_study_runs_from_a_device_pack_with_the_packed_judge(tmp_path: Path,
     # The packed judge, not one trained on the re-encoded photos (those have another version).
     assert report["judge_from_cache"] and report["judge_key"] == record["file"][: -len(".pt")]
     assert not (tmp_path / "unused").exists()
+    # The packed photos fall in their originals' splits: the judge's val photos stay held out.
+    original, packed_split = (
+        {
+            row["url"].rsplit("/", 1)[-1]: row["split"]
+            for row in pq.read_table(
+                sorted((work / "shards").glob("car-*.parquet")), columns=["url", "split"]
+            ).to_pylist()
+        }
+        for work in (tmp_path / "work", tmp_path / "w2")
+    )
+    assert original == packed_split and "val" in original.values()
 
     # The script a lent GPU machine runs, in its CPU smoke mode, from the same pack.
     env = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -252,6 +253,8 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
             "--smoke",
             "--json",
             str(report),
+            "--profile",
+            str(tmp_path / "profile.txt"),
         ],
         capture_output=True,
         text=True,
@@ -261,3 +264,8 @@ def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stderr
     assert "img/s" in completed.stdout
     assert report.stat().st_size > 0
+    # Where each variant's time went: a header and an operator table per variant.
+    tables = (tmp_path / "profile.txt").read_text()
+    variants = [v["variant"] for v in json.loads(report.read_text())["results"]]
+    assert variants and all(f"== {v}: 20 steps under the profiler" in tables for v in variants)
+    assert tables.count("Self CPU %") == len(variants)
