@@ -92,10 +92,13 @@ def in_split_of(packed: bytes, original: bytes, val_fraction: float = STUDY_VAL_
     train photo and 5 for a val one, a fifth being held out."""
     split = split_for(hashlib.sha256(original).hexdigest(), val_fraction)
     assert packed[:2] == b"\xff\xd8", "a JPEG starts with its SOI marker"
+    at = 2
+    if packed[2:4] == b"\xff\xe0":  # JFIF wants its APP0 segment right after SOI
+        at = 4 + int.from_bytes(packed[4:6], "big")
     for attempt in range(10_000):
         text = f"carmodels split {attempt}".encode()
         comment = b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text  # COM segment
-        candidate = packed[:2] + comment + packed[2:]
+        candidate = packed[:at] + comment + packed[at:]
         if split_for(hashlib.sha256(candidate).hexdigest(), val_fraction) == split:
             return candidate
     raise RuntimeError(f"no comment put the photo in the {split} split")  # odds: 0.8**10_000

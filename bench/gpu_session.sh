@@ -44,7 +44,7 @@ study)
     "$python" bench/quality.py "${budget[@]}" --images "$pack/photos" --judge-pack "$pack/judge" \
         --work "$work/quality" --json "$out/grids/$name.json" "${@:2}" 2>&1 | tee "$out/quality.log"
     # The device tool brings back at most 8 files of at most 16 MiB: the grids travel as JPEGs
-    # in one tarball (16 PNG grids at 128 px would be about 40 MB).
+    # in one tarball (the 16 PNG grids at 128 px could pass 16 MiB together).
     mv "$out/grids/$name.json" "$out/"
     "$python" - "$out/grids" <<'PY'
 import sys
