@@ -179,7 +179,11 @@ def run_variant(
     elapsed = time.perf_counter() - started
 
     if args.profile:
-        profile_steps(trainer, batches, device, variant.name, args.profile)
+        try:
+            profile_steps(trainer, batches, device, variant.name, args.profile)
+        except Exception as error:  # the profiler's tables are extra: keep the timing
+            with args.profile.open("a") as f:
+                f.write(f"== {variant.name}: profiling failed: {type(error).__name__}: {error}\n\n")
 
     images_per_s = args.steps * args.batch_size / elapsed
     epoch_images = (SEED_TRAIN_IMAGES // args.batch_size) * args.batch_size
