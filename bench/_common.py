@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))  # run from a bare checkout
 from carmodels.checkpoint import load_generator  # noqa: E402
 from carmodels.classifier import ClassifierConfig, TrainedClassifier, train_classifier  # noqa: E402
 from carmodels.dedup import DedupConfig, deduplicate  # noqa: E402
+from carmodels.device import resolve_device  # noqa: E402
 from carmodels.errors import InputError  # noqa: E402
 from carmodels.generate import sample_images  # noqa: E402
 from carmodels.imaging import ImagingConfig  # noqa: E402
@@ -93,14 +94,19 @@ def study_judge(
     judge was trained on) names a judge trained elsewhere on the same photos: it is used as it
     is, and never trained anew here; a pack made by other classifier code is refused."""
     if judge_pack is None:
-        return train_classifier(
-            shards_dir,
-            judge_cache or default_judge_cache(),
-            data_version_of(shards_dir),
-            ClassifierConfig(),
-            print,
-            judged_side=judged_side,
-        )
+        cache, data_version = judge_cache or default_judge_cache(), data_version_of(shards_dir)
+    else:
+        cache, data_version = judge_pack, _packed_data_version(judge_pack, judged_side)
+    judge = train_classifier(
+        shards_dir, cache, data_version, ClassifierConfig(), print, judged_side=judged_side
+    )
+    assert judge_pack is None or judge.from_cache, "same code, photos and side: the pack's key"
+    return judge
+
+
+def _packed_data_version(judge_pack: Path, judged_side: int | None) -> str:
+    """The data version the packed judge was trained for, once the pack is known to hold it
+    and to come from this classifier code at this side (so its cache key is found here)."""
     try:
         packed = json.loads((judge_pack / JUDGE_PACK_FILE).read_text())
     except (OSError, ValueError) as error:
@@ -117,16 +123,7 @@ def study_judge(
         )
     if not (judge_pack / packed["file"]).is_file():
         raise InputError(f"{judge_pack / packed['file']} is missing; make the pack again")
-    judge = train_classifier(
-        shards_dir,
-        judge_pack,
-        packed["data_version"],
-        ClassifierConfig(),
-        print,
-        judged_side=judged_side,
-    )
-    assert judge.from_cache, "same code, photos and side: the packed judge's cache key"
-    return judge
+    return packed["data_version"]
 
 
 def write_report(path: Path, args: argparse.Namespace, **figures: Any) -> None:
@@ -221,8 +218,8 @@ def score_generator(
     """The judge's scores of a generator's samples (as many as the val photos, drawn with
     ``seed``) against the val photos at the generator's size; its first 64 samples go to
     ``grid_path``. The samples are drawn on the GPU where there is one (the ``gpu128`` study's
-    128 px generators take seconds each there, minutes on CPU cores), from the same latents."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    128 px generators: seconds each there, far longer on CPU cores), from the same latents."""
+    device = str(resolve_device("auto"))
     generator, spec, _ = load_generator(checkpoint, device=device, ema=ema)
     real = reference.features(spec.image_size)
     with torch.no_grad():
