@@ -44,6 +44,8 @@ from carmodels.versioning import source_version  # noqa: E402
 SHARED_DATA = REPO.parent / "shared" / "data"
 #: The share of the photos the benches hold out as val photos (by content hash).
 STUDY_VAL_FRACTION = 0.2
+#: The side of the study's shards (``quality.py``), which the judge is trained and packed for.
+STUDY_SHARD_SIZE = 128
 #: Manifest columns carried into the shards (``type`` and ``make`` label the judge).
 METADATA_COLUMNS = ("make", "model", "year", "type")
 

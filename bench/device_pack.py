@@ -49,6 +49,7 @@ from _common import (  # noqa: E402
     JUDGE_PACK_FILE,
     REPO,
     SHARED_DATA,
+    STUDY_SHARD_SIZE,
     STUDY_VAL_FRACTION,
     add_judge_cache_option,
     build_sample_shards,
@@ -61,8 +62,6 @@ from carmodels.versioning import source_version  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
 DEFAULT_OUT = REPO / ".device-pack"
-#: The side of the study's shards, and so the short side a packed photo needs at most.
-SHARD_SIZE = 128
 JPEG_QUALITY = 85
 #: Imported by carmodels, pure Python, and missing from the GPU machines' image
 #: (/work/.library/device/KINDS.md lists what it has).
@@ -73,7 +72,9 @@ CARRY_LIMIT_MIB = 64
 MARGIN_MIB = 2
 
 
-def shrink_photo(data: bytes, short_side: int = SHARD_SIZE, quality: int = JPEG_QUALITY) -> bytes:
+def shrink_photo(
+    data: bytes, short_side: int = STUDY_SHARD_SIZE, quality: int = JPEG_QUALITY
+) -> bytes:
     """A photo scaled down (never up) until its short side is at most ``short_side``, as JPEG."""
     with Image.open(io.BytesIO(data)) as photo:
         photo = photo.convert("RGB")
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
-        shards_dir, source = build_sample_shards(args.images, work, SHARD_SIZE)
+        shards_dir, source = build_sample_shards(args.images, work, STUDY_SHARD_SIZE)
         print(f"device pack: {source}", flush=True)
-        judge = study_judge(shards_dir, args.judge_cache, SHARD_SIZE)
+        judge = study_judge(shards_dir, args.judge_cache, STUDY_SHARD_SIZE)
         data_version = data_version_of(shards_dir)
     staging = args.out.with_name(args.out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         "file": judge.cache_path.name,
         "data_version": data_version,
         "code_version": source_version(["carmodels.classifier"]),
-        "judged_side": SHARD_SIZE,
+        "judged_side": STUDY_SHARD_SIZE,
         "photos": str(args.images.resolve()),
         "accuracies": judge.accuracies,
     }

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when a
 
 from _common import (  # noqa: E402
     SHARED_DATA,
+    STUDY_SHARD_SIZE,
     RealReference,
     add_judge_cache_option,
     build_sample_shards,
@@ -70,7 +71,6 @@ from carmodels.shards import load_images  # noqa: E402
 from carmodels.train import TrainConfig, train  # noqa: E402
 
 DEFAULT_IMAGES = SHARED_DATA / "cars-train-6k"
-SHARD_SIZE = 128
 #: The latents every generator is scored with.
 SAMPLE_SEED = 1234
 
@@ -280,14 +280,16 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         out = args.json.parent if args.json else work
         started = time.perf_counter()
-        shards = {"letterbox": build_sample_shards(args.images, work, SHARD_SIZE)[0]}
+        shards = {"letterbox": build_sample_shards(args.images, work, STUDY_SHARD_SIZE)[0]}
         if any(RECIPES[r].get("framing") == "crop" for r in recipes):
             shards["crop"] = build_sample_shards(
-                args.images, work / "crop", SHARD_SIZE, framing="crop"
+                args.images, work / "crop", STUDY_SHARD_SIZE, framing="crop"
             )[0]
         try:
             # The validated 128 px judge; 64 px samples are scaled up to it.
-            judge = study_judge(shards["letterbox"], args.judge_cache, SHARD_SIZE, args.judge_pack)
+            judge = study_judge(
+                shards["letterbox"], args.judge_cache, STUDY_SHARD_SIZE, args.judge_pack
+            )
         except InputError as error:
             print(f"quality: {error}", file=sys.stderr)
             return 2
