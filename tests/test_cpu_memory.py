@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 # Minor page faults in 20 training steps of the seed preset (64 px, width 16, batch 16), whose
-# activations of a few MiB each glibc maps anew at every step by default.
+# activations of a few MiB each glibc maps anew at every step, unless its thresholds have
+# grown past them.
 _FAULTS = """
 import resource, sys, torch
 from carmodels.device import retain_freed_cpu_memory
