@@ -46,8 +46,9 @@ class GenerateConfig:
         default=None,
         metadata={
             "help": "truncation trick: every latent coordinate redrawn until it lies in [-t, t]; "
-            "2.0 measured best with the judge, below 1.5 designs lose fidelity as well as "
-            "variety (docs/benchmarks/truncation.md); unset = no truncation"
+            "2.0 trades a little variety for fidelity, below 1.5 designs lose fidelity as "
+            "well as variety (measured with the judge, docs/benchmarks/truncation.md); unset = "
+            "no truncation, the best judge_fd"
         },
     )
     interpolation_steps: int = field(

@@ -92,24 +92,78 @@ class StepStats:
         return all(math.isfinite(v) for v in self.losses().values())
 
 
+#: Latents per pass, passes and seed of the EMA generator's standing batch-norm statistics
+#: (:meth:`EmaGenerator.refresh_statistics`): 1,024 latents in all, as BigGAN's "standing
+#: statistics" (Brock et al. 2019). A fixed seed, so the same weights get the same statistics.
+STANDING_STATISTICS_BATCH = 64
+STANDING_STATISTICS_PASSES = 16
+STANDING_STATISTICS_SEED = 0
+
+
 class EmaGenerator:
     """Exponential moving average of the generator's weights (sharper, steadier samples).
 
     The decay ramps up as ``min(decay, (1 + step) / (10 + step))`` so that short runs are not
     dominated by the random initialisation.
+
+    Batch norm's running statistics are not weights to average: those the training generator
+    keeps describe its own activations, not the averaged weights'. Before the module is read
+    (:meth:`refresh_statistics`), a generator with batch norm gets statistics of its own, from
+    a fixed set of latents. In the recipe study this took the chosen recipe's ``judge_fd`` from
+    35.3 to 30.4 at 33,000 images (docs/benchmarks/quality.md).
     """
 
     def __init__(self, generator: nn.Module, decay: float) -> None:
         self.decay = decay
         self.module = copy.deepcopy(generator).eval().requires_grad_(False)
+        self._norms = [
+            m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        self._statistics_fresh = not self._norms
 
     @torch.no_grad()
     def update(self, generator: nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.module.parameters())
         torch._foreach_lerp_(ema_params, list(generator.parameters()), 1.0 - decay)
+        # The training generator's buffers until refresh_statistics() replaces them.
         for ema_buffer, buffer in zip(self.module.buffers(), generator.buffers(), strict=True):
             ema_buffer.copy_(buffer)
+        self._statistics_fresh = not self._norms
+
+    @torch.no_grad()
+    def refresh_statistics(self) -> None:
+        """Give every batch norm the mean and variance of its inputs under the current weights
+        over the standing latents (a cumulative average over the passes). Does nothing when
+        they are already fresh or the generator has no batch norm. Draws its latents from a
+        generator of its own: the global RNG, and so training, is untouched."""
+        if self._statistics_fresh:
+            return
+        device = next(self.module.parameters()).device
+        latents = torch.Generator().manual_seed(STANDING_STATISTICS_SEED)
+        momenta = [norm.momentum for norm in self._norms]
+        for norm in self._norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # None: a cumulative average, every pass weighted alike
+        self.module.train()
+        try:
+            for _ in range(STANDING_STATISTICS_PASSES):
+                z = torch.randn(STANDING_STATISTICS_BATCH, self.module.spec.nz, generator=latents)
+                self.module(z.to(device))
+        finally:
+            self.module.eval()
+            for norm, momentum in zip(self._norms, momenta, strict=True):
+                norm.momentum = momentum
+        self._statistics_fresh = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The averaged weights with their own batch-norm statistics."""
+        self.refresh_statistics()
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state)
+        self._statistics_fresh = not self._norms
 
 
 class TrainStep:
@@ -342,8 +396,12 @@ class TrainStep:
         return stats
 
     def sampling_generator(self) -> nn.Module:
-        """The generator to draw samples from: the EMA one when enabled."""
-        return self.ema.module if self.ema is not None else self.generator
+        """The generator to draw samples from: the EMA one when enabled (with batch-norm
+        statistics of its own weights, see :class:`EmaGenerator`)."""
+        if self.ema is None:
+            return self.generator
+        self.ema.refresh_statistics()
+        return self.ema.module
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -351,7 +409,7 @@ class TrainStep:
             "discriminator": self.discriminator.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
-            "ema_generator": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_generator": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step,
         }
 
@@ -362,7 +420,7 @@ class TrainStep:
         self.opt_d.load_state_dict(state["opt_d"])
         if self.ema is not None:
             # A checkpoint trained without EMA starts the average from the current weights.
-            self.ema.module.load_state_dict(state["ema_generator"] or state["generator"])
+            self.ema.load_state_dict(state["ema_generator"] or state["generator"])
         self.step = int(state["step"])
 
     def set_hyperparameters(self, lr_g: float, lr_d: float, beta1: float, beta2: float) -> None:
