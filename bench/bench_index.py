@@ -347,7 +347,8 @@ def _truncation_figure(runs: list[Run]) -> str:
     d = runs[-1].data
     best = d["best"]
     return (
-        f"best {best['method']} t={best['value']}: judge_fd {best['judge_fd']:.1f}, precision "
+        f"best truncated: {best['method']} t={best['value']}, judge_fd {best['judge_fd']:.1f}, "
+        f"precision "
         f"{best['judge_precision']:.3f}, recall {best['judge_recall']:.3f}"
     )
 

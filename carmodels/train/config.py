@@ -40,9 +40,9 @@ class TrainingDiverged(RuntimeError):
 
 #: The recipe the recipe study chose (bench/quality.py, docs/benchmarks/quality.md): DCGAN with
 #: batch norm and DiffAugment, sampled through the EMA generator (``ema_decay``'s default). It
-#: beats the seed recipe far beyond the seed-to-seed spread; batch norm alone ties it on FD at
-#: batch 16 and the combined recipe leads on precision, coverage and the grid. The ``full``
-#: profile trains it; ``TrainConfig``'s own defaults stay the 2019 model's.
+#: beats the seed recipe far beyond the seed-to-seed spread, and batch norm alone beyond both
+#: recipes' seed ranges once the EMA generator has batch-norm statistics of its own. The
+#: ``full`` profile trains it; ``TrainConfig``'s own defaults stay the 2019 model's.
 MEASURED_RECIPE: dict[str, str] = {"preset": "dcgan", "diffaugment": "color,translation,cutout"}
 
 
