@@ -40,8 +40,8 @@ class TrainingDiverged(RuntimeError):
 
 #: The recipe the recipe study chose (bench/quality.py, docs/benchmarks/quality.md): DCGAN with
 #: batch norm and DiffAugment, sampled through the EMA generator (``ema_decay``'s default). It
-#: beats the seed recipe far beyond the seed-to-seed spread, and batch norm alone beyond both
-#: recipes' seed ranges once the EMA generator has batch-norm statistics of its own. The
+#: beats the seed recipe far beyond the seed-to-seed spread, and batch norm alone on FD beyond
+#: both recipes' seed ranges once the EMA generator has batch-norm statistics of its own. The
 #: ``full`` profile trains it; ``TrainConfig``'s own defaults stay the 2019 model's.
 MEASURED_RECIPE: dict[str, str] = {"preset": "dcgan", "diffaugment": "color,translation,cutout"}
 
