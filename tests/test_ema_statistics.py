@@ -3,9 +3,6 @@ training generator's, and computing them changes nothing in training."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import pytest
 import torch
 from torch import nn
 
@@ -82,7 +79,7 @@ def test_reading_the_ema_generator_changes_nothing_in_training() -> None:
     assert_same(plain.state_dict()["ema_generator"], read.state_dict()["ema_generator"])
 
 
-def test_statistics_are_computed_once_per_update(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_statistics_are_computed_once_per_update() -> None:
     step = trained_step(steps=1)
     calls: list[int] = []
     assert step.ema is not None
@@ -95,8 +92,8 @@ def test_statistics_are_computed_once_per_update(monkeypatch: pytest.MonkeyPatch
     assert len(calls) == 2 * STANDING_STATISTICS_PASSES
 
 
-def test_a_generator_without_batch_norm_is_not_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    step = make_step(replace(tiny_spec(), batch_norm=False))
+def test_a_generator_without_batch_norm_is_not_run() -> None:
+    step = make_step(tiny_spec(batch_norm=False))
     step(batch(0))
     assert step.ema is not None
     calls: list[int] = []
