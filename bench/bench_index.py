@@ -348,8 +348,7 @@ def _truncation_figure(runs: list[Run]) -> str:
     best = d["best"]
     return (
         f"best truncated: {best['method']} t={best['value']}, judge_fd {best['judge_fd']:.1f}, "
-        f"precision "
-        f"{best['judge_precision']:.3f}, recall {best['judge_recall']:.3f}"
+        f"precision {best['judge_precision']:.3f}, recall {best['judge_recall']:.3f}"
     )
 
 

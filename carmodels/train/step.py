@@ -129,9 +129,8 @@ class EmaGenerator:
         decay = min(self.decay, (1 + step) / (10 + step))
         ema_params = list(self.module.parameters())
         torch._foreach_lerp_(ema_params, list(generator.parameters()), 1.0 - decay)
-        # The training generator's buffers until refresh_statistics() replaces them.
-        for ema_buffer, buffer in zip(self.module.buffers(), generator.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        # The generator's only buffers are its batch norms' statistics, which every read
+        # recomputes (refresh_statistics), so none are copied from the training generator.
         self._statistics_fresh = not self._norms
 
     @torch.no_grad()
