@@ -88,8 +88,23 @@ def init_from_env(device_type: str) -> DistContext:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(context.local_rank)
+        _import_before_init_process_group()
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return context
+
+
+def _import_before_init_process_group() -> None:
+    """Import ``torch.distributed.nn.functional`` while there is no process group yet.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated once, at import,
+    and ``DistributedDataParallel`` imports it on first use. Imported after
+    ``init_process_group``, ten defaults hold the group for good (torch 2.14): no
+    ``destroy_process_group`` frees it, and gloo's threads run on into the interpreter's
+    shutdown. A gloo worker that then drops a finished collective's tensor must take the GIL
+    to free it, and the process aborts ("terminate called without an active exception", as
+    rank 1 of a two-rank test did once in CI). Imported first, the defaults hold ``None``.
+    """
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 def device_for_rank(device: torch.device, context: DistContext) -> torch.device:
@@ -100,6 +115,8 @@ def device_for_rank(device: torch.device, context: DistContext) -> torch.device:
 
 
 def shutdown(context: DistContext) -> None:
+    """Destroy the process group. Its threads stop once nothing else holds it: release the
+    ``DistributedDataParallel`` wrappers before the interpreter exits (``train`` returns)."""
     if context.enabled and dist.is_initialized():
         dist.destroy_process_group()
 

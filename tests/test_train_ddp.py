@@ -25,12 +25,26 @@ from tests.test_train_data import train_keys, write_row_group_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+#: Source for the rank scripts: the names of the process's threads (Linux). gloo's threads
+#: (``gloo_tcp_loop``, ``pt_gloo_runloop``) must be gone once ``shutdown`` has run: a group
+#: that outlives it takes them into the interpreter's shutdown (carmodels.distributed).
+THREAD_NAMES_SOURCE = """import glob
+def thread_names():
+    return sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm"))"""
+
+
+def assert_no_gloo_threads(threads: list[str]) -> None:
+    assert threads, "no threads listed: is /proc mounted?"
+    assert not [name for name in threads if "gloo" in name], threads
+
+
 #: Each rank trains on its own slice through DDP and saves its weights for comparison.
 RANK_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import json, sys
     import torch
     from carmodels.distributed import device_for_rank, init_from_env, shutdown
+    {thread_names}
     from carmodels.models import spec_for
     from carmodels.train import TrainStep, epoch_batches, epoch_permutation
 
@@ -59,7 +73,10 @@ RANK_SCRIPT = textwrap.dedent(
         }},
         f"{{out}}/rank{{context.rank}}.pt",
     )
+    del trainer  # its DDP wrappers hold the group: released first, as train() does
     shutdown(context)
+    with open(f"{{out}}/threads{{context.rank}}.json", "w") as f:
+        json.dump(thread_names(), f)
     """
 )
 
@@ -79,7 +96,7 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
 @pytest.mark.slow
 def test_two_gloo_ranks_train_in_step(tmp_path: Path) -> None:
     script = tmp_path / "rank.py"
-    script.write_text(RANK_SCRIPT.format(size=IMAGE_SIZE))
+    script.write_text(RANK_SCRIPT.format(size=IMAGE_SIZE, thread_names=THREAD_NAMES_SOURCE))
     completed = subprocess.run(
         _torchrun(2, str(script), str(tmp_path)),
         capture_output=True,
@@ -96,6 +113,8 @@ def test_two_gloo_ranks_train_in_step(tmp_path: Path) -> None:
     moved = [not torch.equal(t, rank0["initial"][k]) for k, t in rank0["generator"].items()]
     assert any(moved)
     assert rank0["loss_d"] == rank1["loss_d"]  # drained stats are averaged over ranks
+    for r in (0, 1):
+        assert_no_gloo_threads(json.loads((tmp_path / f"threads{r}.json").read_text()))
 
 
 @pytest.mark.slow
@@ -299,6 +318,7 @@ STREAMED_RANK_SCRIPT = textwrap.dedent(
     """
     import hashlib, json, os, sys
     from carmodels.train import TrainConfig, TrainStep, train
+    {thread_names}
 
     shards, out = sys.argv[1], sys.argv[2]
     seen = []
@@ -317,7 +337,7 @@ STREAMED_RANK_SCRIPT = textwrap.dedent(
     )
     result = train(shards, out + "/run", config)
     with open(f"{{out}}/seen-{{os.environ['RANK']}}.json", "w") as f:
-        json.dump({{"seen": seen, "steps": result.steps}}, f)
+        json.dump({{"seen": seen, "steps": result.steps, "threads": thread_names()}}, f)
     """
 )
 
@@ -330,7 +350,9 @@ def test_two_ranks_streaming_see_disjoint_parts_covering_each_epoch(tmp_path: Pa
     everything = {key.hex() for key in train_keys(shards, size=IMAGE_SIZE)}
     assert len(everything) == 128
     script = tmp_path / "rank.py"
-    script.write_text(STREAMED_RANK_SCRIPT.format(size=IMAGE_SIZE))
+    script.write_text(
+        STREAMED_RANK_SCRIPT.format(size=IMAGE_SIZE, thread_names=THREAD_NAMES_SOURCE)
+    )
     completed = subprocess.run(
         _torchrun(2, str(script), str(shards), str(tmp_path)),
         capture_output=True,
@@ -341,6 +363,8 @@ def test_two_ranks_streaming_see_disjoint_parts_covering_each_epoch(tmp_path: Pa
     assert completed.returncode == 0, completed.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"seen-{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["steps"] == ranks[1]["steps"] == 16  # 8 steps an epoch on each rank
+    for r in ranks:
+        assert_no_gloo_threads(r["threads"])
     for epoch in (0, 1):
         parts = [
             [k for batch in r["seen"][epoch * 8 : (epoch + 1) * 8] for k in batch] for r in ranks
