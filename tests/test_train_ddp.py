@@ -27,10 +27,26 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: Source for the rank scripts: the names of the process's threads (Linux). gloo's threads
 #: (``gloo_tcp_loop``, ``pt_gloo_runloop``) must be gone once ``shutdown`` has run: a group
-#: that outlives it takes them into the interpreter's shutdown (carmodels.distributed).
-THREAD_NAMES_SOURCE = """import glob
+#: that outlives it takes them into the interpreter's shutdown (carmodels.distributed). A
+#: joined thread can stay listed in /proc for a moment after the join, so this waits for them
+#: up to 5 s; threads of a group that is never freed stay for good.
+THREAD_NAMES_SOURCE = """import glob, time
+def _listed():
+    names = []
+    for path in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(path) as f:
+                names.append(f.read().strip())
+        except OSError:  # the thread ended after the listing
+            pass
+    return sorted(names)
 def thread_names():
-    return sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm"))"""
+    for _ in range(50):
+        names = _listed()
+        if not any("gloo" in name for name in names):
+            break
+        time.sleep(0.1)
+    return names"""
 
 
 def assert_no_gloo_threads(threads: list[str]) -> None:
