@@ -21,6 +21,7 @@ Nothing here touches CUDA at import time.
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -105,6 +106,20 @@ def _import_before_init_process_group() -> None:
     rank 1 of a two-rank test did once in CI). Imported first, the defaults hold ``None``.
     """
     import torch.distributed.nn.functional  # noqa: F401
+
+
+def no_buffer_sync_each_forward() -> dict[str, bool]:
+    """``DistributedDataParallel`` keywords that stop it broadcasting buffers before every
+    forward: ``forward_sync_buffers=False`` where torch has it (2.14), else the older
+    ``broadcast_buffers=False`` (torch 2.11 on the lent GPU machines), which 2.14 deprecates
+    with a warning on every rank. The new keyword still syncs buffers once, at wrapping; the
+    ranks' models are built from one seed, so their buffers are equal then anyway."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def device_for_rank(device: torch.device, context: DistContext) -> torch.device:

@@ -3,6 +3,7 @@ node or on two nodes meeting through a c10d rendezvous, with the data in memory 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -16,7 +17,12 @@ import pytest
 import torch
 
 from carmodels.cli import main
-from carmodels.distributed import Rendezvous, rendezvous_from_flags, torchrun_command
+from carmodels.distributed import (
+    Rendezvous,
+    no_buffer_sync_each_forward,
+    rendezvous_from_flags,
+    torchrun_command,
+)
 from carmodels.errors import InputError
 from carmodels.train import load_checkpoint
 from tests.conftest import free_port
@@ -146,12 +152,29 @@ def test_cli_nproc_per_node_trains_and_rank0_writes(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("trained 2 epochs (4 steps)") == 1  # rank 0 only
+    assert "broadcast_buffers" not in completed.stderr  # no deprecation warning per rank
     checkpoint = load_checkpoint(out / "checkpoints" / "latest.pt")
     assert checkpoint["epoch"] == 2 and checkpoint["step"] == 4
     assert sorted(p.name for p in (out / "samples").iterdir()) == [
         "epoch-0001.png",
         "epoch-0002.png",
     ]
+
+
+def test_no_buffer_sync_each_forward_uses_the_keyword_torch_has(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    options = no_buffer_sync_each_forward()
+    assert list(options.values()) == [False]
+    assert set(options) <= set(inspect.signature(DistributedDataParallel.__init__).parameters)
+
+    def older_init(self, module, device_ids=None, broadcast_buffers=True) -> None:  # noqa: ANN001
+        """DDP's constructor before ``forward_sync_buffers`` (torch 2.11)."""
+
+    monkeypatch.setattr(DistributedDataParallel, "__init__", older_init)
+    assert no_buffer_sync_each_forward() == {"broadcast_buffers": False}
 
 
 def test_torchrun_command_validates() -> None:

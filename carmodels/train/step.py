@@ -24,7 +24,7 @@ from torch import nn
 
 from carmodels.augment import DiffAugment
 from carmodels.conv_gemm import native_convolutions
-from carmodels.distributed import SINGLE_PROCESS, DistContext
+from carmodels.distributed import SINGLE_PROCESS, DistContext, no_buffer_sync_each_forward
 from carmodels.models import (
     Discriminator,
     Generator,
@@ -238,10 +238,9 @@ class TrainStep:
             ids = [device.index] if device.type == "cuda" else None
             # Buffers (BN running stats) only matter for sampling; broadcasting them before
             # every forward would add a collective per call.
-            g_train = DistributedDataParallel(generator, device_ids=ids, broadcast_buffers=False)
-            d_train = DistributedDataParallel(
-                discriminator, device_ids=ids, broadcast_buffers=False
-            )
+            buffers = no_buffer_sync_each_forward()
+            g_train = DistributedDataParallel(generator, device_ids=ids, **buffers)
+            d_train = DistributedDataParallel(discriminator, device_ids=ids, **buffers)
         # Compiled wrappers share parameters with the plain modules, which are what we save.
         self._g = torch.compile(g_train) if compile else g_train
         self._d = torch.compile(d_train) if compile else d_train
