@@ -256,6 +256,7 @@ _TRAIN_OPTIONS = (
     "memory_budget_mb",
     "label_smoothing",
     "diffaugment",
+    "diffaugment_target",
     "loss",
     "r1_gamma",
     "r1_every",

@@ -46,9 +46,9 @@ class GenerateConfig:
         default=None,
         metadata={
             "help": "truncation trick: every latent coordinate redrawn until it lies in [-t, t]; "
-            "2.0 trades a little variety for fidelity, below 1.5 designs lose fidelity as "
-            "well as variety (measured with the judge, docs/benchmarks/truncation.md); unset = "
-            "no truncation, the best judge_fd"
+            "measured with the judge, every value scored worse than none: 2.0 loses variety "
+            "for no gain in fidelity, below 1.5 designs lose fidelity as well "
+            "(docs/benchmarks/truncation.md); unset = no truncation, the best judge_fd"
         },
     )
     interpolation_steps: int = field(

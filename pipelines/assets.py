@@ -527,8 +527,9 @@ def shards_output(
 @defaults_from_file("train_dcgan")
 class TrainDcganConfig(CachedConfig):
     """Training settings. Left unset, the model, the augmentation and the schedule come from
-    the profile's `training` resource: under `full` the measured recipe (`dcgan` preset with
-    DiffAugment, 128 px, 170 epochs, batch 128; docs/benchmarks/quality.md); under `demo` the
+    the profile's `training` resource: under `full` the measured recipe (`dcgan` preset at lr
+    8e-4 with adaptive DiffAugment, 128 px, 170 epochs, batch 128; docs/benchmarks/quality.md);
+    under `demo` the
     `small` preset at 64 px for 120 epochs (`$CARMODELS_DEMO_EPOCHS`)."""
 
     # None: the profile's (the `training` resource), not the library's default.
@@ -540,6 +541,9 @@ class TrainDcganConfig(CachedConfig):
     lr_d: float | None = library_field(train.TrainConfig, "lr_d", default=None)
     label_smoothing: float = library_field(train.TrainConfig, "label_smoothing")
     diffaugment: str | None = library_field(train.TrainConfig, "diffaugment", default=None)
+    diffaugment_target: float | None = library_field(
+        train.TrainConfig, "diffaugment_target", default=None
+    )
     loss: str = library_field(train.TrainConfig, "loss")
     r1_gamma: float = library_field(train.TrainConfig, "r1_gamma")
     spectral_norm: bool | None = library_field(train.TrainConfig, "spectral_norm")
@@ -550,6 +554,26 @@ class TrainDcganConfig(CachedConfig):
     resume: bool = False
 
 
+def _learning_rate(
+    configured: float | None, profile: float | None, preset: str | None, profile_preset: str
+) -> float | None:
+    """The asset's learning rate where set; else the profile's, which belongs to the profile's
+    preset: another preset chosen in the asset's config brings its own (None)."""
+    if configured is not None:
+        return configured
+    return profile if preset in (None, profile_preset) else None
+
+
+def _diffaugment_target(
+    config: TrainDcganConfig, base: train.TrainConfig, diffaugment: str
+) -> float | None:
+    """The asset's target where set; else the profile's, which adapts the profile's policy
+    and so none when the asset's config turns DiffAugment off."""
+    if config.diffaugment_target is not None:
+        return config.diffaugment_target
+    return base.diffaugment_target if diffaugment else None
+
+
 def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> train.TrainConfig:
     """The trainer's settings: the asset's config where set, else the profile's defaults.
 
@@ -557,16 +581,18 @@ def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> tra
 
     def build() -> train.TrainConfig:
         base = defaults.train_config()
+        diffaugment = base.diffaugment if config.diffaugment is None else config.diffaugment
         return replace(
             base,
             preset=config.preset or base.preset,
             image_size=config.image_size or base.image_size,
             epochs=config.epochs or base.epochs,
             batch_size=config.batch_size or base.batch_size,
-            lr_g=config.lr_g,
-            lr_d=config.lr_d,
+            lr_g=_learning_rate(config.lr_g, base.lr_g, config.preset, base.preset),
+            lr_d=_learning_rate(config.lr_d, base.lr_d, config.preset, base.preset),
             label_smoothing=config.label_smoothing,
-            diffaugment=base.diffaugment if config.diffaugment is None else config.diffaugment,
+            diffaugment=diffaugment,
+            diffaugment_target=_diffaugment_target(config, base, diffaugment),
             loss=config.loss,
             r1_gamma=config.r1_gamma,
             spectral_norm=config.spectral_norm,

@@ -334,7 +334,8 @@ class TrainingDefaults(dg.ConfigurableResource):
     """The training settings `train_dcgan` uses where its config leaves them unset.
 
     The `full` profile binds the measured recipe (`carmodels.train.MEASURED_RECIPE`: the
-    `dcgan` preset with DiffAugment, at the seed's 128 px, 170 epochs, batch 128); the `demo`
+    `dcgan` preset at lr 8e-4 with adaptive DiffAugment, at the seed's 128 px, 170 epochs,
+    batch 128); the `demo`
     profile a model that learns on a laptop CPU in minutes (:func:`demo_training`).
     """
 
@@ -343,6 +344,15 @@ class TrainingDefaults(dg.ConfigurableResource):
     )
     diffaugment: str = library_field(
         train.TrainConfig, "diffaugment", default=train.MEASURED_RECIPE["diffaugment"]
+    )
+    diffaugment_target: float | None = library_field(
+        train.TrainConfig, "diffaugment_target", default=train.MEASURED_RECIPE["diffaugment_target"]
+    )
+    lr_g: float | None = library_field(
+        train.TrainConfig, "lr_g", default=train.MEASURED_RECIPE["lr_g"]
+    )
+    lr_d: float | None = library_field(
+        train.TrainConfig, "lr_d", default=train.MEASURED_RECIPE["lr_d"]
     )
     image_size: int = library_field(train.TrainConfig, "image_size")
     epochs: int = library_field(train.TrainConfig, "epochs")
@@ -364,6 +374,10 @@ DEMO_TRAINING = {
     "preset": "small",
     # Not measured on the demo's drawn cars, whose 120 short epochs learn well without it.
     "diffaugment": "",
+    "diffaugment_target": None,
+    # The small preset's own learning rates, with which the demo was tuned.
+    "lr_g": None,
+    "lr_d": None,
     "image_size": 64,
     "batch_size": 32,
     "log_every_steps": 20,

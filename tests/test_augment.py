@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from carmodels.augment import (
+    ADA_IMAGES_TO_FULL,
+    ADA_TARGET,
     POLICIES,
+    AdaptiveProbability,
     DiffAugment,
+    augment_color,
     augment_cutout,
     augment_translation,
     parse_policy,
@@ -58,3 +62,48 @@ def test_cutout_zeroes_about_a_quarter() -> None:
     cut = augment_cutout(images, torch.Generator().manual_seed(0))
     zero_share = (cut == 0).float().mean().item()
     assert 0.1 < zero_share <= 0.25  # a half-size square, sometimes clipped by the border
+
+
+def test_probability_zero_computes_nothing_and_draws_nothing() -> None:
+    images = _images()
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    assert DiffAugment(",".join(POLICIES), probability=0.0)(images, generator) is images
+    assert torch.equal(generator.get_state(), state)
+
+
+def test_probability_one_is_diffaugment_as_published() -> None:
+    # The same draws as before the probability existed, so fixed-policy runs train as before.
+    images = _images(n=8)
+    augment = DiffAugment(",".join(POLICIES), probability=1.0)
+    operations = {
+        "color": augment_color,
+        "translation": augment_translation,
+        "cutout": augment_cutout,
+    }
+    expected, manual = images, torch.Generator().manual_seed(5)
+    for name in POLICIES:
+        expected = operations[name](expected, manual)
+    assert torch.equal(augment(images, torch.Generator().manual_seed(5)), expected)
+
+
+def test_probability_augments_about_that_share_of_images() -> None:
+    images = _images(n=400, size=8)
+    # One operation, so an image is either untouched or augmented.
+    augmented = DiffAugment("color", probability=0.25)(images, torch.Generator().manual_seed(0))
+    changed = (augmented != images).flatten(1).any(dim=1).float().mean().item()
+    assert 0.17 < changed < 0.33
+
+
+def test_adaptive_probability_follows_ada() -> None:
+    adaptive = AdaptiveProbability()
+    assert (adaptive.target, adaptive.probability) == (ADA_TARGET, 0.0)
+    # D too sure of the reals (r above the target): p rises by images / ADA_IMAGES_TO_FULL.
+    assert adaptive.update(0.9, ADA_IMAGES_TO_FULL // 10) == pytest.approx(0.1)
+    assert adaptive.update(0.9, ADA_IMAGES_TO_FULL) == 1.0  # capped at 1
+    assert adaptive.update(0.2, ADA_IMAGES_TO_FULL // 4) == pytest.approx(0.75)
+    assert adaptive.update(ADA_TARGET, 10_000) == pytest.approx(0.75)  # on target: stays
+    assert adaptive.update(float("nan"), 10_000) == pytest.approx(0.75)  # no reading: stays
+    assert adaptive.update(-1.0, 2 * ADA_IMAGES_TO_FULL) == 0.0  # floored at 0
+    with pytest.raises(ValueError, match="target must be in"):
+        AdaptiveProbability(target=1.0)

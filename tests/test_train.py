@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from carmodels.augment import ADA_IMAGES_TO_FULL
 from carmodels.train import (
     HISTORY_COLUMNS,
     TrainConfig,
@@ -21,8 +23,10 @@ from carmodels.train import (
     is_collapse,
     load_checkpoint,
     load_generator,
+    read_history,
     train,
 )
+from carmodels.train.step import TrainStep
 from tests.conftest import write_blocky_shards
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +156,56 @@ def test_resume_is_exact_with_augmentation_and_smoothing(shards: Path, tmp_path:
     assert not torch.equal(
         expected["generator"][weight], _state(plain.checkpoint_path)["generator"][weight]
     )
+
+
+def test_resume_is_exact_with_adaptive_augmentation(
+    shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A target D's untrained outputs exceed and a fast controller, so p moves in 6 steps.
+    monkeypatch.setattr("carmodels.augment.ADA_IMAGES_TO_FULL", 1_000)
+    options = {"diffaugment": "color,translation,cutout", "diffaugment_target": -0.99}
+    straight = train(shards, tmp_path / "straight", tiny_config(epochs=2, **options))
+    train(shards, tmp_path / "resumed", tiny_config(epochs=1, **options))
+    resumed = train(shards, tmp_path / "resumed", tiny_config(epochs=2, **options), resume=True)
+    expected, actual = _state(straight.checkpoint_path), _state(resumed.checkpoint_path)
+    for name, tensor in expected["generator"].items():
+        assert torch.equal(tensor, actual["generator"][name]), name
+    # p is in the checkpoint and the history, and moved: the resumed run went on from it.
+    probabilities = [row["augment_p"] for row in read_history(straight.history_path)]
+    assert probabilities == [row["augment_p"] for row in read_history(resumed.history_path)]
+    assert len(set(probabilities)) > 1
+    assert load_checkpoint(straight.checkpoint_path)["augment_probability"] == probabilities[-1]
+
+
+def _adaptive_step() -> TrainStep:
+    return TrainStep.create(
+        TrainConfig(preset="tiny", image_size=IMAGE_SIZE).model_spec(),
+        **TrainConfig(preset="tiny").hyperparameters(),
+        device=torch.device("cpu"),
+        amp_dtype=None,
+        channels_last=False,
+        compile=False,
+        ema_decay=None,
+        seed=0,
+        diffaugment="color,translation,cutout",
+        diffaugment_target=0.6,
+    )
+
+
+def test_adaptive_augmentation_moves_p_by_ada_rule() -> None:
+    step = _adaptive_step()
+    assert step.augment.probability == 0.0  # ADA starts without augmentation
+    images = torch.randint(0, 256, (8, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+    for _ in range(3):
+        step(images)
+    stats = step.drain()
+    assert stats is not None and -1.0 <= stats.real_sign <= 1.0
+    moved = math.copysign(24 / ADA_IMAGES_TO_FULL, stats.real_sign - 0.6)
+    assert stats.augment_p == pytest.approx(max(0.0, moved)) == step.augment.probability
+    step.augment.probability = step.adaptive.probability = 0.25
+    restored = _adaptive_step()
+    restored.load_state_dict(step.state_dict())
+    assert restored.augment.probability == restored.adaptive.probability == 0.25
 
 
 def test_collapse_is_a_sharp_fall_from_the_best_diversity() -> None:

@@ -357,6 +357,32 @@ def test_the_dagster_config_passes_the_recipe_on() -> None:
         training_config(TrainDcganConfig(r1_gamma=-1.0), TrainingDefaults())
 
 
+def test_the_profile_recipe_gives_way_to_the_asset_config() -> None:
+    from carmodels.train import MEASURED_RECIPE
+    from pipelines.assets import TrainDcganConfig, training_config
+    from pipelines.resources import TrainingDefaults, demo_training
+
+    # Another preset brings its own learning rates, not the measured recipe's.
+    seed = training_config(TrainDcganConfig(preset="seed"), TrainingDefaults())
+    assert (seed.lr_g, seed.lr_d) == (None, None)
+    assert seed.hyperparameters()["lr_d"] == 3.5e-5
+    # DiffAugment turned off in the asset's config takes its adaptive target with it.
+    plain = training_config(TrainDcganConfig(diffaugment=""), TrainingDefaults())
+    assert (plain.diffaugment, plain.diffaugment_target) == ("", None)
+    assert plain.lr_g == MEASURED_RECIPE["lr_g"]
+    fixed = training_config(TrainDcganConfig(lr_g=1e-4, diffaugment_target=0.8), TrainingDefaults())
+    assert (fixed.lr_g, fixed.lr_d) == (1e-4, MEASURED_RECIPE["lr_d"])
+    assert fixed.diffaugment_target == 0.8
+    # The demo trains the small preset as tuned: its own learning rates, no augmentation.
+    demo = training_config(TrainDcganConfig(), demo_training())
+    assert (demo.preset, demo.lr_g, demo.diffaugment, demo.diffaugment_target) == (
+        "small",
+        None,
+        "",
+        None,
+    )
+
+
 # --------------------------------------------------------------------------- (f) validation
 
 
@@ -371,6 +397,8 @@ def test_the_dagster_config_passes_the_recipe_on() -> None:
         ({"base_channels": 0}, "base_channels"),
         ({"batch_norm": "yes"}, "batch_norm"),
         ({"spectral_norm": "no"}, "spectral_norm"),
+        ({"diffaugment_target": 0.6}, "diffaugment_target"),  # nothing to adapt
+        ({"diffaugment": "color", "diffaugment_target": 1.5}, "diffaugment_target"),
     ],
 )
 def test_invalid_recipes_name_the_field(settings: dict[str, object], field: str) -> None:

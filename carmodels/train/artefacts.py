@@ -42,6 +42,8 @@ HISTORY_COLUMNS = (
     "sample_fd",
     "sample_diversity",
     "collapse_warning",
+    # DiffAugment's probability, with adaptive augmentation (diffaugment_target); else empty.
+    "augment_p",
 )
 #: The per-epoch sample grid is GRID_SIDE x GRID_SIDE images from fixed noise.
 GRID_SIDE = 8

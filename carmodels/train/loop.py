@@ -263,6 +263,7 @@ def _build_trainer(
         seed=config.seed,
         label_smoothing=config.label_smoothing,
         diffaugment=config.diffaugment,
+        diffaugment_target=config.diffaugment_target,
         loss=config.loss,
         r1_gamma=config.r1_gamma,
         r1_every=config.r1_every,
@@ -301,7 +302,8 @@ def _run_epoch(run: _Run, epoch: int) -> None:
         f"epoch {epoch}/{config.epochs} step {trainer.step}: "
         f"loss_d={last['loss_d']:.4f} loss_g={last['loss_g']:.4f} "
         f"D(x)={last['d_x']:.3f} D(G(z))={last['d_g_z']:.3f} "
-        f"{last['images_per_s']:.0f} img/s"
+        + (f"augment p={last['augment_p']:.3f} " if "augment_p" in last else "")
+        + f"{last['images_per_s']:.0f} img/s"
     )
 
 
@@ -310,7 +312,8 @@ def _record(run: _Run, epoch: int) -> None:
     stats = run.trainer.drain()
     if stats is None:
         return
-    row = run.records.append(epoch, run.trainer.step, stats.losses())
+    extra = {} if stats.augment_p is None else {"augment_p": stats.augment_p}
+    row = run.records.append(epoch, run.trainer.step, {**stats.losses(), **extra})
     if not stats.is_finite():
         if run.dist.is_main:
             run.records.save_history()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carmodels.augment import DiffAugment
+from carmodels.augment import AdaptiveProbability, DiffAugment
 from carmodels.conv_gemm import native_convolutions
 from carmodels.distributed import SINGLE_PROCESS, DistContext, no_buffer_sync_each_forward
 from carmodels.models import (
@@ -84,6 +84,10 @@ class StepStats:
     d_x: float
     d_g_z: float
     n_steps: int
+    #: Mean of sign(D(real)) over those steps: ADA's measure of D's overfitting.
+    real_sign: float = float("nan")
+    #: DiffAugment's probability after this read (adaptive augmentation), else None.
+    augment_p: float | None = None
 
     def losses(self) -> dict[str, float]:
         return {"loss_d": self.loss_d, "loss_g": self.loss_g, "d_x": self.d_x, "d_g_z": self.d_g_z}
@@ -216,6 +220,7 @@ class TrainStep:
         r1_gamma: float = 0.0,
         r1_every: int = 16,
         dist_context: DistContext = SINGLE_PROCESS,
+        diffaugment_target: float | None = None,
     ) -> None:
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -227,6 +232,14 @@ class TrainStep:
         self.seed, self.dist = seed, dist_context
         self.real_label = 1.0 - label_smoothing
         self.augment = DiffAugment(diffaugment)
+        # Adaptive: p starts at 0 and follows D's overfitting (carmodels.augment).
+        self.adaptive = (
+            AdaptiveProbability(diffaugment_target)
+            if diffaugment_target is not None and self.augment
+            else None
+        )
+        if self.adaptive is not None:
+            self.augment.probability = self.adaptive.probability
         self.loss = loss
         self.r1_gamma, self.r1_every = r1_gamma, r1_every
         self.concat_d_batches = not discriminator.spec.batch_norm
@@ -252,6 +265,7 @@ class TrainStep:
         self.step = 0
         self._sums: torch.Tensor | None = None
         self._pending = 0
+        self._pending_images = 0
 
     @classmethod
     def create(
@@ -274,6 +288,7 @@ class TrainStep:
         r1_gamma: float = 0.0,
         r1_every: int = 16,
         dist_context: DistContext = SINGLE_PROCESS,
+        diffaugment_target: float | None = None,
     ) -> TrainStep:
         """Fresh models (initialised on the CPU, so identical on every device and rank) and Adam."""
         torch.manual_seed(seed)
@@ -308,6 +323,7 @@ class TrainStep:
             r1_gamma=r1_gamma,
             r1_every=r1_every,
             dist_context=dist_context,
+            diffaugment_target=diffaugment_target,
         )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -380,10 +396,12 @@ class TrainStep:
                 loss_g.detach(),
                 torch.sigmoid(logits_real.detach()).mean(),
                 torch.sigmoid(logits_fake.detach()).mean(),
+                torch.sign(logits_real.detach()).float().mean(),
             ]
         ).float()
         self._sums = stats if self._sums is None else self._sums.add_(stats)
         self._pending += 1
+        self._pending_images += n
 
     def drain(self) -> StepStats | None:
         """Mean stats since the last drain (None if no step ran); the only host sync."""
@@ -391,9 +409,14 @@ class TrainStep:
             return None
         # Averaged over the ranks too, so every rank sees (and stops on) the same numbers.
         means = self.dist.all_reduce_mean_(self._sums / self._pending)
-        loss_d, loss_g, d_x, d_g_z = means.tolist()
-        stats = StepStats(loss_d, loss_g, d_x, d_g_z, self._pending)
-        self._sums, self._pending = None, 0
+        loss_d, loss_g, d_x, d_g_z, real_sign = means.tolist()
+        augment_p = None
+        if self.adaptive is not None:
+            # Every rank read the same means, so every rank moves p alike.
+            images = self._pending_images * self.dist.world_size
+            augment_p = self.augment.probability = self.adaptive.update(real_sign, images)
+        stats = StepStats(loss_d, loss_g, d_x, d_g_z, self._pending, real_sign, augment_p)
+        self._sums, self._pending, self._pending_images = None, 0, 0
         return stats
 
     def sampling_generator(self) -> nn.Module:
@@ -412,6 +435,7 @@ class TrainStep:
             "opt_d": self.opt_d.state_dict(),
             "ema_generator": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step,
+            "augment_probability": self.augment.probability,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -423,6 +447,10 @@ class TrainStep:
             # A checkpoint trained without EMA starts the average from the current weights.
             self.ema.load_state_dict(state["ema_generator"] or state["generator"])
         self.step = int(state["step"])
+        if self.adaptive is not None:
+            # A checkpoint from before p was saved starts it at 0, where ADA starts.
+            p = state.get("augment_probability")
+            self.augment.probability = self.adaptive.probability = 0.0 if p is None else float(p)
 
     def set_hyperparameters(self, lr_g: float, lr_d: float, beta1: float, beta2: float) -> None:
         """Apply the config's settings over those restored from a checkpoint."""
