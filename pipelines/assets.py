@@ -529,8 +529,7 @@ class TrainDcganConfig(CachedConfig):
     """Training settings. Left unset, the model, the augmentation and the schedule come from
     the profile's `training` resource: under `full` the measured recipe (`dcgan` preset at lr
     8e-4 with adaptive DiffAugment, 128 px, 170 epochs, batch 128; docs/benchmarks/quality.md);
-    under `demo` the
-    `small` preset at 64 px for 120 epochs (`$CARMODELS_DEMO_EPOCHS`)."""
+    under `demo` the `small` preset at 64 px for 120 epochs (`$CARMODELS_DEMO_EPOCHS`)."""
 
     # None: the profile's (the `training` resource), not the library's default.
     preset: str | None = library_field(train.TrainConfig, "preset", default=None)

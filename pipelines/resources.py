@@ -335,8 +335,8 @@ class TrainingDefaults(dg.ConfigurableResource):
 
     The `full` profile binds the measured recipe (`carmodels.train.MEASURED_RECIPE`: the
     `dcgan` preset at lr 8e-4 with adaptive DiffAugment, at the seed's 128 px, 170 epochs,
-    batch 128); the `demo`
-    profile a model that learns on a laptop CPU in minutes (:func:`demo_training`).
+    batch 128); the `demo` profile a model that learns on a laptop CPU in minutes
+    (:func:`demo_training`).
     """
 
     preset: str = library_field(

@@ -46,8 +46,7 @@ class TrainingDiverged(RuntimeError):
 #: precision, recall, density and coverage. The previous choice (DiffAugment on every image,
 #: lr 2e-4) scores better on FD and KID but draws blurred bands: chosen by the samples. The lr
 #: was chosen at 64 px and batch 16 and is unmeasured at the full profile's 128 px and batch
-#: 128. The ``full`` profile trains it;
-#: ``TrainConfig``'s own defaults stay the 2019 model's.
+#: 128. The ``full`` profile trains it; ``TrainConfig``'s own defaults stay the 2019 model's.
 MEASURED_RECIPE: dict[str, Any] = {
     "preset": "dcgan",
     "lr_g": 8e-4,
