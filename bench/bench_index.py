@@ -512,7 +512,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         pattern=r"quality-cpu64(-.+)?",
         figure=_quality_figure,
         against=_quality_against,
-        # The 8 default recipes; a run of a few named ones is a side measurement.
+        # bench/quality.py's DEFAULT_RECIPES (this script stays standard library only, so it
+        # cannot import them); a run of a few named recipes is a side measurement.
         headline={"recipes": "seed,ema,batchnorm,diffaugment,sn_hinge,r1,crop,combined"},
         omit=("images", "work", "images_seen", "judge_cache"),
         machine="2-core x86_64 CPU (loaded)",

@@ -13,7 +13,7 @@ Policies (comma-separated, applied in this order):
 * ``cutout``: zero a random square of half the image size.
 
 Each operation can instead be applied to each image with a probability ``p``
-(:attr:`DiffAugment.probability`), which :class:`AdaptiveProbability` adjusts as ADA does
+(:attr:`DiffAugment.probability`), which :func:`adapt_probability` adjusts as ADA does
 (Karras et al., 2020): it starts at 0 and rises only while the discriminator is too sure of
 the real images. Early in a run, before D has seen the photos often enough to memorise them,
 augmenting every image only slows learning: in the recipe study, at 33,000 images, batch
@@ -145,25 +145,21 @@ class DiffAugment:
         return images.contiguous(memory_format=memory_format)
 
 
-class AdaptiveProbability:
-    """ADA's controller of the augmentation probability p (Karras et al. 2020).
+def adapt_probability(
+    probability: float, real_sign_mean: float, images: int, target: float = ADA_TARGET
+) -> float:
+    """ADA's rule (Karras et al. 2020): the augmentation probability after ``images`` images
+    whose real logits had mean sign ``real_sign_mean``.
 
-    :meth:`update` takes ``r``, the mean of sign(D(real)) over the images seen since the last
-    update, and moves p by ``images / ADA_IMAGES_TO_FULL`` towards more augmentation while
-    ``r`` is above the target and towards less while it is below, within [0, 1]. p starts at
-    0: no augmentation until the discriminator starts to memorise. The trainer updates it at
-    every read of the step's statistics (every ``log_every_steps`` steps and at each epoch's
-    end; ADA every 4 steps), which costs no extra host sync."""
-
-    def __init__(self, target: float = ADA_TARGET, probability: float = 0.0) -> None:
-        if not -1.0 < target < 1.0:
-            raise ValueError(f"the adaptive augmentation target must be in (-1, 1), got {target}")
-        self.target = target
-        self.probability = probability
-
-    def update(self, real_sign_mean: float, images: int) -> float:
-        """The new p after ``images`` images whose real logits had mean sign ``real_sign_mean``."""
-        if math.isfinite(real_sign_mean) and real_sign_mean != self.target:
-            step = math.copysign(images / ADA_IMAGES_TO_FULL, real_sign_mean - self.target)
-            self.probability = min(1.0, max(0.0, self.probability + step))
-        return self.probability
+    p moves by ``images / ADA_IMAGES_TO_FULL`` towards more augmentation while that mean is
+    above the target and towards less while it is below, within [0, 1]; it stays where it is
+    on target or without a reading (NaN). ADA starts p at 0: no augmentation until the
+    discriminator starts to memorise. The trainer applies the rule at every read of the step's
+    statistics (every ``log_every_steps`` steps and at each epoch's end; ADA every 4 steps),
+    which costs no extra host sync."""
+    if not -1.0 < target < 1.0:
+        raise ValueError(f"the adaptive augmentation target must be in (-1, 1), got {target}")
+    if not math.isfinite(real_sign_mean) or real_sign_mean == target:
+        return probability
+    step = math.copysign(images / ADA_IMAGES_TO_FULL, real_sign_mean - target)
+    return min(1.0, max(0.0, probability + step))

@@ -9,8 +9,8 @@ from carmodels.augment import (
     ADA_IMAGES_TO_FULL,
     ADA_TARGET,
     POLICIES,
-    AdaptiveProbability,
     DiffAugment,
+    adapt_probability,
     augment_color,
     augment_cutout,
     augment_translation,
@@ -96,14 +96,15 @@ def test_probability_augments_about_that_share_of_images() -> None:
 
 
 def test_adaptive_probability_follows_ada() -> None:
-    adaptive = AdaptiveProbability()
-    assert (adaptive.target, adaptive.probability) == (ADA_TARGET, 0.0)
+    assert ADA_TARGET == 0.6
     # D too sure of the reals (r above the target): p rises by images / ADA_IMAGES_TO_FULL.
-    assert adaptive.update(0.9, ADA_IMAGES_TO_FULL // 10) == pytest.approx(0.1)
-    assert adaptive.update(0.9, ADA_IMAGES_TO_FULL) == 1.0  # capped at 1
-    assert adaptive.update(0.2, ADA_IMAGES_TO_FULL // 4) == pytest.approx(0.75)
-    assert adaptive.update(ADA_TARGET, 10_000) == pytest.approx(0.75)  # on target: stays
-    assert adaptive.update(float("nan"), 10_000) == pytest.approx(0.75)  # no reading: stays
-    assert adaptive.update(-1.0, 2 * ADA_IMAGES_TO_FULL) == 0.0  # floored at 0
+    p = adapt_probability(0.0, 0.9, ADA_IMAGES_TO_FULL // 10)
+    assert p == pytest.approx(0.1)
+    assert adapt_probability(p, 0.9, ADA_IMAGES_TO_FULL) == 1.0  # capped at 1
+    p = adapt_probability(1.0, 0.2, ADA_IMAGES_TO_FULL // 4)
+    assert p == pytest.approx(0.75)
+    assert adapt_probability(p, ADA_TARGET, 10_000) == pytest.approx(0.75)  # on target: stays
+    assert adapt_probability(p, float("nan"), 10_000) == pytest.approx(0.75)  # no reading
+    assert adapt_probability(p, -1.0, 2 * ADA_IMAGES_TO_FULL) == 0.0  # floored at 0
     with pytest.raises(ValueError, match="target must be in"):
-        AdaptiveProbability(target=1.0)
+        adapt_probability(0.5, 0.9, 100, target=1.0)

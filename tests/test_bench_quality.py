@@ -287,3 +287,12 @@ def test_the_study_runs_from_a_device_pack_with_the_packed_judge(tmp_path: Path,
     assert quality.main([*args, "--work", str(tmp_path / "w2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("quality: the judge in ") and "again" in err[0]
+
+
+def test_the_index_headline_is_the_default_study() -> None:
+    # bench_index.py (standard library only) spells the default recipes out; they must agree.
+    quality, index = load_bench("quality"), load_bench("bench_index")
+    [benchmark] = [b for b in index.BENCHMARKS if b.key == "quality-cpu64"]
+    assert benchmark.headline == {"recipes": ",".join(quality.DEFAULT_RECIPES)}
+    assert "bn_diffaugment_ema" in quality.RECIPES
+    assert "bn_diffaugment_ema" not in quality.DEFAULT_RECIPES

@@ -136,7 +136,7 @@ class TrainConfig:
     )
     # Unset: DiffAugment applies to every image, as published. Set (ADA's 0.6): each image is
     # augmented with a probability that starts at 0 and rises only while D is too sure of the
-    # real images (carmodels.augment.AdaptiveProbability), so short runs learn unhindered.
+    # real images (carmodels.augment.adapt_probability), so short runs learn unhindered.
     diffaugment_target: float | None = field(
         default=None,
         metadata={

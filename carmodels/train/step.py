@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carmodels.augment import AdaptiveProbability, DiffAugment
+from carmodels.augment import DiffAugment, adapt_probability
 from carmodels.conv_gemm import native_convolutions
 from carmodels.distributed import SINGLE_PROCESS, DistContext, no_buffer_sync_each_forward
 from carmodels.models import (
@@ -232,14 +232,10 @@ class TrainStep:
         self.seed, self.dist = seed, dist_context
         self.real_label = 1.0 - label_smoothing
         self.augment = DiffAugment(diffaugment)
-        # Adaptive: p starts at 0 and follows D's overfitting (carmodels.augment).
-        self.adaptive = (
-            AdaptiveProbability(diffaugment_target)
-            if diffaugment_target is not None and self.augment
-            else None
-        )
-        if self.adaptive is not None:
-            self.augment.probability = self.adaptive.probability
+        # Adaptive (a target set): p starts at 0 and follows D's overfitting (carmodels.augment).
+        self.augment_target = diffaugment_target if self.augment else None
+        if self.augment_target is not None:
+            self.augment.probability = 0.0
         self.loss = loss
         self.r1_gamma, self.r1_every = r1_gamma, r1_every
         self.concat_d_batches = not discriminator.spec.batch_norm
@@ -411,10 +407,13 @@ class TrainStep:
         means = self.dist.all_reduce_mean_(self._sums / self._pending)
         loss_d, loss_g, d_x, d_g_z, real_sign = means.tolist()
         augment_p = None
-        if self.adaptive is not None:
+        if self.augment_target is not None:
             # Every rank read the same means, so every rank moves p alike.
             images = self._pending_images * self.dist.world_size
-            augment_p = self.augment.probability = self.adaptive.update(real_sign, images)
+            augment_p = adapt_probability(
+                self.augment.probability, real_sign, images, self.augment_target
+            )
+            self.augment.probability = augment_p
         stats = StepStats(loss_d, loss_g, d_x, d_g_z, self._pending, real_sign, augment_p)
         self._sums, self._pending, self._pending_images = None, 0, 0
         return stats
@@ -447,10 +446,9 @@ class TrainStep:
             # A checkpoint trained without EMA starts the average from the current weights.
             self.ema.load_state_dict(state["ema_generator"] or state["generator"])
         self.step = int(state["step"])
-        if self.adaptive is not None:
+        if self.augment_target is not None:
             # A checkpoint from before p was saved starts it at 0, where ADA starts.
-            p = state.get("augment_probability")
-            self.augment.probability = self.adaptive.probability = 0.0 if p is None else float(p)
+            self.augment.probability = float(state.get("augment_probability") or 0.0)
 
     def set_hyperparameters(self, lr_g: float, lr_d: float, beta1: float, beta2: float) -> None:
         """Apply the config's settings over those restored from a checkpoint."""
