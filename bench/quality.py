@@ -19,12 +19,13 @@ Recipes (every one changes one thing from the seed recipe, except ``combined``):
   norm at lr 2e-4 with DiffAugment on every image and EMA weights.
 
 Every recipe uses the same width (``base_channels``) and batch size, and trains for the same
-number of images. Budgets: ``cpu64`` (64 px, width 16, batch 16, 2 runs at a time on one thread
-each, each scored in its worker; the 14 trainings and their scoring took 17.4 minutes on 2 AVX2
-cores) and ``gpu128`` (128 px, the seed's width 64, on one GPU; ``bench/gpu_session.sh`` runs it
-on a lent GPU machine from ``bench/device_pack.py``'s pack). The judge is trained once per
-photo set and kept in a cache shared with ``bench/judge.py``, which validates it (18 minutes
-more, the first time); ``--judge-pack`` takes it from a pack instead.
+number of images. Budgets: ``cpu64`` (64 px, width 16, batch 8, 2 runs at a time on one thread
+each, each scored in its worker; the 14 trainings and their scoring took 16.5 minutes on a
+2-core Xeon with AMX) and ``gpu128`` (128 px, the seed's width 64, on one GPU;
+``bench/gpu_session.sh`` runs it on a lent GPU machine from ``bench/device_pack.py``'s pack).
+The judge is trained once per photo set and kept in a cache shared with ``bench/judge.py``,
+which validates it (18 minutes more, the first time); ``--judge-pack`` takes it from a pack
+instead.
 
 Scores: ``judge_fd`` (Fréchet distance in the judge's features, generated vs real val photos at
 the model's size), ``judge_kid`` and precision/recall/density/coverage, per run; then mean ±
@@ -43,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -91,12 +94,15 @@ class Budget:
 
 
 BUDGETS = {
-    # 33,000 images per run (7 epochs of the 4,755 train photos, 2,079 steps): so that the 14
-    # trainings and their scoring fit 20 minutes on 2 cores (8 epochs took 21.9 min on an
-    # AVX2 machine). Batch 16: four times the updates of batch 64 for every recipe at about
-    # 1.2x the seconds; at batch 64 (625 updates) the best recipe drew one pattern of spots
-    # in every cell (docs/benchmarks/quality.md, History).
-    "cpu64": Budget(64, 16, 16, 33_000, "cpu", jobs=2, threads=1),
+    # 33,000 images per run (7 epochs of the 4,755 train photos, 4,158 steps): so that the 14
+    # trainings and their scoring fit 20 minutes on 2 cores (8 epochs at batch 16 took 21.9
+    # min on an AVX2 machine). Batch 8: twice the updates of batch 16 for every recipe at
+    # about 1.15x the seconds. At this budget the number of updates is what draws wheels:
+    # the chosen recipe drew car bodies at batch 16 and bodies with wheels in many cells at
+    # batch 8 (batch 4 more still, at 1.5x the seconds of batch 16: over the 20 minutes); at
+    # batch 64 (625 updates) it drew one pattern of spots in every cell
+    # (docs/benchmarks/quality.md, pilots and History).
+    "cpu64": Budget(64, 16, 8, 33_000, "cpu", jobs=2, threads=1),
     # 250,000 images per run (53 epochs, 1,961 steps at batch 128): the 14 trainings need
     # about 3.5 million images, 4.2 minutes at the seed model's 13,900 img/s on one H100
     # (bf16, docs/benchmarks/train-gpu.md) and more for the recipes that add DiffAugment,
@@ -153,11 +159,9 @@ def train_run(
     budget: Budget,
     n_train: int,
 ) -> tuple[Path, float]:
-    """Train one run (or reuse a finished one in ``run_dir``); its checkpoint and seconds."""
-    done = run_dir / "checkpoints" / "latest.pt"
-    marker = run_dir / "train_s.txt"
-    if done.is_file() and marker.is_file():
-        return done, float(marker.read_text())
+    """Train one run (or reuse one finished in ``run_dir`` with the same settings: a kept
+    ``--work`` folder must not hand a changed budget or recipe an old run); its checkpoint and
+    seconds."""
     steps_per_epoch = max(1, n_train // budget.batch_size)
     epochs = max(1, round(budget.images_seen / (steps_per_epoch * budget.batch_size)))
     config = TrainConfig(
@@ -175,11 +179,19 @@ def train_run(
         checkpoint_every=epochs,  # only the last is scored; one per epoch costs time on a GPU
         **overrides,
     )
+    settings = repr(config)
+    done = run_dir / "checkpoints" / "latest.pt"
+    marker = run_dir / "trained.json"
+    if done.is_file() and marker.is_file():
+        record = json.loads(marker.read_text())
+        if record["settings"] == settings:
+            return done, record["seconds"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # another budget's or recipe's run
     started = time.perf_counter()
     result = train(shards_dir, run_dir, config, log=lambda message: None)
     seconds = time.perf_counter() - started
     assert result.checkpoint_path is not None
-    marker.write_text(f"{seconds}\n")
+    marker.write_text(json.dumps({"settings": settings, "seconds": seconds}))
     return result.checkpoint_path, seconds
 
 

@@ -296,3 +296,31 @@ def test_the_index_headline_is_the_default_study() -> None:
     assert benchmark.headline == {"recipes": ",".join(quality.DEFAULT_RECIPES)}
     assert "bn_diffaugment_ema" in quality.RECIPES
     assert "bn_diffaugment_ema" not in quality.DEFAULT_RECIPES
+
+
+def test_a_kept_run_is_reused_only_with_the_same_settings(tmp_path: Path, monkeypatch) -> None:
+    # A kept --work folder must not hand a changed budget (or recipe) a run trained for another.
+    quality = load_bench("quality")
+    trained: list[int] = []
+
+    def fake_train(shards_dir, run_dir, config, log):
+        trained.append(config.batch_size)
+        checkpoint = run_dir / "checkpoints" / "latest.pt"
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_bytes(b"weights")
+        (run_dir / f"batch-{config.batch_size}").touch()
+        return type("Result", (), {"checkpoint_path": checkpoint})()
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    run_dir = tmp_path / "run"
+    budget = quality.Budget(32, 4, 8, 64, "cpu", jobs=1, threads=1)
+    first = quality.train_run(tmp_path, run_dir, {"preset": "dcgan"}, 0, budget, n_train=40)
+    again = quality.train_run(tmp_path, run_dir, {"preset": "dcgan"}, 0, budget, n_train=40)
+    assert trained == [8] and again == first
+    other_budget = quality.Budget(32, 4, 16, 64, "cpu", jobs=1, threads=1)
+    quality.train_run(tmp_path, run_dir, {"preset": "dcgan"}, 0, other_budget, n_train=40)
+    quality.train_run(tmp_path, run_dir, {"preset": "seed"}, 0, other_budget, n_train=40)
+    quality.train_run(tmp_path, run_dir, {"preset": "seed"}, 1, other_budget, n_train=40)
+    assert trained == [8, 16, 16, 16]
+    # The old run's files went with it: nothing of another budget's run is left to be read.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["batch-16", "checkpoints", "trained.json"]
