@@ -59,24 +59,40 @@ def _rand(n: int, like: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.rand(n, 1, 1, 1, device=like.device, generator=generator, dtype=like.dtype)
 
 
-def augment_color(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+# Each operation is split into its random draws (one row per image) and their application, so
+# that with a probability below 1 an operation no image is chosen for still makes its draws
+# (the random stream, and so training, stays as it was) but computes nothing.
+Draws = tuple[torch.Tensor, ...]
+
+
+def _color_draws(images: torch.Tensor, generator: torch.Generator) -> Draws:
     n = images.shape[0]
-    images = images + (_rand(n, images, generator) - 0.5)
+    return tuple(_rand(n, images, generator) for _ in range(3))
+
+
+def _color(images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    brightness, saturation, contrast = draws
+    images = images + (brightness - 0.5)
     mean = images.mean(dim=1, keepdim=True)
-    images = (images - mean) * (_rand(n, images, generator) * 2) + mean
+    images = (images - mean) * (saturation * 2) + mean
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return (images - mean) * (_rand(n, images, generator) + 0.5) + mean
+    return (images - mean) * (contrast + 0.5) + mean
 
 
 def _shifts(n: int, limit: int, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(-limit, limit + 1, (n, 1, 1), device=images.device, generator=generator)
 
 
-def augment_translation(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to 1/8 of its size; uncovered pixels become 0 (mid grey)."""
+def _translation_draws(images: torch.Tensor, generator: torch.Generator) -> Draws:
     n, _, height, width = images.shape
     shift_y = _shifts(n, int(height * TRANSLATION_RATIO + 0.5), images, generator)
     shift_x = _shifts(n, int(width * TRANSLATION_RATIO + 0.5), images, generator)
+    return shift_y, shift_x
+
+
+def _translation(images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    shift_y, shift_x = draws
+    n, _, height, width = images.shape
     rows = torch.arange(height, device=images.device).view(1, height, 1)
     cols = torch.arange(width, device=images.device).view(1, 1, width)
     # Index into a copy padded by one pixel: out-of-range positions read the zero border.
@@ -88,15 +104,26 @@ def augment_translation(images: torch.Tensor, generator: torch.Generator) -> tor
     return padded.permute(0, 2, 3, 1)[batch, src_y, src_x].permute(0, 3, 1, 2)
 
 
-def augment_cutout(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Zero a square of half the image size at a random position (may overlap the border)."""
+def _cutout_size(images: torch.Tensor) -> tuple[int, int]:
+    _, _, height, width = images.shape
+    return int(height * CUTOUT_RATIO + 0.5), int(width * CUTOUT_RATIO + 0.5)
+
+
+def _cutout_draws(images: torch.Tensor, generator: torch.Generator) -> Draws:
     n, _, height, width = images.shape
-    cut_h, cut_w = int(height * CUTOUT_RATIO + 0.5), int(width * CUTOUT_RATIO + 0.5)
+    cut_h, cut_w = _cutout_size(images)
     device = images.device
     top = torch.randint(0, height + (1 - cut_h % 2), (n, 1, 1), device=device, generator=generator)
     left = torch.randint(0, width + (1 - cut_w % 2), (n, 1, 1), device=device, generator=generator)
-    rows = torch.arange(height, device=device).view(1, height, 1)
-    cols = torch.arange(width, device=device).view(1, 1, width)
+    return top, left
+
+
+def _cutout(images: torch.Tensor, draws: Draws) -> torch.Tensor:
+    top, left = draws
+    _, _, height, width = images.shape
+    cut_h, cut_w = _cutout_size(images)
+    rows = torch.arange(height, device=images.device).view(1, height, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, width)
     inside = (
         (rows >= top - cut_h // 2)
         & (rows < top - cut_h // 2 + cut_h)
@@ -106,10 +133,26 @@ def augment_cutout(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return images * (~inside).unsqueeze(1).to(images.dtype)
 
 
-_AUGMENTATIONS = {
-    "color": augment_color,
-    "translation": augment_translation,
-    "cutout": augment_cutout,
+def augment_color(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random brightness, saturation and contrast, one draw of each per image."""
+    return _color(images, _color_draws(images, generator))
+
+
+def augment_translation(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to 1/8 of its size; uncovered pixels become 0 (mid grey)."""
+    return _translation(images, _translation_draws(images, generator))
+
+
+def augment_cutout(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Zero a square of half the image size at a random position (may overlap the border)."""
+    return _cutout(images, _cutout_draws(images, generator))
+
+
+#: Per policy name: (its draws, its application).
+_OPERATIONS = {
+    "color": (_color_draws, _color),
+    "translation": (_translation_draws, _translation),
+    "cutout": (_cutout_draws, _cutout),
 }
 
 
@@ -118,7 +161,8 @@ class DiffAugment:
 
     ``probability`` 1 applies every operation to every image (DiffAugment as published); below
     1 each operation is applied to each image with that probability (as ADA does), and at 0
-    nothing is computed. A plain float, read without a host sync."""
+    nothing is computed. A plain float, read without a host sync. On a CPU, an operation that
+    no image of the batch is chosen for is skipped (its draws are still made)."""
 
     def __init__(self, policy: str, probability: float = 1.0) -> None:
         self.policy = parse_policy(policy)
@@ -137,11 +181,20 @@ class DiffAugment:
             else torch.contiguous_format
         )
         for name in self.policy:
-            augmented = _AUGMENTATIONS[name](images, generator)
-            if p < 1.0:
-                chosen = _rand(images.shape[0], images, generator) < p
-                augmented = torch.where(chosen, augmented, images)
-            images = augmented
+            draw, apply = _OPERATIONS[name]
+            draws = draw(images, generator)
+            if p >= 1.0:
+                images = apply(images, draws)
+                continue
+            chosen = _rand(images.shape[0], images, generator) < p
+            # At ADA's small probabilities most steps of a small batch choose no image for an
+            # operation; on a CPU, reading the mask is free, and skipping the operation then
+            # saves what every image's computation cost: at p 0.05 and batch 8, a sixth of the
+            # chosen recipe's step (docs/benchmarks/train-cpu.md). On an accelerator the read
+            # would wait for the device (a host sync in every step), so every step computes.
+            if images.device.type == "cpu" and not chosen.any():
+                continue
+            images = torch.where(chosen, apply(images, draws), images)
         return images.contiguous(memory_format=memory_format)
 
 

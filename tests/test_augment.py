@@ -108,3 +108,46 @@ def test_adaptive_probability_follows_ada() -> None:
     assert adapt_probability(p, -1.0, 2 * ADA_IMAGES_TO_FULL) == 0.0  # floored at 0
     with pytest.raises(ValueError, match="target must be in"):
         adapt_probability(0.5, 0.9, 100, target=1.0)
+
+
+@pytest.mark.parametrize("probability", [0.05, 0.3, 0.9])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_below_one_an_operation_no_image_is_chosen_for_is_skipped_with_the_same_result(
+    probability: float, channels_last: bool
+) -> None:
+    # The reference: every operation computed for every image, then the chosen ones kept (what
+    # an accelerator does, and what the CPU did before it skipped operations no image is
+    # chosen for). The same values, gradients and random stream, bit for bit.
+    operations = {
+        "color": augment_color,
+        "translation": augment_translation,
+        "cutout": augment_cutout,
+    }
+
+    def reference(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        for name in POLICIES:
+            augmented = operations[name](images, generator)
+            chosen = torch.rand(images.shape[0], 1, 1, 1, generator=generator) < probability
+            images = torch.where(chosen, augmented, images)
+        return images
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    skipped = 0
+    for seed in range(8):
+        base = _images(n=4, size=16).contiguous(memory_format=memory_format)
+        ours_in = base.clone().requires_grad_(True)
+        theirs_in = base.clone().requires_grad_(True)
+        generator, reference_generator = (torch.Generator().manual_seed(seed) for _ in range(2))
+        ours = DiffAugment(",".join(POLICIES), probability)(ours_in, generator)
+        theirs = reference(theirs_in, reference_generator)
+        assert torch.equal(ours, theirs)
+        assert ours.is_contiguous(memory_format=memory_format)
+        assert torch.equal(generator.get_state(), reference_generator.get_state())
+        upstream = torch.randn(base.shape, generator=torch.Generator().manual_seed(seed + 100))
+        upstream = upstream.contiguous(memory_format=memory_format)
+        ours.backward(upstream)
+        theirs.backward(upstream)
+        assert torch.equal(ours_in.grad, theirs_in.grad)
+        skipped += torch.equal(ours, base)
+    # At p 0.05 most calls choose no image for any operation: the skip is exercised.
+    assert skipped >= 4 if probability == 0.05 else skipped < 8
