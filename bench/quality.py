@@ -97,7 +97,8 @@ BUDGETS = {
     # 33,000 images per run (7 epochs of the 4,755 train photos, 4,158 steps): so that the 14
     # trainings and their scoring fit 20 minutes on 2 cores (8 epochs at batch 16 took 21.9
     # min on an AVX2 machine). Batch 8: twice the updates of batch 16 for every recipe at
-    # about 1.15x the seconds. At this budget the number of updates is what draws wheels:
+    # 1.15 to 1.9 times the seconds (the study: 16.5 min against 12.1 on a 2-core Xeon with
+    # AMX). At this budget the number of updates is what draws wheels:
     # the chosen recipe drew car bodies at batch 16 and bodies with wheels in many cells at
     # batch 8 (batch 4 more still, at 1.5x the seconds of batch 16: over the 20 minutes); at
     # batch 64 (625 updates) it drew one pattern of spots in every cell
