@@ -17,6 +17,13 @@ from carmodels.augment import (
     parse_policy,
 )
 
+#: The public operations by policy name: what DiffAugment must reproduce.
+OPERATIONS = {
+    "color": augment_color,
+    "translation": augment_translation,
+    "cutout": augment_cutout,
+}
+
 
 def _images(n: int = 4, size: int = 16) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -76,14 +83,9 @@ def test_probability_one_is_diffaugment_as_published() -> None:
     # The same draws as before the probability existed, so fixed-policy runs train as before.
     images = _images(n=8)
     augment = DiffAugment(",".join(POLICIES), probability=1.0)
-    operations = {
-        "color": augment_color,
-        "translation": augment_translation,
-        "cutout": augment_cutout,
-    }
     expected, manual = images, torch.Generator().manual_seed(5)
     for name in POLICIES:
-        expected = operations[name](expected, manual)
+        expected = OPERATIONS[name](expected, manual)
     assert torch.equal(augment(images, torch.Generator().manual_seed(5)), expected)
 
 
@@ -118,15 +120,9 @@ def test_below_one_an_operation_no_image_is_chosen_for_is_skipped_with_the_same_
     # The reference: every operation computed for every image, then the chosen ones kept (what
     # an accelerator does, and what the CPU did before it skipped operations no image is
     # chosen for). The same values, gradients and random stream, bit for bit.
-    operations = {
-        "color": augment_color,
-        "translation": augment_translation,
-        "cutout": augment_cutout,
-    }
-
     def reference(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         for name in POLICIES:
-            augmented = operations[name](images, generator)
+            augmented = OPERATIONS[name](images, generator)
             chosen = torch.rand(images.shape[0], 1, 1, 1, generator=generator) < probability
             images = torch.where(chosen, augmented, images)
         return images
