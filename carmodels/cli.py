@@ -262,6 +262,7 @@ _TRAIN_OPTIONS = (
     "r1_every",
     "spectral_norm",
     "base_channels",
+    "generator_channels",
     "batch_norm",
 )
 #: `train` options forwarded to every torchrun rank as ``--dest-name VALUE``, or as

@@ -65,6 +65,11 @@ class ModelSpec:
     leaky_slope: float = 0.2
     image_channels: int = 3
     spectral_norm: bool = False
+    #: The generator's channels at its highest resolution where they differ from the
+    #: discriminator's ``base_channels`` (unset = the same). Why: at the recipe study's
+    #: ``cpu64`` budget a generator twice as wide as its discriminator drew wheels in more
+    #: cells for a third more seconds (docs/benchmarks/quality.md).
+    generator_channels: int | None = None
 
     def __post_init__(self) -> None:
         size = self.image_size
@@ -81,6 +86,10 @@ class ModelSpec:
             raise ValueError(
                 f"nz and base_channels must be positive, got {self.nz}, {self.base_channels}"
             )
+        if self.generator_channels is not None and self.generator_channels < 1:
+            raise ValueError(
+                f"generator_channels must be positive or None, got {self.generator_channels}"
+            )
 
     @property
     def n_resamplings(self) -> int:
@@ -88,9 +97,16 @@ class ModelSpec:
         return int(math.log2(self.image_size // BASE_RESOLUTION))
 
     def channel_plan(self) -> list[int]:
-        """Channels of the feature maps at 4x4, 8x8, ..., image_size/2 (coarse to fine)."""
+        """The discriminator's channels at 4x4, 8x8, ..., image_size/2 (coarse to fine)."""
+        return self._plan(self.base_channels)
+
+    def generator_channel_plan(self) -> list[int]:
+        """The generator's channels at 4x4, 8x8, ..., image_size/2 (coarse to fine)."""
+        return self._plan(self.generator_channels or self.base_channels)
+
+    def _plan(self, finest: int) -> list[int]:
         n = self.n_resamplings
-        return [self.base_channels * 2 ** (n - 1 - i) for i in range(n)]
+        return [finest * 2 ** (n - 1 - i) for i in range(n)]
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -98,6 +114,8 @@ class ModelSpec:
             # Left out at its default, so a model without it is stored as before the field
             # existed and older carmodels versions can still read the checkpoint.
             del data["spectral_norm"]
+        if self.generator_channels is None:
+            del data["generator_channels"]  # likewise
         return data
 
     @classmethod
@@ -206,7 +224,7 @@ class Generator(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        plan = spec.channel_plan()
+        plan = spec.generator_channel_plan()
         bias = not spec.batch_norm  # a bias before batch norm is cancelled by its mean
 
         def block(conv: nn.Module, channels: int) -> list[nn.Module]:

@@ -547,6 +547,7 @@ class TrainDcganConfig(CachedConfig):
     r1_gamma: float = library_field(train.TrainConfig, "r1_gamma")
     spectral_norm: bool | None = library_field(train.TrainConfig, "spectral_norm")
     base_channels: int | None = library_field(train.TrainConfig, "base_channels")
+    generator_channels: int | None = library_field(train.TrainConfig, "generator_channels")
     batch_norm: bool | None = library_field(train.TrainConfig, "batch_norm")
     seed: int = library_field(train.TrainConfig, "seed")
     memory_budget_mb: int | None = library_field(train.TrainConfig, "memory_budget_mb")
@@ -596,6 +597,7 @@ def training_config(config: TrainDcganConfig, defaults: TrainingDefaults) -> tra
             r1_gamma=config.r1_gamma,
             spectral_norm=config.spectral_norm,
             base_channels=config.base_channels,
+            generator_channels=config.generator_channels,
             batch_norm=config.batch_norm,
             seed=config.seed,
             memory_budget_mb=config.memory_budget_mb,

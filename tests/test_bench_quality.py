@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +92,20 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
     args = ["--images", str(folder), "--budget", "tiny", "--recipes", "seed,ema,combined"]
     args += ["--judge-cache", str(tmp_path / "judges")]  # never the user's cache
     assert quality.main([*args, "--work", str(tmp_path / "work"), "--json", str(result)]) == 0
-    *_, tie_line, last = capsys.readouterr().out.strip().splitlines()
+    *_, gain_line, tie_line, last = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(
         r"quality: best \w+ FD [\d.]+ vs seed FD [\d.]+, ratio [\d.]+, budget tiny", last
     ), last
+    readings = re.match(
+        r".* \(± half range\) on FD and KID: (yes|no); beyond its whole range: (yes|no)", gain_line
+    )
+    assert readings, gain_line
     assert re.fullmatch(r"quality: within \w+'s seed range on judge_fd \(.*\): .+", tie_line)
     report = json.loads(result.read_text())
+    assert readings.groups() == tuple(
+        "yes" if report[key] else "no"
+        for key in ("best_beats_seed_beyond_spread", "best_beats_seed_beyond_noise")
+    )
     assert set(report["tied_with_best"]) < {"seed", "ema", "combined"}
     assert set(report["table"]) == {"seed", "ema", "combined"}
     assert {r["recipe"] for r in report["runs"]} == {"seed", "ema", "combined"}
@@ -159,6 +168,27 @@ def test_recipes_whose_seed_ranges_overlap_the_best_are_named_as_tied() -> None:
     assert quality.tied_with_best(table) == ["combined"]
     table["combined"]["judge_fd_spread"] = 0.4  # from 30.4: apart
     assert quality.tied_with_best(table) == []
+
+
+def test_the_gain_is_held_against_the_seed_spread_and_its_whole_range() -> None:
+    quality = load_bench("quality")
+
+    keys = ("judge_fd", "judge_fd_spread", "judge_kid", "judge_kid_spread")
+
+    def table(seed: tuple[float, ...], best: tuple[float, ...]) -> dict[str, dict[str, float]]:
+        return {
+            "seed": dict(zip(keys, seed, strict=True)),
+            "best": dict(zip(keys, best, strict=True)),
+        }
+
+    # The 2026-12-07 batch-8 study: seeds of the seed recipe at 498 and 75 (287 ± 211).
+    batch8 = table((286.7, 211.2, 13.3, 12.2), (18.6, 1.0, 0.159, 0.0))
+    assert quality.gains_beyond_seed_spread(batch8, "best") == (True, False)
+    # Beyond the whole range on FD but within the spread on KID: no on both readings.
+    kid_within = table((373.0, 13.0, 13.3, 12.2), (30.2, 0.6, 12.0, 0.1))
+    assert quality.gains_beyond_seed_spread(kid_within, "best") == (False, False)
+    wide = table((373.0, 13.0, 10.0, 0.5), (30.2, 0.6, 0.3, 0.0))
+    assert quality.gains_beyond_seed_spread(wide, "best") == (True, True)
 
 
 def test_packed_photos_keep_at_most_the_shards_side_on_their_short_side() -> None:
@@ -302,9 +332,13 @@ def test_a_kept_run_is_reused_only_with_the_same_settings(tmp_path: Path, monkey
     # A kept --work folder must not hand a changed budget (or recipe) a run trained for another.
     quality = load_bench("quality")
     trained: list[int] = []
+    generator_widths: list[int | None] = []
+    precisions: list[str] = []
 
     def fake_train(shards_dir, run_dir, config, log):
         trained.append(config.batch_size)
+        generator_widths.append(config.generator_channels)
+        precisions.append(config.amp)
         checkpoint = run_dir / "checkpoints" / "latest.pt"
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.write_bytes(b"weights")
@@ -324,3 +358,12 @@ def test_a_kept_run_is_reused_only_with_the_same_settings(tmp_path: Path, monkey
     assert trained == [8, 16, 16, 16]
     # The old run's files went with it: nothing of another budget's run is left to be read.
     assert sorted(p.name for p in run_dir.iterdir()) == ["batch-16", "checkpoints", "trained.json"]
+    # A budget's generator width and precision reach the trainer, and a run trained with
+    # another is not reused.
+    wider = quality.Budget(32, 4, 16, 64, "cpu", jobs=1, threads=1, generator_channels=8)
+    quality.train_run(tmp_path, run_dir, {"preset": "seed"}, 1, wider, n_train=40)
+    fp32 = replace(wider, amp="off")
+    quality.train_run(tmp_path, run_dir, {"preset": "seed"}, 1, fp32, n_train=40)
+    assert trained == [8, 16, 16, 16, 16, 16] and generator_widths == [None] * 4 + [8, 8]
+    assert precisions == ["auto"] * 5 + ["off"]
+    assert quality.BUDGETS["cpu64"].amp == "off"  # the probe must not pick run by run

@@ -162,6 +162,20 @@ def test_spectral_norm_checkpoints_load_and_resume(shards: Path, tmp_path: Path)
         train(shards, tmp_path / "resumed", replace(config, spectral_norm=False), resume=True)
 
 
+def test_a_wider_generator_trains_loads_and_is_checked_on_resume(
+    shards: Path, tmp_path: Path
+) -> None:
+    config = run_config(generator_channels=4, epochs=1)
+    result = train(shards, tmp_path / "run", config)
+    generator, spec, _ = load_generator(result.checkpoint_path)
+    assert spec.generator_channels == 4 and spec == config.model_spec()
+    first = next(m for m in generator.modules() if isinstance(m, nn.ConvTranspose2d))
+    assert first.out_channels == spec.generator_channel_plan()[0] != spec.channel_plan()[0]
+    assert generator(torch.randn(2, spec.nz)).shape == (2, 3, SIZE, SIZE)
+    with pytest.raises(CheckpointError, match="same preset.*generator_channels"):
+        train(shards, tmp_path / "run", replace(config, generator_channels=None), resume=True)
+
+
 def test_specs_without_the_field_still_load() -> None:
     stored = spec_for("tiny").to_dict()
     assert "spectral_norm" not in stored
@@ -305,14 +319,38 @@ def test_overrides_reach_the_built_networks() -> None:
     )
 
 
+def test_a_wider_generator_leaves_the_discriminator_as_it_was() -> None:
+    config = TrainConfig(preset="small", image_size=SIZE, base_channels=4, generator_channels=8)
+    spec = config.model_spec()
+    step = make_step(spec)
+    g_convs = [m for m in step.generator.modules() if isinstance(m, nn.ConvTranspose2d)]
+    d_convs = [m for m in step.discriminator.modules() if isinstance(m, nn.Conv2d)]
+    # The generator's plan doubles from 8 at its finest layer; the discriminator's from 4.
+    assert [c.out_channels for c in g_convs[:-1]] == spec.generator_channel_plan()
+    assert spec.generator_channel_plan() == [8 * 2**i for i in reversed(range(len(g_convs) - 1))]
+    assert [c.out_channels for c in d_convs[:-1]] == list(reversed(spec.channel_plan()))
+    assert d_convs[0].out_channels == 4
+    same_d = make_step(replace(config, generator_channels=None).model_spec()).discriminator
+    assert [p.shape for p in step.discriminator.parameters()] == [
+        p.shape for p in same_d.parameters()
+    ]
+    # A checkpoint's spec keeps the width and reads back; unset, it is stored as before the
+    # field existed, so older carmodels versions can still read the checkpoint.
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+    assert "generator_channels" not in replace(spec, generator_channels=None).to_dict()
+    with pytest.raises(ValueError, match="generator_channels"):
+        replace(spec, generator_channels=0)
+
+
 def test_cli_takes_the_new_options() -> None:
     parser = build_parser()
     args = parser.parse_args(
         ["train", "--loss", "hinge", "--r1-gamma", "2", "--r1-every", "8", "--spectral-norm"]
-        + ["--base-channels", "32", "--no-batch-norm"]
+        + ["--base-channels", "32", "--generator-channels", "64", "--no-batch-norm"]
     )
     assert (args.loss, args.r1_gamma, args.r1_every) == ("hinge", 2.0, 8)
     assert (args.spectral_norm, args.base_channels, args.batch_norm) == (True, 32, False)
+    assert args.generator_channels == 64
     left_out = parser.parse_args(["train"])
     assert left_out.spectral_norm is None and left_out.batch_norm is None  # the preset's
     with pytest.raises(SystemExit):
@@ -347,6 +385,7 @@ def test_the_dagster_config_passes_the_recipe_on() -> None:
         "r1_gamma": 5.0,
         "spectral_norm": True,
         "base_channels": 32,
+        "generator_channels": 64,
         "batch_norm": False,
     }
     config = training_config(TrainDcganConfig(**recipe), TrainingDefaults())
@@ -395,6 +434,7 @@ def test_the_profile_recipe_gives_way_to_the_asset_config() -> None:
         ({"r1_gamma": math.nan}, "r1_gamma"),
         ({"r1_every": 0}, "r1_every"),
         ({"base_channels": 0}, "base_channels"),
+        ({"generator_channels": 0}, "generator_channels"),
         ({"batch_norm": "yes"}, "batch_norm"),
         ({"spectral_norm": "no"}, "spectral_norm"),
         ({"diffaugment_target": 0.6}, "diffaugment_target"),  # nothing to adapt

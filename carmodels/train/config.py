@@ -60,7 +60,7 @@ MEASURED_RECIPE: dict[str, Any] = {
 @dataclass
 class TrainConfig:
     """Every training setting. ``None`` learning rates, betas, ``nz``, ``base_channels``,
-    ``batch_norm`` and ``spectral_norm`` mean "the preset's"."""
+    ``generator_channels``, ``batch_norm`` and ``spectral_norm`` mean "the preset's"."""
 
     preset: str = field(
         default="seed",
@@ -182,6 +182,13 @@ class TrainConfig:
             "preset's"
         },
     )
+    generator_channels: int | None = field(
+        default=None,
+        metadata={
+            "help": "the generator's channels at its highest resolution, where they differ "
+            "from the discriminator's base_channels; unset = the preset's (the same)"
+        },
+    )
     batch_norm: bool | None = field(
         default=None,
         metadata={"help": "batch norm in G and D (and the DCGAN init); unset = the preset's"},
@@ -264,10 +271,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.r1_gamma must be >= 0 (0 = off), got {self.r1_gamma}")
         if self.r1_every < 1:
             raise ValueError(f"TrainConfig.r1_every must be >= 1, got {self.r1_every}")
-        if self.base_channels is not None and self.base_channels < 1:
-            raise ValueError(
-                f"TrainConfig.base_channels must be >= 1 or None, got {self.base_channels}"
-            )
+        for name in ("base_channels", "generator_channels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"TrainConfig.{name} must be >= 1 or None, got {getattr(self, name)}"
+                )
         for name in ("spectral_norm", "batch_norm"):
             if getattr(self, name) not in (None, True, False):
                 raise ValueError(
@@ -279,13 +287,14 @@ class TrainConfig:
 
     def model_spec(self) -> ModelSpec:
         """The preset's spec at ``image_size``, with the ``nz``, ``base_channels``,
-        ``batch_norm`` and ``spectral_norm`` overrides that are set."""
+        ``generator_channels``, ``batch_norm`` and ``spectral_norm`` overrides that are set."""
         spec = get_preset(self.preset).spec
         return replace(
             spec,
             image_size=self.image_size,
             nz=self.nz or spec.nz,
             base_channels=self.base_channels or spec.base_channels,
+            generator_channels=self.generator_channels or spec.generator_channels,
             batch_norm=spec.batch_norm if self.batch_norm is None else self.batch_norm,
             spectral_norm=spec.spectral_norm if self.spectral_norm is None else self.spectral_norm,
         )

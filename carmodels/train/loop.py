@@ -235,7 +235,7 @@ def _load_resume_checkpoint(resume_from: Path | None, spec: ModelSpec) -> dict[s
         raise CheckpointError(
             f"Checkpoint {resume_from} has model {checkpoint['spec']}, but the config asks for "
             f"{spec.to_dict()}; resume with the same preset, image_size, nz, base_channels, "
-            "batch_norm and spectral_norm."
+            "generator_channels, batch_norm and spectral_norm."
         )
     return checkpoint
 
