@@ -251,6 +251,7 @@ _TRAIN_OPTIONS = (
     "lr_g",
     "lr_d",
     "device",
+    "amp",
     "seed",
     "max_steps_per_epoch",
     "memory_budget_mb",

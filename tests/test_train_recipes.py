@@ -347,14 +347,17 @@ def test_cli_takes_the_new_options() -> None:
     args = parser.parse_args(
         ["train", "--loss", "hinge", "--r1-gamma", "2", "--r1-every", "8", "--spectral-norm"]
         + ["--base-channels", "32", "--generator-channels", "64", "--no-batch-norm"]
+        + ["--amp", "off"]
     )
     assert (args.loss, args.r1_gamma, args.r1_every) == ("hinge", 2.0, 8)
     assert (args.spectral_norm, args.base_channels, args.batch_norm) == (True, 32, False)
-    assert args.generator_channels == 64
+    assert (args.generator_channels, args.amp) == (64, "off")
     left_out = parser.parse_args(["train"])
     assert left_out.spectral_norm is None and left_out.batch_norm is None  # the preset's
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--loss", "wgan"])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--amp", "fp16"])
 
 
 def test_torchrun_ranks_get_the_switches_as_flags(monkeypatch: pytest.MonkeyPatch) -> None:

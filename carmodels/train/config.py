@@ -93,7 +93,14 @@ class TrainConfig:
     #: "auto" = bf16 autocast on CUDA; on a CPU, bf16 only where it computes in bf16 natively
     #: and a start-up probe measures bf16 clearly faster (carmodels.train.cpu_amp), else fp32;
     #: "bf16" forces it; "off" is plain fp32.
-    amp: str = "auto"
+    amp: str = field(
+        default="auto",
+        metadata={
+            "help": "precision: auto (bf16 autocast on CUDA, and on a CPU where a start-up "
+            "probe measures it clearly faster), bf16, or off (fp32)",
+            "choices": AMP_MODES,
+        },
+    )
     channels_last: bool = True
     #: torch.compile G and D. Off: slower than eager on an H200 (docs/benchmarks/train-gpu.md).
     compile: bool = False
