@@ -305,10 +305,16 @@ def _options_against(runs: list[Run]) -> str:
 def _judge_figure(runs: list[Run]) -> str:
     d = runs[-1].data
     ranking = " > ".join(f"{row['judge_fd']:.1f}" for row in d["ranking"])
+    # Pairs of generators a person ranked (--pairs), recorded since 2026-12-07's evening run.
+    pairs = (
+        f"; pairs {d['pairs_in_order']}/{len(d['pairs'])} in a person's order"
+        if d.get("pairs")
+        else ""
+    )
     return (
         f"monotone {d['monotone_steps']}/{d['steps']} steps, floor {d['floor']:.2f}, type "
         f"accuracy {d['accuracies']['type']:.3f}; ranking "
-        f"{'right' if d['ranked_right'] else 'wrong'} ({ranking}, worst first)"
+        f"{'right' if d['ranked_right'] else 'wrong'} ({ranking}, worst first){pairs}"
     )
 
 
@@ -494,7 +500,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     ),
     Benchmark(
         key="judge",
-        what="the judge behind judge_fd: 4 disturbances x 4 levels, blob vs car generator",
+        what="the judge behind judge_fd: 4 disturbances x 4 levels, blob vs car generator, "
+        "pairs of generators ranked by a person",
         page="judge.md",
         script="bench/judge.py",
         pattern=r"judge(-.+)?",

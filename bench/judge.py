@@ -19,7 +19,9 @@ images. This benchmark does the same for the judge, on real photos:
    describes on the same shards (``small`` preset, 64 px, equal images seen): one without
    DiffAugment, whose discriminator memorises the photos and whose samples are blobs, and one
    with DiffAugment (colour, translation, cutout), which draws cars; their grids are written
-   beside the JSON for a person to check the order.
+   beside the JSON for a person to check the order. Given ``--pairs FILE`` as well (a CSV of
+   generators a person ranked in pairs, the better first: ``bench/person_pairs.csv`` holds the
+   recipe study's), the better one of every pair must score the lower ``judge_fd``.
 
 KID and precision/recall/density/coverage in the same features are reported for every level and
 model. The thresholds are fixed in advance (strictly rising, and the blob model worse); nothing is
@@ -30,16 +32,18 @@ Last line::
     judge: monotone M/16 steps, floor F, accuracy A
 
 Usage: ``python bench/judge.py [--images DIR] [--work DIR] [--models WORSE.pt BETTER.pt]
-[--judge-cache DIR] [--json PATH]``
+[--pairs CSV] [--judge-cache DIR] [--json PATH]``
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import math
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,7 @@ from _common import (  # noqa: E402
 )
 
 from carmodels.classifier import TrainedClassifier  # noqa: E402
+from carmodels.errors import InputError  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
 from carmodels.pictures import save_image_grid  # noqa: E402
 from carmodels.shards import load_images  # noqa: E402
@@ -83,6 +88,21 @@ REFERENCE_PRESET = "small"
 REFERENCE_SIZE = 64
 REFERENCE_IMAGES_SEEN = 86_000  # 40 epochs of the issue's 2,144 photos
 REFERENCE_RECIPES = {"blobs": "", "cars": "color,translation,cutout"}
+#: The columns of a --pairs file: two checkpoints (paths inside --work, where bench/quality.py
+#: keeps its runs), the weights of each whose grid a person looked at, and what they saw.
+PAIR_COLUMNS = ("better", "better_weights", "worse", "worse_weights", "seen")
+WEIGHTS = ("ema", "raw")
+
+
+@dataclass(frozen=True)
+class PersonPair:
+    """Two generators as a person ranked their sample grids, the better first."""
+
+    better: Path
+    better_ema: bool
+    worse: Path
+    worse_ema: bool
+    seen: str
 
 
 def disturb(images: torch.Tensor, kind: str, level: float, seed: int = 0) -> torch.Tensor:
@@ -204,12 +224,95 @@ def rank_models(
     return rows, ranked
 
 
+def read_pairs(path: Path, root: Path) -> list[PersonPair]:
+    """The pairs of a CSV with :data:`PAIR_COLUMNS`, their checkpoints inside ``root``; an
+    :class:`InputError` naming the file, the line and the fix for anything unusable."""
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise InputError(f"--pairs {path}: cannot read it ({error})") from None
+    missing = [column for column in PAIR_COLUMNS if not rows or column not in rows[0]]
+    if missing:
+        raise InputError(
+            f"--pairs {path} needs a header row with {', '.join(PAIR_COLUMNS)} and one pair a "
+            f"line; {'missing: ' + ', '.join(missing) if rows else 'it has no pairs'}"
+        )
+    pairs = []
+    for line, row in enumerate(rows, start=2):
+        checkpoints, ema = {}, {}
+        for side in ("better", "worse"):
+            weights = (row[f"{side}_weights"] or "").strip()
+            if weights not in WEIGHTS:
+                raise InputError(
+                    f"--pairs {path} line {line}: {side}_weights is {weights!r}; write ema or raw"
+                )
+            checkpoints[side] = root / (row[side] or "").strip()
+            if not checkpoints[side].is_file():
+                raise InputError(
+                    f"--pairs {path} line {line}: {checkpoints[side]} is missing; pass as --work "
+                    "the folder bench/quality.py --work trained these runs in"
+                )
+            ema[side] = weights == "ema"
+        pairs.append(
+            PersonPair(
+                checkpoints["better"],
+                ema["better"],
+                checkpoints["worse"],
+                ema["worse"],
+                (row["seen"] or "").strip(),
+            )
+        )
+    return pairs
+
+
+def rank_pairs(
+    judge: TrainedClassifier, pairs: list[PersonPair], shards_dir: Path, out: Path
+) -> tuple[list[dict[str, Any]], int]:
+    """Each pair's two scores against the val photos (a generator in several pairs is scored
+    once), and how many pairs the judge puts in the person's order (the better one lower)."""
+    reference = RealReference(judge, shards_dir)
+    scored: dict[tuple[Path, bool], dict[str, Any]] = {}
+
+    def scores_of(checkpoint: Path, ema: bool) -> dict[str, Any]:
+        if (checkpoint, ema) not in scored:
+            grid = out / f"pair-model-{len(scored)}.png"
+            scored[checkpoint, ema] = {
+                "checkpoint": str(checkpoint),
+                "weights": "ema" if ema else "raw",
+                "grid": str(grid),
+                **score_generator(reference, checkpoint, grid, seed=0, ema=ema),
+            }
+        return scored[checkpoint, ema]
+
+    rows, in_order = [], 0
+    for number, pair in enumerate(pairs, start=1):
+        better = scores_of(pair.better, pair.better_ema)
+        worse = scores_of(pair.worse, pair.worse_ema)
+        right = better["judge_fd"] < worse["judge_fd"]
+        in_order += right
+        rows.append({"better": better, "worse": worse, "seen": pair.seen, "in_order": right})
+        print(
+            f"  pair {number}: better {better['judge_fd']:.2f} < worse {worse['judge_fd']:.2f}: "
+            f"{'right' if right else 'WRONG'} ({pair.seen})",
+            flush=True,
+        )
+    return rows, in_order
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="photos + manifest")
     parser.add_argument("--work", type=Path, help="keep shards and reference models here")
     parser.add_argument(
         "--models", type=Path, nargs="+", help="checkpoints, worst first (default: train a pair)"
+    )
+    parser.add_argument(
+        "--pairs",
+        type=Path,
+        help="also rank these pairs of generators as a person did: a CSV of "
+        f"{', '.join(PAIR_COLUMNS)}, checkpoints inside --work (bench/person_pairs.csv: the "
+        "recipe study's, for its --work folder)",
     )
     parser.add_argument(
         "--size",
@@ -223,6 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if lacks_manifest(args.images, "judge"):
         return 2
+    pairs: list[PersonPair] = []
+    if args.pairs:
+        if args.work is None:
+            print("judge: --pairs needs --work, the folder its checkpoints are in", file=sys.stderr)
+            return 2
+        try:
+            pairs = read_pairs(args.pairs, args.work)
+        except InputError as error:
+            print(f"judge: {error}", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         out = args.json.parent if args.json else work
@@ -238,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         levels, monotone, floor = disturbance_study(judge, train_features, val, out)
         models = args.models or train_reference_models(shards_dir, work, len(train_images))
         ranking, ranked = rank_models(judge, models, shards_dir, out)
+        pair_rows, pairs_in_order = rank_pairs(judge, pairs, shards_dir, out)
         accuracy = judge.val_accuracy or 0.0
         figures = {
             "source": source,
@@ -256,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
             "models_given": bool(args.models),
             "ranking": ranking,
             "ranked_right": ranked,
+            "pairs_file": str(args.pairs) if args.pairs else None,
+            "pairs": pair_rows,
+            "pairs_in_order": pairs_in_order,
             "total_s": time.perf_counter() - started,
         }
         if args.json:
@@ -267,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         f"judge: ranking {'right' if ranked else 'WRONG'} ({fds}, worst first); "
         f"make accuracy {shown_make}"
     )
+    if pairs:
+        print(f"judge: pairs {pairs_in_order}/{len(pairs)} in a person's order ({args.pairs})")
     print(f"judge: monotone {monotone}/16 steps, floor {floor:.3f}, accuracy {accuracy:.3f}")
-    return 0 if monotone == 16 and ranked else 1
+    return 0 if monotone == 16 and ranked and pairs_in_order == len(pairs) else 1
 
 
 if __name__ == "__main__":

@@ -52,6 +52,54 @@ def labelled_folder(folder: Path, per_type: int = 14) -> Path:
     return folder
 
 
+def test_the_recipe_studys_person_pairs_read_with_their_weights(tmp_path: Path) -> None:
+    judge = load_bench("judge")
+    committed = REPO / "bench" / "person_pairs.csv"
+    with committed.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:  # the study's --work folder, as bench/quality.py lays it out
+        for side in ("better", "worse"):
+            (tmp_path / row[side]).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / row[side]).touch()
+    pairs = judge.read_pairs(committed, tmp_path)
+    assert len(pairs) == len(rows) >= 5
+    assert all(p.better != p.worse and p.seen for p in pairs)
+    # The chosen recipe is scored with its EMA weights, the others with their raw ones.
+    assert {p.better_ema for p in pairs if "combined" in p.better.parts[-3]} == {True}
+    assert {p.worse_ema for p in pairs} == {False}
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("better,worse\n", "needs a header row with better, better_weights"),
+        ("better,better_weights,worse,worse_weights,seen\n", "it has no pairs"),
+        (
+            "better,better_weights,worse,worse_weights,seen\na.pt,ema,b.pt,best,x\n",
+            "line 2: worse_",
+        ),
+        ("better,better_weights,worse,worse_weights,seen\na.pt,ema,gone.pt,raw,x\n", "gone.pt is"),
+    ],
+)
+def test_a_bad_pairs_file_gets_one_line_naming_it(tmp_path: Path, capsys, text, message) -> None:
+    judge = load_bench("judge")
+    (tmp_path / "a.pt").touch()
+    (tmp_path / "b.pt").touch()
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(text)
+    with pytest.raises(InputError, match=re.escape(message)):
+        judge.read_pairs(pairs, tmp_path)
+    # Before any photo is read or judge trained: one line, exit status 2.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "manifest.csv").touch()
+    argv = ["--images", str(photos), "--pairs", str(pairs)]
+    assert judge.main([*argv, "--work", str(tmp_path)]) == 2
+    assert judge.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and message in err[0] and "--pairs needs --work" in err[1]
+
+
 def test_every_disturbance_grows_with_its_level() -> None:
     judge = load_bench("judge")
     # Smooth pictures (a swirl of noise is noise at any strength): ramps and a bright square.
@@ -115,6 +163,12 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
 
     judge = load_bench("judge")
     checkpoints = sorted((tmp_path / "work" / "runs" / "tiny").glob("*/checkpoints/latest.pt"))
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text(
+        "better,better_weights,worse,worse_weights,seen\n"
+        "runs/tiny/combined-seed0/checkpoints/latest.pt,ema,"
+        "runs/tiny/seed-seed0/checkpoints/latest.pt,raw,a pair for the smoke run\n"
+    )
     judged = tmp_path / "out" / "judge.json"
     status = judge.main(
         [
@@ -126,15 +180,24 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
             str(tmp_path / "judges"),
             "--models",
             *map(str, checkpoints),
+            "--pairs",
+            str(pairs),
             "--json",
             str(judged),
         ]
     )
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, pairs_line, last = capsys.readouterr().out.strip().splitlines()
     assert re.fullmatch(r"judge: monotone \d+/16 steps, floor [\d.]+, accuracy [\d.]+", last), last
+    assert re.fullmatch(r"judge: pairs [01]/1 in a person's order \(.+\)", pairs_line), pairs_line
     report = json.loads(judged.read_text())
     assert report["steps"] == 16 and len(report["ranking"]) == len(checkpoints)
-    assert status == (0 if report["monotone_steps"] == 16 and report["ranked_right"] else 1)
+    [pair] = report["pairs"]
+    assert (pair["better"]["weights"], pair["worse"]["weights"]) == ("ema", "raw")
+    assert pair["in_order"] == (pair["better"]["judge_fd"] < pair["worse"]["judge_fd"])
+    assert report["pairs_in_order"] == pair["in_order"]
+    assert status == (
+        0 if report["monotone_steps"] == 16 and report["ranked_right"] and pair["in_order"] else 1
+    )
     assert report["judge_from_cache"]  # the quality bench trained it into the shared cache
 
     truncation = load_bench("truncation")
