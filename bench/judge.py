@@ -231,7 +231,9 @@ def read_pairs(path: Path, root: Path) -> list[PersonPair]:
         with path.open(newline="") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise InputError(f"--pairs {path}: cannot read it ({error})") from None
+        raise InputError(
+            f"--pairs {path}: cannot read it ({error}); give a CSV of {', '.join(PAIR_COLUMNS)}"
+        ) from None
     missing = [column for column in PAIR_COLUMNS if not rows or column not in rows[0]]
     if missing:
         raise InputError(
