@@ -65,6 +65,7 @@ from _common import (  # noqa: E402
     write_report,
 )
 
+from carmodels.checkpoint import load_checkpoint  # noqa: E402
 from carmodels.classifier import TrainedClassifier  # noqa: E402
 from carmodels.errors import InputError  # noqa: E402
 from carmodels.metrics.domain import feature_scores  # noqa: E402
@@ -268,6 +269,22 @@ def read_pairs(path: Path, root: Path) -> list[PersonPair]:
     return pairs
 
 
+def check_pair_weights(pairs: list[PersonPair]) -> None:
+    """An :class:`InputError` where a pair's file is not a checkpoint, or asks for the EMA
+    weights of a run that kept none (scoring its raw weights instead would score another grid
+    than the person saw)."""
+    kept_ema: dict[Path, bool] = {}
+    for number, pair in enumerate(pairs, start=1):
+        for checkpoint, ema in ((pair.better, pair.better_ema), (pair.worse, pair.worse_ema)):
+            if checkpoint not in kept_ema:
+                kept_ema[checkpoint] = load_checkpoint(checkpoint)["ema_generator"] is not None
+            if ema and not kept_ema[checkpoint]:
+                raise InputError(
+                    f"--pairs: pair {number}'s {checkpoint} kept no EMA weights; write raw for "
+                    "it, if its raw weights are what the person ranked"
+                )
+
+
 def rank_pairs(
     judge: TrainedClassifier, pairs: list[PersonPair], shards_dir: Path, out: Path
 ) -> tuple[list[dict[str, Any]], int]:
@@ -335,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             pairs = read_pairs(args.pairs, args.work)
+            check_pair_weights(pairs)
         except InputError as error:
             print(f"judge: {error}", file=sys.stderr)
             return 2

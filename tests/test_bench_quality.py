@@ -199,6 +199,20 @@ def test_judge_and_quality_benches_run_end_to_end(tmp_path: Path, capsys) -> Non
         0 if report["monotone_steps"] == 16 and report["ranked_right"] and pair["in_order"] else 1
     )
     assert report["judge_from_cache"]  # the quality bench trained it into the shared cache
+    # A pair that asks for EMA weights a run did not keep, or names a file that is not a
+    # checkpoint: one line and exit status 2, before the photos are read again.
+    kept = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    torch.save({**kept, "ema_generator": None}, tmp_path / "work" / "no-ema.pt")
+    (tmp_path / "work" / "junk.pt").write_bytes(b"not a checkpoint")
+    for name, message in [("no-ema.pt", "kept no EMA weights"), ("junk.pt", "cannot be read")]:
+        pairs.write_text(
+            "better,better_weights,worse,worse_weights,seen\n"
+            f"{name},ema,runs/tiny/seed-seed0/checkpoints/latest.pt,raw,x\n"
+        )
+        argv = ["--images", str(folder), "--work", str(tmp_path / "work"), "--pairs", str(pairs)]
+        assert judge.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert not out and len(err.strip().splitlines()) == 1 and message in err, err
 
     truncation = load_bench("truncation")
     argv = ["--checkpoint", str(checkpoints[0]), "--shards", str(tmp_path / "work" / "shards")]
