@@ -209,11 +209,10 @@ def train_reference_models(shards_dir: Path, work: Path, n_train: int) -> list[P
 
 
 def rank_models(
-    judge: TrainedClassifier, models: list[Path], shards_dir: Path, out: Path
+    reference: RealReference, models: list[Path], out: Path
 ) -> tuple[list[dict[str, Any]], bool]:
     """Each model's scores against the val photos at its own size; whether they rise in
     ``judge_fd`` from the last model to the first (the worst must score the largest)."""
-    reference = RealReference(judge, shards_dir)
     rows = []
     for path in models:
         grid = out / f"model-{len(rows)}.png"
@@ -286,11 +285,10 @@ def check_pair_weights(pairs: list[PersonPair]) -> None:
 
 
 def rank_pairs(
-    judge: TrainedClassifier, pairs: list[PersonPair], shards_dir: Path, out: Path
+    reference: RealReference, pairs: list[PersonPair], out: Path
 ) -> tuple[list[dict[str, Any]], int]:
     """Each pair's two scores against the val photos (a generator in several pairs is scored
     once), and how many pairs the judge puts in the person's order (the better one lower)."""
-    reference = RealReference(judge, shards_dir)
     scored: dict[tuple[Path, bool], dict[str, Any]] = {}
 
     def scores_of(checkpoint: Path, ema: bool) -> dict[str, Any]:
@@ -370,8 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         train_features = _features(judge, train_images)
         levels, monotone, floor = disturbance_study(judge, train_features, val, out)
         models = args.models or train_reference_models(shards_dir, work, len(train_images))
-        ranking, ranked = rank_models(judge, models, shards_dir, out)
-        pair_rows, pairs_in_order = rank_pairs(judge, pairs, shards_dir, out)
+        # One reference for both: the val photos are judged once at each generator's side.
+        reference = RealReference(judge, shards_dir)
+        ranking, ranked = rank_models(reference, models, out)
+        pair_rows, pairs_in_order = rank_pairs(reference, pairs, out)
         accuracy = judge.val_accuracy or 0.0
         figures = {
             "source": source,
